@@ -1,0 +1,140 @@
+"""SAPO's self-augmentation: the EMA rewrites a segment of each good response.
+
+For a prompt P and chosen response R of L tokens (EOS included):
+
+    g = min(segment_len, L)
+    t ~ UniformInt[0, min(L-3-g, max_len-P-g)]   if L-3-g > 0, else t = 0
+    the EMA generates <= g tokens from P + R[:t]
+    rejected = P + R[:t] + segment up to and incl. its first stop token   (segment ends early)
+             = P + R[:t] + segment (g tokens) + R[t+g:]                  (otherwise)
+
+Departures from the official code, on purpose:
+- stop tokens (EOS / end of turn) keep attention in both sequences; the official code masks
+  them, which hides where an answer ends from the loss.
+- the truncation point is drawn with a seeded generator owned by the trainer, so a resumed
+  run draws the same points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Pair:
+    """A (chosen, rejected) pair ready for the buffer; ids are full sequences incl. the prompt."""
+
+    chosen_ids: np.ndarray
+    rejected_ids: np.ndarray
+    prompt_len: int
+    trunc_point: int
+    segment_len: int
+
+
+def choose_truncation(
+    response_len: int, prompt_len: int, segment_len: int, max_len: int, rng: np.random.Generator
+) -> tuple[int, int]:
+    """(t, g): where the rewritten segment starts in the response, and its length."""
+    g = min(segment_len, response_len)
+    if response_len - 3 - g > 0:
+        high = min(response_len - 3 - g, max_len - prompt_len - g)
+        t = int(rng.integers(0, max(high, 0) + 1))
+    else:
+        t = 0
+    return t, g
+
+
+def splice_rejected(
+    prompt_ids: np.ndarray,
+    response_ids: np.ndarray,
+    t: int,
+    g: int,
+    segment: Sequence[int],
+    stop_ids: Sequence[int],
+) -> np.ndarray:
+    """The rejected sequence: the chosen one with R[t:t+g] replaced by the EMA's segment."""
+    segment = list(segment)[:g]
+    stop_at = next((i for i, tok in enumerate(segment) if tok in set(stop_ids)), None)
+    if stop_at is not None:
+        tail: list[int] = []
+        segment = segment[: stop_at + 1]
+    else:
+        tail = list(response_ids[t + g :])
+    rejected = [*prompt_ids.tolist(), *response_ids[:t].tolist(), *segment, *tail]
+    return np.asarray(rejected, dtype=np.int32)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), left-padded so that every sequence ends at the last column."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_segments(
+    model: torch.nn.Module,
+    contexts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    pad_id: int,
+    stop_ids: Sequence[int],
+    temperature: float,
+    top_k: int,
+    top_p: float,
+) -> list[list[int]]:
+    """Sample up to `max_new_tokens` tokens after each context in one batched call (KV cache on)."""
+    input_ids, attention_mask = left_pad(contexts, pad_id)
+    device = next(model.parameters()).device
+    output = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=list(stop_ids),
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    return output[:, input_ids.shape[1] :].tolist()
+
+
+def make_pairs(
+    model: torch.nn.Module,
+    examples: Sequence,
+    segment_len: int,
+    max_len: int,
+    pad_id: int,
+    stop_ids: Sequence[int],
+    rng: np.random.Generator,
+    gen_batch_size: int,
+    sampling: dict,
+) -> list[Pair]:
+    """Turn examples into (chosen, rejected) pairs; `model` must already be the EMA generator."""
+    pairs: list[Pair] = []
+    for start in range(0, len(examples), gen_batch_size):
+        batch = examples[start : start + gen_batch_size]
+        cuts = [
+            choose_truncation(len(ex.response_ids), len(ex.prompt_ids), segment_len, max_len, rng)
+            for ex in batch
+        ]
+        contexts = [
+            [*ex.prompt_ids.tolist(), *ex.response_ids[:t].tolist()] for ex, (t, _) in zip(batch, cuts)
+        ]
+        segments = generate_segments(
+            model, contexts, max(g for _, g in cuts), pad_id, stop_ids, **sampling
+        )
+        for ex, (t, g), segment in zip(batch, cuts, segments):
+            chosen = np.concatenate([ex.prompt_ids, ex.response_ids]).astype(np.int32)
+            rejected = splice_rejected(ex.prompt_ids, ex.response_ids, t, g, segment, stop_ids)
+            pairs.append(Pair(chosen, rejected, len(ex.prompt_ids), t, g))
+    return pairs

@@ -1,0 +1,43 @@
+"""From pairs to tensors: right-padded batches and per-sequence response log-probs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .augment import Pair
+from .losses import response_logps
+
+
+def right_pad(
+    sequences: Sequence[np.ndarray], prompt_lens: Sequence[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, response_mask), each (B, T); response = tokens after the prompt."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    response = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, (seq, prompt_len) in enumerate(zip(sequences, prompt_lens)):
+        ids[row, : len(seq)] = torch.from_numpy(np.asarray(seq, dtype=np.int64))
+        attention[row, : len(seq)] = 1
+        response[row, prompt_len : len(seq)] = True
+    return ids, attention, response
+
+
+def pair_logps(
+    model: torch.nn.Module, pairs: Sequence[Pair], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and token counts of chosen and rejected, (B,) each.
+
+    Chosen and rejected go through one forward as a batch of 2B sequences.
+    """
+    sequences = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    prompt_lens = [p.prompt_len for p in pairs] * 2
+    ids, attention, response = right_pad(sequences, prompt_lens, pad_id)
+    ids, attention, response = ids.to(device), attention.to(device), response.to(device)
+    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+    logps, counts = response_logps(logits, ids, response)
+    n = len(pairs)
+    return logps[:n], logps[n:], counts[:n], counts[n:]

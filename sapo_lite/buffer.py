@@ -1,0 +1,161 @@
+"""The FIFO replay buffer, kept on disk in SQLite so RAM stays flat and a crash loses nothing.
+
+One row a pair: token ids as int32 blobs, prompt length, truncation point, segment length,
+the reference log-probs computed when the pair entered (NULL for reference-free losses),
+how often it was drawn, and the step that added it. Adding, evicting and counting draws
+each happen in a single transaction, so a crash never leaves half a pair behind.
+
+Sampling is with replacement, weight 1 / (1 + times drawn), as in the official code's
+buffer: fresh pairs are favoured without starving old ones.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .augment import Pair
+from .errors import RunDirError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS pairs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    chosen_ids BLOB NOT NULL,
+    rejected_ids BLOB NOT NULL,
+    prompt_len INTEGER NOT NULL,
+    trunc_point INTEGER NOT NULL,
+    segment_len INTEGER NOT NULL,
+    ref_logp_chosen REAL,
+    ref_logp_rejected REAL,
+    times_drawn INTEGER NOT NULL DEFAULT 0,
+    step_added INTEGER NOT NULL
+);
+"""
+
+
+@dataclass
+class StoredPair(Pair):
+    """A pair read back from the buffer, with its id and cached reference log-probs."""
+
+    pair_id: int = 0
+    ref_logp_chosen: float | None = None
+    ref_logp_rejected: float | None = None
+    times_drawn: int = 0
+    step_added: int = 0
+
+
+class ReplayBuffer:
+    """FIFO buffer of at most `capacity` pairs in a SQLite file (WAL mode)."""
+
+    def __init__(self, path: str | Path, capacity: int) -> None:
+        self.path = Path(path)
+        self.capacity = capacity
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, atomic always
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise RunDirError(
+                f"replay buffer `{self.path}` is corrupted ({exc})",
+                "delete buffer.sqlite to start an empty buffer, or start a new run",
+            ) from exc
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+    def add(
+        self,
+        pairs: Sequence[Pair],
+        step: int,
+        ref_logps: Sequence[tuple[float, float]] | None = None,
+    ) -> None:
+        """Insert pairs and evict the oldest beyond capacity, in one transaction."""
+        refs = ref_logps if ref_logps is not None else [(None, None)] * len(pairs)
+        rows = [
+            (
+                p.chosen_ids.astype(np.int32).tobytes(),
+                p.rejected_ids.astype(np.int32).tobytes(),
+                p.prompt_len,
+                p.trunc_point,
+                p.segment_len,
+                rc,
+                rr,
+                step,
+            )
+            for p, (rc, rr) in zip(pairs, refs)
+        ]
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO pairs (chosen_ids, rejected_ids, prompt_len, trunc_point, segment_len,"
+                " ref_logp_chosen, ref_logp_rejected, step_added) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            self._db.execute(
+                "DELETE FROM pairs WHERE id NOT IN (SELECT id FROM pairs ORDER BY id DESC LIMIT ?)",
+                (self.capacity,),
+            )
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[StoredPair]:
+        """Draw n pairs with replacement, weight 1/(1 + times drawn); count the draws."""
+        index = self._db.execute("SELECT id, times_drawn FROM pairs ORDER BY id").fetchall()
+        if not index:
+            return []
+        ids = np.fromiter((row[0] for row in index), dtype=np.int64, count=len(index))
+        weights = 1.0 / (1.0 + np.fromiter((row[1] for row in index), dtype=np.float64, count=len(index)))
+        chosen = rng.choice(ids, size=n, replace=True, p=weights / weights.sum()).tolist()
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE pairs SET times_drawn = times_drawn + 1 WHERE id = ?", [(i,) for i in chosen]
+            )
+        unique = sorted(set(chosen))
+        marks = ",".join("?" * len(unique))
+        rows = self._db.execute(f"SELECT * FROM pairs WHERE id IN ({marks})", unique).fetchall()
+        by_id = {row[0]: _row_to_pair(row) for row in rows}
+        return [by_id[i] for i in chosen]
+
+    def last_id(self) -> int:
+        """Id of the newest pair (0 when empty): a checkpoint records it to restore the buffer."""
+        return self._db.execute("SELECT COALESCE(MAX(id), 0) FROM pairs").fetchone()[0]
+
+    def all_pairs(self) -> list[StoredPair]:
+        return [_row_to_pair(r) for r in self._db.execute("SELECT * FROM pairs ORDER BY id").fetchall()]
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _row_to_pair(row: tuple) -> StoredPair:
+    (pair_id, chosen, rejected, prompt_len, t, g, ref_c, ref_r, drawn, step) = row
+    return StoredPair(
+        chosen_ids=np.frombuffer(chosen, dtype=np.int32),
+        rejected_ids=np.frombuffer(rejected, dtype=np.int32),
+        prompt_len=prompt_len,
+        trunc_point=t,
+        segment_len=g,
+        pair_id=pair_id,
+        ref_logp_chosen=ref_c,
+        ref_logp_rejected=ref_r,
+        times_drawn=drawn,
+        step_added=step,
+    )

@@ -1,0 +1,141 @@
+"""The `sapo-lite` command. Thin: parse, call the library, turn SapoError into one line + exit 1."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from .config import Config, load_config, preset_names, read_preset, to_yaml
+from .errors import RunDirError, SapoError
+
+app = typer.Typer(
+    help="Self-Augmented Preference Optimization (SAPO) with LoRA on a 4-bit base.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a SapoError as `error: ...` (+ `hint: ...`) and exit 1; SAPO_DEBUG=1 keeps the traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except SapoError as exc:
+            if os.environ.get("SAPO_DEBUG") == "1":
+                raise
+            err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+            if exc.hint:
+                err_console.print(f"[bold]hint:[/] {exc.hint}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for sapo-lite's own output: no library progress bars or deprecation chatter."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def prepare_run_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to write into an existing non-empty folder unless --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"`{out}` exists and is not a folder", "choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise RunDirError(
+                f"run directory `{out}` already exists",
+                "choose another --out, or pass --overwrite to delete it and start again",
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def describe_plan(cfg: Config, out: Path) -> str:
+    t, s = cfg.train, cfg.sapo
+    pairs_per_step = t.micro_batch * t.grad_accum
+    return (
+        f"would train `{cfg.lora.target_modules}` LoRA r={cfg.lora.r} adapters (policy + ema) on "
+        f"{cfg.model.name} ({cfg.model.quant}) with {cfg.loss.name.upper()} for {t.max_steps} steps: "
+        f"{s.gen_per_step} new pairs/step from {cfg.data.path}, {pairs_per_step} pairs/step drawn from a "
+        f"{s.buffer_size}-pair buffer; run directory {out}"
+    )
+
+
+@app.command()
+@reports_errors
+def train(
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Config overrides as KEY=VALUE, e.g. loss.name=orpo train.max_steps=50")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="Preset name (see `sapo-lite presets`); default tiny")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML file applied over the preset")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/PRESET)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and plan only")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory first")] = False,
+) -> None:
+    """Train a LoRA policy with SAPO: the EMA adapter writes the rejected responses."""
+    preset = preset or ("tiny" if config is None else None)
+    cfg = load_config(preset, config, overrides or [])
+    out = out or Path("runs") / (preset or (config.stem if config else "run"))
+    if dry_run:
+        console.print(to_yaml(cfg), highlight=False, markup=False)
+        console.print(describe_plan(cfg, out), highlight=False)
+        return
+    prepare_run_dir(out, overwrite)
+    quiet_libraries()
+    from .trainer import train as run_training
+
+    result = run_training(cfg, out, console)
+    console.print(f"done in {result.wall_s:.0f}s: adapters in {out / 'adapters'}/policy and /ema")
+    if result.eval_before is not None and result.eval_after is not None:
+        console.print(
+            f"[bold]held-out exact match: base {result.eval_before:.1%} -> policy {result.eval_after:.1%}[/]"
+        )
+
+
+@app.command()
+@reports_errors
+def presets(name: Annotated[str | None, typer.Argument(help="Show this preset in full")] = None) -> None:
+    """List the presets, or show one."""
+    if name:
+        _, description = read_preset(name)
+        console.print(f"# {name}: {description}", highlight=False, markup=False)
+        console.print(to_yaml(load_config(name)), highlight=False, markup=False)
+        return
+    width = max(len(n) for n in preset_names())
+    for preset_name in preset_names():
+        _, description = read_preset(preset_name)
+        console.print(f"[bold]{preset_name:<{width}}[/]  {description}", highlight=False, soft_wrap=True)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

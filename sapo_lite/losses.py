@@ -1,0 +1,117 @@
+"""Preference losses as pure functions of per-sequence log-prob tensors.
+
+Each loss takes (B,) tensors of summed response log-probs (and token counts, for ORPO's
+per-token means) and returns the (B,) loss plus the figures worth logging. `LOSSES` is the
+registry the trainer reads; `needs_reference` tells it whether reference log-probs must be
+computed when a pair enters the buffer.
+
+Departure from the official SAPO code: ORPO's NLL covers the response tokens only (the
+official code averages over the whole sequence, prompt and padding included), so the
+loss measures what the policy is asked to produce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # (B,)
+    chosen_rewards: torch.Tensor  # (B,), detached
+    rejected_rewards: torch.Tensor  # (B,), detached
+
+
+@dataclass
+class PairLogps:
+    """Summed log-probs of the response tokens of each chosen/rejected sequence, and counts."""
+
+    policy_chosen: torch.Tensor
+    policy_rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> LossOutput:
+    """Sigmoid DPO: -log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))."""
+    logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    loss = -F.logsigmoid(beta * logits)
+    return LossOutput(
+        loss,
+        (beta * (policy_chosen - ref_chosen)).detach(),
+        (beta * (policy_rejected - ref_rejected)).detach(),
+    )
+
+
+def orpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    beta: float,
+) -> LossOutput:
+    """ORPO: NLL(chosen, token mean) - beta * log sigmoid(log odds(chosen) - log odds(rejected)).
+
+    log odds(p) = log p - log(1 - p) with p the per-token mean probability exp(mean logp);
+    `beta` is ORPO's lambda. Rewards are beta * mean logp, as in the ORPO paper's logs.
+    """
+    mean_chosen = policy_chosen / chosen_tokens.clamp(min=1)
+    mean_rejected = policy_rejected / rejected_tokens.clamp(min=1)
+    # log1p(-exp(x)) is log(1 - p); clamp keeps p < 1 so it stays finite.
+    log_odds = (mean_chosen - mean_rejected) - (
+        torch.log1p(-torch.exp(mean_chosen.clamp(max=-1e-6)))
+        - torch.log1p(-torch.exp(mean_rejected.clamp(max=-1e-6)))
+    )
+    loss = -mean_chosen - beta * F.logsigmoid(log_odds)
+    return LossOutput(loss, (beta * mean_chosen).detach(), (beta * mean_rejected).detach())
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    fn: Callable[[PairLogps, float], LossOutput]
+    needs_reference: bool
+    description: str
+
+
+LOSSES: dict[str, LossSpec] = {
+    "dpo": LossSpec(
+        lambda lp, beta: dpo_loss(lp.policy_chosen, lp.policy_rejected, lp.ref_chosen, lp.ref_rejected, beta),
+        needs_reference=True,
+        description="sigmoid DPO against the frozen reference (beta 0.1)",
+    ),
+    "orpo": LossSpec(
+        lambda lp, beta: orpo_loss(
+            lp.policy_chosen, lp.policy_rejected, lp.chosen_tokens, lp.rejected_tokens, beta
+        ),
+        needs_reference=False,
+        description="odds-ratio preference loss plus NLL, reference-free (lambda 0.05)",
+    ),
+}
+
+
+def response_logps(
+    logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the masked tokens and their count, per sequence.
+
+    logits (B, T, V) predict input_ids shifted by one; response_mask (B, T) marks the
+    tokens to score. cross_entropy avoids materialising a second (B, T, V) log_softmax.
+    """
+    targets = input_ids[:, 1:]
+    mask = response_mask[:, 1:].to(logits.dtype)
+    token_logps = -F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, reduction="none"
+    )  # (B, T-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)

@@ -1,0 +1,163 @@
+"""Everything the training loop needs, built in named steps: model, data, optimizer, RNGs."""
+
+from __future__ import annotations
+
+import random
+import resource
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from .batching import pair_logps
+from .buffer import StoredPair
+from .config import Config, to_yaml
+from .data import Example, install_chat_template, load_examples, stop_token_ids
+from .losses import PairLogps
+from .model import attach_adapters, load_base, load_tokenizer, pick_device, policy_parameters
+from .tiny import TINY_NAME, build_tiny_base
+
+
+class DataStream:
+    """Examples in a fresh seeded order each epoch; its position is what a checkpoint stores."""
+
+    def __init__(self, examples: Sequence[Example], seed: int) -> None:
+        self.examples = examples
+        self.seed = seed
+        self.epoch = 0
+        self.index = 0
+        self._order = self._shuffled(0)
+
+    def _shuffled(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng(self.seed + epoch).permutation(len(self.examples))
+
+    def take(self, n: int) -> list[Example]:
+        taken = []
+        for _ in range(n):
+            if self.index == len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._shuffled(self.epoch)
+            taken.append(self.examples[self._order[self.index]])
+            self.index += 1
+        return taken
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+@dataclass
+class TrainSession:
+    cfg: Config
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    stream: DataStream
+    eval_examples: list[Example]
+    pad_id: int
+    stop_ids: list[int]
+    data_rng: np.random.Generator
+    sample_rng: np.random.Generator
+
+    def to_pair_logps(self, batch: Sequence[StoredPair], with_reference: bool) -> PairLogps:
+        chosen, rejected, n_chosen, n_rejected = pair_logps(self.model, batch, self.pad_id, self.device)
+        logps = PairLogps(chosen, rejected, n_chosen, n_rejected)
+        if with_reference:
+            logps.ref_chosen = torch.tensor([p.ref_logp_chosen for p in batch], device=self.device)
+            logps.ref_rejected = torch.tensor([p.ref_logp_rejected for p in batch], device=self.device)
+        return logps
+
+
+def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
+    """Load model, data and optimizer; write RUN/config.yaml. Raises SapoError on bad input."""
+    seed_everything(cfg.train.seed)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = pick_device()
+    model_name = resolve_model_name(cfg, run_dir)
+    tokenizer = load_tokenizer(model_name, cfg.model.trust_remote_code)
+    install_chat_template(tokenizer, cfg.data.chat_template)
+    data = load_examples(cfg.data.path, cfg.data.split, tokenizer, cfg.data)
+    console.print(
+        f"data: {len(data.examples)} examples from {cfg.data.path}"
+        f" ({data.dropped_long_prompt} dropped: prompt > {cfg.data.max_prompt_len} tokens;"
+        f" {data.truncated_response} responses cut to {cfg.data.max_len} tokens)"
+    )
+    eval_examples: list[Example] = []
+    if cfg.data.eval_path:
+        eval_examples = load_examples(cfg.data.eval_path, "test", tokenizer, cfg.data).examples
+        eval_examples = eval_examples[: cfg.data.eval_size]
+
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    console.print(f"model: {model_name} ({cfg.model.quant}) on {device.type}")
+    base = load_base(cfg.model, model_name, device)
+    model = attach_adapters(base, cfg.lora, cfg.model.init_adapter, cfg.model.gradient_checkpointing)
+    trainable = policy_parameters(model)
+    optimizer = build_optimizer(cfg, trainable, device)
+    scheduler = build_scheduler(cfg, optimizer)
+    return TrainSession(
+        cfg=cfg,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        trainable=trainable,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        stream=DataStream(data.examples, cfg.train.seed),
+        eval_examples=eval_examples,
+        pad_id=tokenizer.pad_token_id,
+        stop_ids=stop_token_ids(tokenizer),
+        data_rng=np.random.default_rng(cfg.train.seed + 1),
+        sample_rng=np.random.default_rng(cfg.train.seed + 2),
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_model_name(cfg: Config, run_dir: Path) -> str:
+    """`tiny` is built into RUN/base_model so the run's adapters load with plain peft."""
+    if cfg.model.name == TINY_NAME:
+        return str(build_tiny_base(run_dir / "base_model"))
+    return cfg.model.name
+
+
+def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """8-bit paged AdamW from bitsandbytes on CUDA (a quarter of AdamW's state), torch AdamW elsewhere."""
+    name = cfg.train.optimizer
+    if name == "auto":
+        name = "paged_adamw_8bit" if device.type == "cuda" else "adamw"
+    if name == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> Any:
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        cfg.train.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=cfg.train.warmup_steps,
+        num_training_steps=cfg.train.max_steps,
+    )
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak / 1e6  # bytes on macOS, KiB on Linux
