@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import sys
@@ -22,8 +23,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # a line is never broken by the terminal width: logs stay greppable
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -52,6 +53,10 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
+    # bitsandbytes' CPU 4-bit matmul backprops through an op without a registered autograd
+    # kernel; the gradients are right (tests/test_nf4.py compares them with the dense model).
+    warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels package notice
     import datasets
     import transformers
 

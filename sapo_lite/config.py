@@ -177,8 +177,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if value is None and type(None) in args:
             return None
         problems = []
-        # A text value matches a `str` member as it is, before any list member splits it.
-        members = sorted((a for a in args if a is not type(None)), key=lambda a: a is not type(value))
+        # Text matches a `str` member as it is, unless it is a comma-separated list (`q_proj,v_proj`).
+        as_list = isinstance(value, str) and "," in value
+        members = sorted(
+            (a for a in args if a is not type(None)),
+            key=lambda a: (typing.get_origin(a) is list) != as_list if isinstance(value, str) else 0,
+        )
         for arg in members:
             try:
                 return _coerce(key, value, arg)

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 
@@ -70,6 +71,8 @@ def train(cfg: Config, run_dir: Path, console: Console) -> TrainResult:
                     session.stop_ids, session.data_rng, cfg.sapo.gen_batch_size, sampling,
                 )
             gen_s = time.perf_counter() - step_start
+            # Once the EMA reproduces a segment exactly, the pair teaches nothing: worth watching.
+            identical = sum(np.array_equal(p.chosen_ids, p.rejected_ids) for p in pairs) / len(pairs)
 
             # 2. Reference log-probs once per pair, stored with it in the buffer.
             ref_start = time.perf_counter()
@@ -110,6 +113,7 @@ def train(cfg: Config, run_dir: Path, console: Console) -> TrainResult:
                 "gen_share": gen_s / step_s,
                 "tokens_per_s": totals.tokens / train_s,
                 "buffer_size": len(buffer),
+                "pairs/identical": identical,
                 "epoch": session.stream.epoch,
                 "peak_mem_gb": peak_memory_gb(device),
             }
