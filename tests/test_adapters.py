@@ -91,3 +91,22 @@ def test_generating_with_ema_uses_the_ema_and_restores_the_policy(model):
     assert not torch.allclose(policy_logits, ema_logits, atol=1e-4)
     assert model.active_adapter == POLICY and model.training
     assert all(p.requires_grad for p in policy_parameters(model))
+
+
+def test_init_adapter_starts_policy_and_ema_from_it_and_becomes_the_reference(model, tiny_base_dir, tmp_path):
+    ids = nudge_policy(model)
+    model.eval()
+    with torch.no_grad():
+        trained_logits = model(input_ids=ids).logits
+    model.save_pretrained(str(tmp_path), selected_adapters=[POLICY])
+
+    base = load_base(ModelConfig(quant="none"), str(tiny_base_dir), torch.device("cpu"))
+    resumed = attach_adapters(base, LoraSettings(), str(tmp_path / POLICY), gradient_checkpointing=False)
+    assert set(resumed.peft_config) == {POLICY, EMA, "ref"}
+    resumed.eval()
+    with torch.no_grad():
+        assert torch.allclose(resumed(input_ids=ids).logits, trained_logits, atol=1e-6)
+    with reference(resumed):
+        assert torch.allclose(resumed(input_ids=ids).logits, trained_logits, atol=1e-6)
+    trainable = {n for n, p in resumed.named_parameters() if p.requires_grad}
+    assert trainable and all(f".{POLICY}." in n for n in trainable)
