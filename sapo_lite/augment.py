@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import TrainingDiverged
+
 
 @dataclass
 class Pair:
@@ -93,18 +95,26 @@ def generate_segments(
     """Sample up to `max_new_tokens` tokens after each context in one batched call (KV cache on)."""
     input_ids, attention_mask = left_pad(contexts, pad_id)
     device = next(model.parameters()).device
-    output = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        max_new_tokens=max_new_tokens,
-        do_sample=True,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_token_id=list(stop_ids),
-        pad_token_id=pad_id,
-        use_cache=True,
-    )
+    try:
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=list(stop_ids),
+            pad_token_id=pad_id,
+            use_cache=True,
+        )
+    except RuntimeError as exc:
+        if "probability tensor contains" not in str(exc):
+            raise
+        raise TrainingDiverged(
+            "the EMA adapter's next-token probabilities are not finite: training has diverged",
+            "lower `train.lr` and resume from the last good checkpoint with `sapo-lite train --resume RUN`",
+        ) from exc
     return output[:, input_ids.shape[1] :].tolist()
 
 

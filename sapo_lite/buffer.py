@@ -11,6 +11,8 @@ buffer: fresh pairs are favoured without starving old ones.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +61,7 @@ class ReplayBuffer:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, atomic always
             self._db.executescript(SCHEMA)
+            self._db.execute("SELECT COUNT(*) FROM pairs").fetchone()
         except sqlite3.DatabaseError as exc:
             raise RunDirError(
                 f"replay buffer `{self.path}` is corrupted ({exc})",
@@ -121,15 +124,48 @@ class ReplayBuffer:
         by_id = {row[0]: _row_to_pair(row) for row in rows}
         return [by_id[i] for i in chosen]
 
-    def last_id(self) -> int:
-        """Id of the newest pair (0 when empty): a checkpoint records it to restore the buffer."""
-        return self._db.execute("SELECT COALESCE(MAX(id), 0) FROM pairs").fetchone()[0]
+    def snapshot(self, path: Path) -> None:
+        """A consistent copy of the whole buffer (SQLite's online backup), for a checkpoint."""
+        target = sqlite3.connect(path)
+        try:
+            self._db.backup(target)
+        finally:
+            target.close()
+
+    @staticmethod
+    def restore(snapshot: Path, path: Path) -> None:
+        """Put a checkpoint's snapshot in place of the run's buffer (closed), atomically.
+
+        Safe to repeat: a crash half-way leaves a state the next resume restores again.
+        """
+        tmp = path.with_name(path.name + ".restore")
+        shutil.copyfile(snapshot, tmp)
+        if not _is_sound(tmp):
+            tmp.unlink()
+            raise RunDirError(
+                f"the buffer snapshot `{snapshot}` is corrupted",
+                f"delete the folder `{snapshot.parent}` to resume from the checkpoint before it",
+            )
+        for suffix in ("-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        os.replace(tmp, path)
 
     def all_pairs(self) -> list[StoredPair]:
         return [_row_to_pair(r) for r in self._db.execute("SELECT * FROM pairs ORDER BY id").fetchall()]
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
+
+
+def _is_sound(path: Path) -> bool:
+    try:
+        db = sqlite3.connect(path)
+        try:
+            return db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        finally:
+            db.close()
+    except sqlite3.DatabaseError:
+        return False
 
 
 class _Transaction:

@@ -1,26 +1,40 @@
-"""Checkpoints and final adapters, written atomically.
+"""Checkpoints, resume and final adapters, all written atomically.
 
 A checkpoint is written into `checkpoints/.tmp-step-N/` and renamed to `step-N/` only when
 complete, so a crash mid-write never leaves a folder that looks finished. It holds
-everything a resumed run needs: both adapters (PEFT safetensors), optimizer and scheduler
-state, every RNG state in play, the data position, and the newest buffer row at that step.
+everything a resumed run needs to continue exactly as if it had never stopped: both
+adapters (PEFT safetensors), optimizer and scheduler state, every RNG state in play, the
+data position, and a snapshot of the replay buffer (pairs, draw counts and all).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .buffer import ReplayBuffer
+from .errors import RunDirError
 from .model import EMA, POLICY
 
 STATE_FILE = "trainer_state.pt"
 INFO_FILE = "checkpoint.json"
+BUFFER_FILE = "buffer.sqlite"
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    step: int
+    data_position: dict[str, int]
+    eval_before: float | None
 
 
 def save_adapters(model: Any, folder: Path, adapters: tuple[str, ...] = (POLICY, EMA)) -> None:
@@ -29,10 +43,16 @@ def save_adapters(model: Any, folder: Path, adapters: tuple[str, ...] = (POLICY,
     model.save_pretrained(str(folder), selected_adapters=list(adapters), safe_serialization=True)
 
 
+# ---------------------------------------------------------------- RNG state
+
+
 def rng_state(data_rng: np.random.Generator, sample_rng: np.random.Generator) -> dict[str, Any]:
+    """Every RNG a step draws from, in types that `torch.load(weights_only=True)` accepts."""
+    legacy = list(np.random.get_state())
+    legacy[1] = legacy[1].tolist()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": legacy,
         "torch": torch.get_rng_state(),
         "data_rng": data_rng.bit_generator.state,
         "sample_rng": sample_rng.bit_generator.state,
@@ -40,6 +60,21 @@ def rng_state(data_rng: np.random.Generator, sample_rng: np.random.Generator) ->
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def restore_rng_state(state: dict[str, Any], data_rng: np.random.Generator, sample_rng: np.random.Generator) -> None:
+    random.setstate(state["python"])
+    legacy = list(state["numpy"])
+    legacy[1] = np.asarray(legacy[1], dtype=np.uint32)
+    np.random.set_state(tuple(legacy))
+    torch.set_rng_state(state["torch"])
+    data_rng.bit_generator.state = state["data_rng"]
+    sample_rng.bit_generator.state = state["sample_rng"]
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- save
 
 
 def save_checkpoint(
@@ -50,8 +85,9 @@ def save_checkpoint(
     scheduler: Any,
     rngs: dict[str, Any],
     data_position: dict[str, int],
-    buffer_last_id: int,
+    buffer: ReplayBuffer,
     keep: int,
+    eval_before: float | None = None,
 ) -> Path:
     """Write checkpoints/step-N atomically and keep only the newest `keep`."""
     root = run_dir / "checkpoints"
@@ -60,12 +96,14 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     save_adapters(model, tmp / "adapters")
+    buffer.snapshot(tmp / BUFFER_FILE)
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs},
         tmp / STATE_FILE,
     )
-    info = {"step": step, "data_position": data_position, "buffer_last_id": buffer_last_id}
+    info = {"step": step, "data_position": data_position, "eval_before": eval_before}
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+    _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -74,10 +112,79 @@ def save_checkpoint(
     return final
 
 
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file before the rename that publishes them (a power cut must not reorder it)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
 def completed_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first."""
+    """Complete checkpoint folders, oldest first; half-written `.tmp-*` folders never count."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if (p / INFO_FILE).is_file() and (p / STATE_FILE).is_file()]
+    found = [
+        p for p in root.glob("step-*")
+        if all((p / name).is_file() for name in (INFO_FILE, STATE_FILE, BUFFER_FILE))
+    ]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+# ---------------------------------------------------------------- resume
+
+
+def latest_checkpoint(run_dir: Path) -> CheckpointInfo:
+    """The newest complete checkpoint of a run, or a RunDirError that says what is wrong."""
+    if not (run_dir / "config.yaml").is_file():
+        raise RunDirError(
+            f"`{run_dir}` is not a sapo-lite run (no config.yaml)", "pass the --out folder of an earlier train"
+        )
+    complete = completed_checkpoints(run_dir)
+    if not complete:
+        raise RunDirError(
+            f"`{run_dir}` has no complete checkpoint to resume from",
+            "start it again with `--overwrite`, or keep `train.save_every` above 0 next time",
+        )
+    path = complete[-1]
+    info = json.loads((path / INFO_FILE).read_text())
+    return CheckpointInfo(path, info["step"], info["data_position"], info.get("eval_before"))
+
+
+def load_trainer_state(checkpoint: CheckpointInfo) -> dict[str, Any]:
+    # weights_only: a checkpoint is data, never code to run.
+    return torch.load(checkpoint.path / STATE_FILE, weights_only=True, map_location="cpu")
+
+
+def load_adapter_weights(model: Any, checkpoint: CheckpointInfo) -> None:
+    """Copy the checkpoint's policy and EMA tensors into the live adapters."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for adapter in (POLICY, EMA):
+        weights = load_file(str(checkpoint.path / "adapters" / adapter / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(model, weights, adapter_name=adapter)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RunDirError(
+                f"checkpoint {checkpoint.path} does not match this model ({len(unexpected)} unknown tensors)",
+                "resume with the run's own config.yaml (do not change model or lora settings)",
+            )
+
+
+def rewind_metrics(path: Path, step: int) -> None:
+    """Keep metrics.jsonl lines up to `step`: a resumed run logs no step twice."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

@@ -14,8 +14,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from .config import Config, load_config, preset_names, read_preset, to_yaml
-from .errors import RunDirError, SapoError
+from .checkpoint import latest_checkpoint
+from .config import RESUMABLE_KEYS, Config, load_config, parse_override, preset_names, read_preset, to_yaml
+from .errors import ConfigError, RunDirError, SapoError
 
 app = typer.Typer(
     help="Self-Augmented Preference Optimization (SAPO) with LoRA on a 4-bit base.",
@@ -74,7 +75,8 @@ def prepare_run_dir(out: Path, overwrite: bool) -> None:
         if not overwrite:
             raise RunDirError(
                 f"run directory `{out}` already exists",
-                "choose another --out, or pass --overwrite to delete it and start again",
+                f"continue it with `sapo-lite train --resume {out}`, choose another --out, "
+                "or pass --overwrite to delete it and start again",
             )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,27 +102,67 @@ def train(
     preset: Annotated[str | None, typer.Option(help="Preset name (see `sapo-lite presets`); default tiny")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file applied over the preset")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/PRESET)")] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue this run from its newest complete checkpoint, with its own config. "
+                     f"Overrides allowed then: {', '.join(sorted(RESUMABLE_KEYS))}"),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and plan only")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory first")] = False,
 ) -> None:
     """Train a LoRA policy with SAPO: the EMA adapter writes the rejected responses."""
-    preset = preset or ("tiny" if config is None else None)
-    cfg = load_config(preset, config, overrides or [])
-    out = out or Path("runs") / (preset or (config.stem if config else "run"))
+    if resume is not None:
+        cfg, out = resume_config(resume, preset, config, out, overrides or [])
+    else:
+        preset = preset or ("tiny" if config is None else None)
+        cfg = load_config(preset, config, overrides or [])
+        out = out or Path("runs") / (preset or (config.stem if config else "run"))
     if dry_run:
         console.print(to_yaml(cfg), highlight=False, markup=False)
         console.print(describe_plan(cfg, out), highlight=False)
         return
-    prepare_run_dir(out, overwrite)
+    if resume is None:
+        prepare_run_dir(out, overwrite)
     quiet_libraries()
     from .trainer import train as run_training
 
-    result = run_training(cfg, out, console)
+    try:
+        result = run_training(cfg, out, console, resume=resume is not None)
+    except SapoError:
+        if resume is None and not (out / "metrics.jsonl").exists():
+            shutil.rmtree(out, ignore_errors=True)  # it never started: leave nothing to trip over next time
+        raise
+    if result.stopped_early:
+        return
     console.print(f"done in {result.wall_s:.0f}s: adapters in {out / 'adapters'}/policy and /ema")
     if result.eval_before is not None and result.eval_after is not None:
         console.print(
             f"[bold]held-out exact match: base {result.eval_before:.1%} -> policy {result.eval_after:.1%}[/]"
         )
+
+
+def resume_config(
+    run_dir: Path, preset: str | None, config: Path | None, out: Path | None, overrides: list[str]
+) -> tuple[Config, Path]:
+    """The run's own config plus the few overrides that are safe mid-run."""
+    if preset or config or (out and out != run_dir):
+        raise ConfigError("--resume continues a run with its own config", "drop --preset, --config and --out")
+    checkpoint = latest_checkpoint(run_dir)  # fail before loading anything when there is nothing to resume
+    for text in overrides:
+        key, _ = parse_override(text)
+        if key not in RESUMABLE_KEYS:
+            raise ConfigError(
+                f"`{key}` cannot change when resuming (it would change what the checkpoint means)",
+                f"keys that can: {', '.join(sorted(RESUMABLE_KEYS))}; or start a new run with --out",
+            )
+    cfg = load_config(None, run_dir / "config.yaml", overrides)
+    if checkpoint.step >= cfg.train.max_steps:
+        raise ConfigError(
+            f"`{run_dir}` already finished its {checkpoint.step} steps",
+            f"raise train.max_steps to continue, e.g. `sapo-lite train --resume {run_dir} "
+            f"train.max_steps={2 * checkpoint.step}`",
+        )
+    return cfg, run_dir
 
 
 @app.command()

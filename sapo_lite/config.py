@@ -21,6 +21,11 @@ import yaml
 from .errors import ConfigError
 
 SECTION_NAMES = ("model", "lora", "data", "sapo", "loss", "train")
+# Keys a resumed run may change: none of them changes what a checkpoint's tensors mean.
+RESUMABLE_KEYS = frozenset({
+    "train.max_steps", "train.lr", "train.save_every", "train.keep_checkpoints", "train.max_bad_steps",
+    "train.num_threads", "data.eval_size", "data.eval_max_new_tokens",
+})
 
 
 @dataclass
@@ -131,6 +136,8 @@ class TrainConfig:
     """`auto` is bitsandbytes' 8-bit paged AdamW on CUDA and torch AdamW on CPU."""
     save_every: int = 500
     """Write a checkpoint every this many optimizer steps (0: only at the end)."""
+    max_bad_steps: int = 3
+    """Stop after this many steps in a row with a non-finite loss or gradient (each is skipped)."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
     seed: int = 42
@@ -364,6 +371,7 @@ def validate(cfg: Config) -> None:
         (t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0"),
         (t.save_every >= 0, "train.save_every must be >= 0"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (t.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
         (t.num_threads is None or t.num_threads >= 1, "train.num_threads must be >= 1"),
         (m.name.strip() != "", "model.name must not be empty"),
     ]

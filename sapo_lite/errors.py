@@ -31,3 +31,7 @@ class ModelError(SapoError):
 
 class RunDirError(SapoError):
     """The run directory is missing, not a run, or would be overwritten."""
+
+
+class TrainingDiverged(SapoError):
+    """The loss, gradients or EMA samples stopped being finite numbers."""

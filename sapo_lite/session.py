@@ -49,6 +49,10 @@ class DataStream:
     def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
 
+    def seek(self, position: dict[str, int]) -> None:
+        self.epoch, self.index = position["epoch"], position["index"]
+        self._order = self._shuffled(self.epoch)
+
 
 @dataclass
 class TrainSession:

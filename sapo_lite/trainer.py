@@ -16,6 +16,7 @@ when it enters the buffer, so a training step runs one forward+backward per pair
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,25 @@ from rich.console import Console
 from .augment import make_pairs
 from .batching import pair_logps
 from .buffer import ReplayBuffer
-from .checkpoint import rng_state, save_adapters, save_checkpoint
+from .checkpoint import (
+    BUFFER_FILE,
+    latest_checkpoint,
+    load_adapter_weights,
+    load_trainer_state,
+    restore_rng_state,
+    rewind_metrics,
+    rng_state,
+    save_adapters,
+    save_checkpoint,
+)
 from .config import Config
+from .errors import TrainingDiverged
 from .evaluate import exact_match
 from .losses import LOSSES
 from .metrics import MetricsWriter, TrainProgress
 from .model import EMA, ema_update, generating_with, reference
 from .session import TrainSession, peak_memory_gb, setup_session
+from .signals import StopRequest
 
 
 @dataclass
@@ -44,21 +57,34 @@ class TrainResult:
     eval_before: float | None
     eval_after: float | None
     wall_s: float
+    stopped_early: bool = False
 
 
-def train(cfg: Config, run_dir: Path, console: Console) -> TrainResult:
+def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) -> TrainResult:
     started = time.perf_counter()
     session = setup_session(cfg, run_dir, console)
-    eval_before = _held_out_score(session, "base", console)
+    if resume:
+        start_step, eval_before = _restore(session, run_dir, console)
+    else:
+        start_step, eval_before = 0, _held_out_score(session, "base", console)
     loss_spec = LOSSES[cfg.loss.name]
-    buffer = ReplayBuffer(run_dir / "buffer.sqlite", cfg.sapo.buffer_size)
+    buffer = ReplayBuffer(run_dir / BUFFER_FILE, cfg.sapo.buffer_size)
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     model, device = session.model, session.device
     sampling = {"temperature": cfg.sapo.temperature, "top_k": cfg.sapo.top_k, "top_p": cfg.sapo.top_p}
     record: dict = {}
+    bad_in_a_row = bad_total = 0
+    step = start_step
 
-    with TrainProgress(console, cfg.train.max_steps) as progress:
-        for step in range(1, cfg.train.max_steps + 1):
+    def checkpoint(at_step: int) -> None:
+        save_checkpoint(
+            run_dir, at_step, model, session.optimizer, session.scheduler,
+            rng_state(session.data_rng, session.sample_rng), session.stream.position(), buffer,
+            keep=cfg.train.keep_checkpoints, eval_before=eval_before,
+        )
+
+    with StopRequest() as stop, TrainProgress(console, cfg.train.max_steps, start_step) as progress:
+        for step in range(start_step + 1, cfg.train.max_steps + 1):
             step_start = time.perf_counter()
             if step > 1 and (step - 1) % cfg.sapo.ema_every == 0:
                 ema_update(model, cfg.sapo.ema_decay)
@@ -96,8 +122,14 @@ def train(cfg: Config, run_dir: Path, console: Console) -> TrainResult:
                 totals.add(out, logps, batch)
             clip = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(session.trainable, clip).item()
-            session.optimizer.step()
-            session.scheduler.step()
+            finite = math.isfinite(grad_norm) and math.isfinite(totals.means()["loss"])
+            if finite:
+                session.optimizer.step()
+                session.scheduler.step()
+                bad_in_a_row = 0
+            else:  # skip the update: one bad batch must not poison the adapter
+                session.optimizer.zero_grad(set_to_none=True)
+                bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
             train_s = time.perf_counter() - train_start
 
             step_s = time.perf_counter() - step_start
@@ -114,22 +146,35 @@ def train(cfg: Config, run_dir: Path, console: Console) -> TrainResult:
                 "tokens_per_s": totals.tokens / train_s,
                 "buffer_size": len(buffer),
                 "pairs/identical": identical,
+                "skipped_steps": bad_total,
                 "epoch": session.stream.epoch,
                 "peak_mem_gb": peak_memory_gb(device),
             }
             metrics.write(record)
             progress.update(record)
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                raise TrainingDiverged(
+                    f"loss or gradient was not finite for {bad_in_a_row} steps in a row (last at step {step});"
+                    " the adapters were not updated by those steps",
+                    f"lower `train.lr` (now {cfg.train.lr:g}) and resume with `sapo-lite train --resume {run_dir}`"
+                    " from the last good checkpoint",
+                )
+            if stop.requested:
+                break
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
-                _checkpoint(session, run_dir, step, buffer)
+                checkpoint(step)
 
-    _checkpoint(session, run_dir, cfg.train.max_steps, buffer)
-    save_adapters(model, run_dir / "adapters")
+    checkpoint(step)
     metrics.close()
     buffer.close()
+    if stop.requested:
+        console.print(f"stopped after step {step}; resume with: sapo-lite train --resume {run_dir}")
+        return TrainResult(run_dir, step, record.get("loss", math.nan), eval_before, None,
+                           time.perf_counter() - started, stopped_early=True)
+    save_adapters(model, run_dir / "adapters")
     eval_after = _held_out_score(session, "policy", console)
     result = TrainResult(
-        run_dir, cfg.train.max_steps, record.get("loss", float("nan")), eval_before, eval_after,
-        time.perf_counter() - started,
+        run_dir, step, record.get("loss", math.nan), eval_before, eval_after, time.perf_counter() - started
     )
     _write_summary(run_dir, result)
     return result
@@ -162,12 +207,32 @@ class _Totals:
         return {key: value / self.count for key, value in self.sums.items()}
 
 
-def _checkpoint(session: TrainSession, run_dir: Path, step: int, buffer: ReplayBuffer) -> None:
-    save_checkpoint(
-        run_dir, step, session.model, session.optimizer, session.scheduler,
-        rng_state(session.data_rng, session.sample_rng), session.stream.position(), buffer.last_id(),
-        keep=session.cfg.train.keep_checkpoints,
-    )
+def _restore(session: TrainSession, run_dir: Path, console: Console) -> tuple[int, float | None]:
+    """Bring model, optimizer, RNGs, data position, buffer and metrics back to the newest checkpoint."""
+    checkpoint = latest_checkpoint(run_dir)
+    state = load_trainer_state(checkpoint)
+    load_adapter_weights(session.model, checkpoint)
+    session.optimizer.load_state_dict(state["optimizer"])
+    session.scheduler.load_state_dict(state["scheduler"])
+    _apply_new_peak_lr(session)
+    restore_rng_state(state["rng"], session.data_rng, session.sample_rng)
+    session.stream.seek(checkpoint.data_position)
+    ReplayBuffer.restore(checkpoint.path / BUFFER_FILE, run_dir / BUFFER_FILE)
+    rewind_metrics(run_dir / "metrics.jsonl", checkpoint.step)
+    console.print(f"resuming from {checkpoint.path.name}")
+    return checkpoint.step, checkpoint.eval_before
+
+
+def _apply_new_peak_lr(session: TrainSession) -> None:
+    """A resume with a new `train.lr` rescales the schedule from the current step on."""
+    scheduler, lr = session.scheduler, session.cfg.train.lr
+    if all(math.isclose(base, lr) for base in scheduler.base_lrs):
+        return
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, factor in zip(session.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in session.optimizer.param_groups]
 
 
 def _held_out_score(session: TrainSession, role: str, console: Console) -> float | None:

@@ -47,7 +47,6 @@ def test_contents_survive_closing_and_reopening(tmp_path):
     assert [p.rejected_ids.tolist() for p in pairs] == [[1, 7, 3, 4], [1, 8, 3, 4]]
     assert [(p.ref_logp_chosen, p.ref_logp_rejected) for p in pairs] == [(-1.5, -2.5), (-0.5, -0.25)]
     assert pairs[0].step_added == 3 and pairs[0].prompt_len == 1 and pairs[0].segment_len == 2
-    assert reopened.last_id() == pairs[-1].pair_id
     assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
@@ -56,3 +55,20 @@ def test_a_corrupted_file_is_a_clear_error(tmp_path):
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(RunDirError, match="corrupted"):
         ReplayBuffer(path, capacity=10)
+
+
+def test_snapshot_and_restore_bring_back_pairs_and_draw_counts(tmp_path):
+    path = tmp_path / "b.sqlite"
+    buffer = ReplayBuffer(path, capacity=2)
+    buffer.add([make_pair(1), make_pair(2)], step=1)
+    buffer.sample(3, np.random.default_rng(0))
+    before = [(p.pair_id, p.times_drawn, p.chosen_ids.tolist()) for p in buffer.all_pairs()]
+    buffer.snapshot(tmp_path / "snap.sqlite")
+    buffer.add([make_pair(3), make_pair(4)], step=2)  # evicts both snapshotted pairs
+    buffer.sample(5, np.random.default_rng(1))
+    buffer.close()
+    ReplayBuffer.restore(tmp_path / "snap.sqlite", path)
+    restored = ReplayBuffer(path, capacity=2)
+    assert [(p.pair_id, p.times_drawn, p.chosen_ids.tolist()) for p in restored.all_pairs()] == before
+    restored.add([make_pair(5)], step=3)
+    assert restored.all_pairs()[-1].pair_id == 3  # ids continue as if pairs 3 and 4 never existed
