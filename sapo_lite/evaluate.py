@@ -1,12 +1,12 @@
-"""Held-out exact match: does greedy decoding reproduce the reference answer?
+"""Answers to prompts from any role (base, policy, ema), and the held-out exact-match score.
 
-Used for the before/after figure of a run: the base (adapters off) against the trained policy.
+The score is the before/after figure of a run: the base (adapters off) against the policy.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -16,23 +16,38 @@ from .data import Example
 from .model import POLICY
 
 
+@contextlib.contextmanager
+def using_role(model: Any, role: str) -> Iterator[Any]:
+    """Run `model` as `base` (adapters off) or as one adapter, in eval mode; restore the policy after."""
+    was_training = model.training
+    model.eval()
+    try:
+        if role == "base":
+            with model.disable_adapter():
+                yield model
+        else:
+            model.set_adapter(role, inference_mode=True)
+            yield model
+    finally:
+        if POLICY in model.peft_config:
+            model.set_adapter(POLICY)
+        model.train(was_training)
+
+
 @torch.no_grad()
-def greedy_answers(
-    model: Any, tokenizer: Any, examples: Sequence[Example], max_new_tokens: int, stop_ids: Sequence[int],
-    batch_size: int = 32,
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int],
+    temperature: float = 0.0, batch_size: int = 32,
 ) -> list[str]:
+    """Decoded answers (special tokens dropped, stripped); greedy unless `temperature` > 0."""
     device = next(model.parameters()).device
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     answers: list[str] = []
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        ids, mask = left_pad([ex.prompt_ids.tolist() for ex in batch], tokenizer.pad_token_id)
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[start : start + batch_size], tokenizer.pad_token_id)
         out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=list(stop_ids),
-            pad_token_id=tokenizer.pad_token_id,
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id, **sampling,
         )
         answers += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     return [a.strip() for a in answers]
@@ -42,17 +57,10 @@ def exact_match(
     model: Any, tokenizer: Any, examples: Sequence[Example], role: str, max_new_tokens: int,
     stop_ids: Sequence[int],
 ) -> float:
-    """Share of examples whose greedy answer equals the reference, for role `base` or an adapter name."""
-    was_training = model.training
-    model.eval()
-    context = model.disable_adapter() if role == "base" else contextlib.nullcontext()
-    try:
-        if role != "base":
-            model.set_adapter(role, inference_mode=True)
-        with context:
-            answers = greedy_answers(model, tokenizer, examples, max_new_tokens, stop_ids)
-    finally:
-        model.set_adapter(POLICY)
-        model.train(was_training)
+    """Share of examples whose greedy answer equals the reference, for `base` or an adapter name."""
+    with using_role(model, role):
+        answers = generate_answers(
+            model, tokenizer, [ex.prompt_ids.tolist() for ex in examples], max_new_tokens, stop_ids
+        )
     hits = sum(answer == ex.response_text for answer, ex in zip(answers, examples))
     return hits / len(examples)
