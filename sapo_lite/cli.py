@@ -195,8 +195,9 @@ def merge(
 ) -> None:
     """Fold an adapter into a full-precision copy of the base: a plain Hugging Face model folder.
 
-    Works shard by shard: RAM about one base shard plus the adapter (under 6 GB for Llama-3-8B's
-    5 GB shards); disk about the model's size at --dtype (16 GB for an 8B model in bf16).
+    Works shard by shard: peak RAM about twice the largest base shard plus the adapter (about
+    10 GB for Llama-3-8B's 5 GB shards, so 32 GB of RAM is plenty); disk about the model's size
+    at --dtype (16 GB for an 8B model in bf16).
     """
     from .export import DTYPES, merge_adapter, resolve_base_dir, run_adapter_dir
     from .runs import base_model_name, run_config

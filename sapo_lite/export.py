@@ -1,8 +1,9 @@
 """Fold a LoRA adapter into a full-precision copy of the base, shard by shard.
 
 Never into 4-bit weights: merging into NF4 would re-round every weight. The base is read
-from its safetensors shards one shard at a time, so peak RAM is about one shard plus the
-adapter (an 8B model in ~5 GB shards merges on a 32 GB machine). The result is a plain
+from its safetensors shards one shard at a time, so peak RAM is about two shards (the shard and
+its serialised copy while it is written) plus the adapter: an 8B model in ~5 GB shards merges
+on a 32 GB machine (bench/merge.py measures it). The result is a plain
 Hugging Face folder: config, safetensors shards (+ index), tokenizer with chat template,
 generation config. `AutoModelForCausalLM.from_pretrained(DIR)` loads it without peft.
 
