@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .augment import Pair
-from .losses import response_logps
+from .logps import DEFAULT_CHUNK_TOKENS, response_token_logps
 
 
 def right_pad(
@@ -27,17 +27,18 @@ def right_pad(
 
 
 def pair_logps(
-    model: torch.nn.Module, pairs: Sequence[Pair], pad_id: int, device: torch.device
+    model: torch.nn.Module, pairs: Sequence[Pair], pad_id: int, device: torch.device,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed response log-probs and token counts of chosen and rejected, (B,) each.
 
-    Chosen and rejected go through one forward as a batch of 2B sequences.
+    Chosen and rejected go through one forward as a batch of 2B sequences; the output head
+    sees only response positions, `chunk_tokens` at a time.
     """
     sequences = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     prompt_lens = [p.prompt_len for p in pairs] * 2
     ids, attention, response = right_pad(sequences, prompt_lens, pad_id)
     ids, attention, response = ids.to(device), attention.to(device), response.to(device)
-    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-    logps, counts = response_logps(logits, ids, response)
+    logps, counts = response_token_logps(model, ids, attention, response, chunk_tokens)
     n = len(pairs)
     return logps[:n], logps[n:], counts[:n], counts[n:]

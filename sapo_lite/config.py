@@ -132,6 +132,8 @@ class TrainConfig:
     """AdamW weight decay on the LoRA tensors."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 disables clipping."""
+    logps_chunk_tokens: int = 256
+    """Response positions sent through the output head at once (bounds the vocab-sized logits)."""
     optimizer: Literal["auto", "adamw", "paged_adamw_8bit"] = "auto"
     """`auto` is bitsandbytes' 8-bit paged AdamW on CUDA and torch AdamW on CPU."""
     save_every: int = 500
@@ -368,6 +370,7 @@ def validate(cfg: Config) -> None:
         (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
         (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (t.logps_chunk_tokens >= 1, "train.logps_chunk_tokens must be >= 1"),
         (t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0"),
         (t.save_every >= 0, "train.save_every must be >= 0"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),

@@ -71,7 +71,9 @@ class TrainSession:
     sample_rng: np.random.Generator
 
     def to_pair_logps(self, batch: Sequence[StoredPair], with_reference: bool) -> PairLogps:
-        chosen, rejected, n_chosen, n_rejected = pair_logps(self.model, batch, self.pad_id, self.device)
+        chosen, rejected, n_chosen, n_rejected = pair_logps(
+            self.model, batch, self.pad_id, self.device, self.cfg.train.logps_chunk_tokens
+        )
         logps = PairLogps(chosen, rejected, n_chosen, n_rejected)
         if with_reference:
             logps.ref_chosen = torch.tensor([p.ref_logp_chosen for p in batch], device=self.device)

@@ -105,7 +105,9 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
             ref_logps = None
             if loss_spec.needs_reference:
                 with reference(model):
-                    ref_c, ref_r, _, _ = pair_logps(model, pairs, session.pad_id, device)
+                    ref_c, ref_r, _, _ = pair_logps(
+                        model, pairs, session.pad_id, device, cfg.train.logps_chunk_tokens
+                    )
                 ref_logps = list(zip(ref_c.tolist(), ref_r.tolist()))
             buffer.add(pairs, step, ref_logps)
             ref_s = time.perf_counter() - ref_start
