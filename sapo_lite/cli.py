@@ -183,6 +183,41 @@ def presets(name: Annotated[str | None, typer.Argument(help="Show this preset in
 
 @app.command()
 @reports_errors
+def estimate(
+    overrides: Annotated[list[str] | None, typer.Argument(help="Config overrides as KEY=VALUE")] = None,
+    preset: Annotated[str, typer.Option(help="Preset name")] = "llama3-8b-qlora",
+    config: Annotated[Path | None, typer.Option("--config", help="YAML file applied over the preset")] = None,
+    gpu_gb: Annotated[float, typer.Option("--gpu-gb", help="Memory of your GPU in GB")] = 24.0,
+) -> None:
+    """Estimate the GPU memory a run needs, term by term, and whether it fits your card."""
+    from .memory import architecture, best_saving
+    from .memory import estimate as estimate_memory
+
+    cfg = load_config(preset, config, overrides or [])
+    arch = architecture(cfg.model.name)
+    result = estimate_memory(cfg, arch)
+    table = Table("term", "GB", title=f"{cfg.model.name} ({cfg.model.quant}), {cfg.loss.name}, "
+                  f"max_len {cfg.data.max_len}, micro_batch {cfg.train.micro_batch}")
+    for name, value in result.rows():
+        table.add_row(name, f"{value:.2f}")
+    table.add_row("[bold]estimated peak[/]", f"[bold]{result.total:.2f}[/]")
+    console.print(table)
+    console.print(
+        f"activations without gradient checkpointing would be {result.activations_without_checkpointing:.1f} GB; "
+        "generation (KV cache) and backward never overlap, so the peak counts the larger phase",
+        highlight=False,
+    )
+    fits = result.total <= gpu_gb
+    verdict = "fits" if fits else "does not fit"
+    console.print(f"[bold]{verdict}[/] a {gpu_gb:g} GB GPU ({gpu_gb - result.total:+.1f} GB to spare)", highlight=False)
+    if not fits:
+        saving = best_saving(cfg, arch, gpu_gb)
+        if saving:
+            console.print(f"the change that helps most: {saving[0]} (saves {saving[1]:.1f} GB)", highlight=False)
+
+
+@app.command()
+@reports_errors
 def merge(
     run: Annotated[Path, typer.Argument(help="Run directory (the --out of `sapo-lite train`)")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the merged model")],

@@ -19,6 +19,7 @@ from .buffer import StoredPair
 from .config import Config, to_yaml
 from .data import Example, install_chat_template, load_examples, stop_token_ids
 from .losses import PairLogps
+from .memory import architecture_from_config, estimate
 from .model import attach_adapters, load_base, load_tokenizer, pick_device, policy_parameters
 from .tiny import TINY_NAME, build_tiny_base
 
@@ -104,6 +105,8 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     console.print(f"model: {model_name} ({cfg.model.quant}) on {device.type}")
     base = load_base(cfg.model, model_name, device)
+    peak_gb = estimate(cfg, architecture_from_config(base.config.to_dict())).total
+    console.print(f"estimated peak GPU memory: {peak_gb:.1f} GB (term by term: sapo-lite estimate)")
     model = attach_adapters(base, cfg.lora, cfg.model.init_adapter, cfg.model.gradient_checkpointing)
     trainable = policy_parameters(model)
     optimizer = build_optimizer(cfg, trainable, device)

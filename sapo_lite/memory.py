@@ -1,0 +1,218 @@
+"""GPU memory estimate of a SAPO run, term by term, and the change that helps most.
+
+Formulas (bytes; b = compute-dtype bytes, 2 for bf16; T = tokens in one training forward =
+2 x micro_batch x max_len, chosen and rejected together):
+
+- base weights, NF4 (QLoRA paper, Dettmers et al. 2023): 0.5 byte a quantised parameter plus
+  its constants: one fp32 absmax per 64-weight block (4/64 byte), or with double quantisation
+  an 8-bit absmax per block plus an fp32 constant per 256 blocks (1/64 + 4/(64*256) byte).
+  Embeddings, output head and norms stay in b bytes (bitsandbytes never quantises them).
+- adapters: r x (in + out) parameters per adapted linear, kept in fp32 by peft: 4 bytes each,
+  for `policy`, `ema` (and `ref` with an init adapter). Gradients: 4 bytes a policy parameter.
+- optimizer: AdamW 8 bytes a trainable parameter (two fp32 moments); 8-bit paged AdamW 2 bytes.
+- activations of one decoder layer (Korthikanti et al. 2022, adapted to Llama's gated MLP and
+  grouped-query attention): T x b x (10 H + 4 I + 2 KV), plus LoRA-dropout copies of each adapted
+  layer's input T x b x (6 H + I). With gradient checkpointing only each layer's input
+  (T x H x b) is kept, plus one layer recomputed in backward.
+- log-probs: sapo-lite scores `logps_chunk_tokens` positions at a time: logits, log-softmax and
+  their gradient in fp32, 3 x chunk x V x 4 bytes (the plain path would hold 3 x T x V x 4).
+- generation KV cache (transformers' dynamic cache): gen_batch_size x max_len x layers x 2 x KV x b.
+  Generation and the backward pass never overlap: the peak takes the larger of the two phases.
+- CUDA overhead: 0.5 GB context (cuBLAS workspaces, kernels) plus 10% allocator fragmentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .errors import ModelError
+from .tiny import MODEL_SHAPE, SPECIAL_TOKENS, TINY_NAME, WORDS
+
+GB = 1e9
+LLAMA3_8B = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False}
+MISTRAL_7B = {**LLAMA3_8B, "vocab_size": 32000}
+KNOWN_ARCHITECTURES = {
+    "meta-llama/Meta-Llama-3-8B": LLAMA3_8B,
+    "meta-llama/Meta-Llama-3-8B-Instruct": LLAMA3_8B,
+    "meta-llama/Llama-3.1-8B": LLAMA3_8B,
+    "meta-llama/Llama-3.1-8B-Instruct": LLAMA3_8B,
+    "mistralai/Mistral-7B-v0.1": MISTRAL_7B,
+    "wandb/mistral-7b-zephyr-sft": MISTRAL_7B,
+}
+
+
+@dataclass
+class Architecture:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    tied: bool
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder block."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_dim
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def architecture(model_name: str) -> Architecture:
+    """Shape of a model: the tiny one, a local/cached config.json, or a known hub model."""
+    if model_name == TINY_NAME:
+        values = {**MODEL_SHAPE, "vocab_size": len(SPECIAL_TOKENS) + len(WORDS), "tie_word_embeddings": False}
+    elif (Path(model_name) / "config.json").is_file():
+        values = json.loads((Path(model_name) / "config.json").read_text())
+    elif model_name in KNOWN_ARCHITECTURES:
+        values = KNOWN_ARCHITECTURES[model_name]
+    else:
+        values = _cached_config(model_name)
+    return architecture_from_config(values)
+
+
+def architecture_from_config(values: dict) -> Architecture:
+    """Shape from a model's config.json values (or `model.config.to_dict()`)."""
+    return Architecture(
+        vocab=values["vocab_size"], hidden=values["hidden_size"], intermediate=values["intermediate_size"],
+        layers=values["num_hidden_layers"], heads=values["num_attention_heads"],
+        kv_heads=values.get("num_key_value_heads") or values["num_attention_heads"],
+        tied=bool(values.get("tie_word_embeddings", False)),
+    )
+
+
+def _cached_config(model_name: str) -> dict:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(model_name, "config.json")).read_text())
+    except Exception as exc:
+        raise ModelError(
+            f"cannot read the architecture of `{model_name}`: {str(exc).splitlines()[0]}",
+            "point model.name at a local folder with config.json, or download the model first",
+        ) from exc
+
+
+@dataclass
+class Estimate:
+    base_weights: float
+    adapters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    activations_without_checkpointing: float
+    logits: float
+    kv_cache: float
+    cuda_overhead: float
+    total: float
+
+    def rows(self) -> list[tuple[str, float]]:
+        return [
+            ("base weights", self.base_weights),
+            ("adapters (policy + ema)", self.adapters),
+            ("policy gradients", self.gradients),
+            ("optimizer state", self.optimizer),
+            ("activations (training forward)", self.activations),
+            ("log-prob logits (chunked)", self.logits),
+            ("generation KV cache", self.kv_cache),
+            ("CUDA context + fragmentation", self.cuda_overhead),
+        ]
+
+
+def estimate(cfg: Config, arch: Architecture | None = None) -> Estimate:
+    """Peak GPU memory in GB for this config, by the formulas in the module docstring."""
+    arch = arch or architecture(cfg.model.name)
+    b = 4 if cfg.model.dtype == "fp32" else 2
+    shapes = arch.linear_shapes()
+    linear_params = arch.layers * sum(i * o for i, o in shapes.values())
+    if cfg.model.quant == "nf4":
+        constants = (1 / 64 + 4 / (64 * 256)) if cfg.model.double_quant else 4 / 64
+        linear_bytes = linear_params * (0.5 + constants)
+    else:
+        linear_bytes = linear_params * b
+    embeddings = arch.vocab * arch.hidden * (1 if arch.tied else 2)
+    norms = (2 * arch.layers + 1) * arch.hidden
+    base = linear_bytes + (embeddings + norms) * b
+
+    targets = _adapted_modules(cfg.lora.target_modules, shapes)
+    lora_params = arch.layers * sum(cfg.lora.r * (shapes[m][0] + shapes[m][1]) for m in targets)
+    n_adapters = 3 if cfg.model.init_adapter else 2
+    adapters = lora_params * 4 * n_adapters
+    gradients = lora_params * 4
+    optimizer_bytes = 2 if _optimizer(cfg) == "paged_adamw_8bit" else 8
+    optimizer = lora_params * optimizer_bytes
+
+    tokens = 2 * cfg.train.micro_batch * cfg.data.max_len
+    h, i, kv = arch.hidden, arch.intermediate, arch.kv_dim
+    per_layer = tokens * b * (10 * h + 4 * i + 2 * kv)
+    if cfg.lora.dropout > 0:
+        per_layer += tokens * b * sum(shapes[m][0] for m in targets)
+    without_checkpointing = arch.layers * per_layer
+    with_checkpointing = arch.layers * tokens * h * b + per_layer
+    activations = with_checkpointing if cfg.model.gradient_checkpointing else without_checkpointing
+    logits = 3 * min(cfg.train.logps_chunk_tokens, tokens) * arch.vocab * 4 + tokens * h * b
+    kv_cache = cfg.sapo.gen_batch_size * cfg.data.max_len * arch.layers * 2 * kv * b
+
+    resident = base + adapters + optimizer
+    peak = resident + max(gradients + activations + logits, kv_cache)
+    overhead = 0.5 * GB + 0.1 * peak
+    return Estimate(
+        base_weights=base / GB, adapters=adapters / GB, gradients=gradients / GB, optimizer=optimizer / GB,
+        activations=activations / GB, activations_without_checkpointing=without_checkpointing / GB,
+        logits=logits / GB, kv_cache=kv_cache / GB, cuda_overhead=overhead / GB, total=(peak + overhead) / GB,
+    )
+
+
+def _adapted_modules(target_modules: list[str] | str, shapes: dict[str, tuple[int, int]]) -> list[str]:
+    if target_modules == "all-linear":
+        return list(shapes)
+    names = [target_modules] if isinstance(target_modules, str) else target_modules
+    return [m for m in shapes if any(m == n or n.endswith(m) for n in names)]
+
+
+def _optimizer(cfg: Config) -> str:
+    # `auto` resolves to 8-bit paged AdamW on CUDA, the device this estimate is for.
+    return "paged_adamw_8bit" if cfg.train.optimizer in ("auto", "paged_adamw_8bit") else "adamw"
+
+
+def best_saving(cfg: Config, arch: Architecture, gpu_gb: float) -> tuple[str, float] | None:
+    """The single override that lowers the estimate most, with the GB it saves."""
+    candidates = []
+    if not cfg.model.gradient_checkpointing:
+        candidates.append("model.gradient_checkpointing=true")
+    if cfg.model.quant != "nf4":
+        candidates.append("model.quant=nf4")
+    if cfg.train.micro_batch > 1:
+        candidates.append(f"train.micro_batch={cfg.train.micro_batch // 2}")
+    if cfg.sapo.gen_batch_size > 1:
+        candidates.append(f"sapo.gen_batch_size={cfg.sapo.gen_batch_size // 2}")
+    if cfg.data.max_len > 512:
+        candidates.append(f"data.max_len={cfg.data.max_len // 2}")
+    if cfg.train.logps_chunk_tokens > 64:
+        candidates.append(f"train.logps_chunk_tokens={cfg.train.logps_chunk_tokens // 2}")
+    current = estimate(cfg, arch).total
+    savings = []
+    for override in candidates:
+        changed = _with_override(cfg, override)
+        savings.append((override, current - estimate(changed, arch).total))
+    return max(savings, key=lambda s: s[1]) if savings else None
+
+
+def _with_override(cfg: Config, override: str) -> Config:
+    from .config import parse_override, set_value
+
+    changed = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s)) for s in
+                                          ("model", "lora", "data", "sapo", "loss", "train")})
+    set_value(changed, *parse_override(override))
+    if override.startswith("data.max_len="):
+        changed.data.max_prompt_len = min(changed.data.max_prompt_len, changed.data.max_len - 1)
+    return changed
