@@ -23,11 +23,12 @@ import numpy as np
 from .augment import Pair
 from .errors import RunDirError
 
+# Two tables: the small per-pair facts that sampling, counting and eviction scan, and the
+# token blobs (8 KB a pair at 1,000 tokens) that are read only for the pairs drawn. Keeping
+# the blobs out of the scanned table makes those scans cheap at 100k pairs.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pairs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    chosen_ids BLOB NOT NULL,
-    rejected_ids BLOB NOT NULL,
     prompt_len INTEGER NOT NULL,
     trunc_point INTEGER NOT NULL,
     segment_len INTEGER NOT NULL,
@@ -36,7 +37,17 @@ CREATE TABLE IF NOT EXISTS pairs (
     times_drawn INTEGER NOT NULL DEFAULT 0,
     step_added INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS pair_tokens (
+    id INTEGER PRIMARY KEY,
+    chosen_ids BLOB NOT NULL,
+    rejected_ids BLOB NOT NULL
+);
 """
+PAIR_COLUMNS = (
+    "p.id, t.chosen_ids, t.rejected_ids, p.prompt_len, p.trunc_point, p.segment_len, p.ref_logp_chosen,"
+    " p.ref_logp_rejected, p.times_drawn, p.step_added"
+)
+JOINED = "pairs p JOIN pair_tokens t ON t.id = p.id"
 
 
 @dataclass
@@ -82,29 +93,25 @@ class ReplayBuffer:
     ) -> None:
         """Insert pairs and evict the oldest beyond capacity, in one transaction."""
         refs = ref_logps if ref_logps is not None else [(None, None)] * len(pairs)
-        rows = [
-            (
-                p.chosen_ids.astype(np.int32).tobytes(),
-                p.rejected_ids.astype(np.int32).tobytes(),
-                p.prompt_len,
-                p.trunc_point,
-                p.segment_len,
-                rc,
-                rr,
-                step,
-            )
-            for p, (rc, rr) in zip(pairs, refs)
-        ]
         with self._transaction():
-            self._db.executemany(
-                "INSERT INTO pairs (chosen_ids, rejected_ids, prompt_len, trunc_point, segment_len,"
-                " ref_logp_chosen, ref_logp_rejected, step_added) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            self._db.execute(
-                "DELETE FROM pairs WHERE id NOT IN (SELECT id FROM pairs ORDER BY id DESC LIMIT ?)",
-                (self.capacity,),
-            )
+            for p, (rc, rr) in zip(pairs, refs):
+                cursor = self._db.execute(
+                    "INSERT INTO pairs (prompt_len, trunc_point, segment_len, ref_logp_chosen, ref_logp_rejected,"
+                    " step_added) VALUES (?, ?, ?, ?, ?, ?)",
+                    (p.prompt_len, p.trunc_point, p.segment_len, rc, rr, step),
+                )
+                self._db.execute(
+                    "INSERT INTO pair_tokens (id, chosen_ids, rejected_ids) VALUES (?, ?, ?)",
+                    (cursor.lastrowid, p.chosen_ids.astype(np.int32).tobytes(),
+                     p.rejected_ids.astype(np.int32).tobytes()),
+                )
+            # The newest id beyond capacity, if any: it and everything older leave the buffer.
+            cutoff = self._db.execute(
+                "SELECT id FROM pairs ORDER BY id DESC LIMIT 1 OFFSET ?", (self.capacity,)
+            ).fetchone()
+            if cutoff is not None:
+                self._db.execute("DELETE FROM pairs WHERE id <= ?", cutoff)
+                self._db.execute("DELETE FROM pair_tokens WHERE id <= ?", cutoff)
 
     def sample(self, n: int, rng: np.random.Generator) -> list[StoredPair]:
         """Draw n pairs with replacement, weight 1/(1 + times drawn); count the draws."""
@@ -120,7 +127,7 @@ class ReplayBuffer:
             )
         unique = sorted(set(chosen))
         marks = ",".join("?" * len(unique))
-        rows = self._db.execute(f"SELECT * FROM pairs WHERE id IN ({marks})", unique).fetchall()
+        rows = self._db.execute(f"SELECT {PAIR_COLUMNS} FROM {JOINED} WHERE p.id IN ({marks})", unique).fetchall()
         by_id = {row[0]: _row_to_pair(row) for row in rows}
         return [by_id[i] for i in chosen]
 
@@ -151,7 +158,8 @@ class ReplayBuffer:
         os.replace(tmp, path)
 
     def all_pairs(self) -> list[StoredPair]:
-        return [_row_to_pair(r) for r in self._db.execute("SELECT * FROM pairs ORDER BY id").fetchall()]
+        rows = self._db.execute(f"SELECT {PAIR_COLUMNS} FROM {JOINED} ORDER BY p.id").fetchall()
+        return [_row_to_pair(r) for r in rows]
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
