@@ -48,6 +48,17 @@ PAIR_COLUMNS = (
     " p.ref_logp_rejected, p.times_drawn, p.step_added"
 )
 JOINED = "pairs p JOIN pair_tokens t ON t.id = p.id"
+SCHEMA_VERSION = 1  # PRAGMA user_version; bump when the layout changes
+
+
+def check_schema(db: sqlite3.Connection, path: Path) -> None:
+    """Refuse a buffer laid out by another version of sapo-lite rather than misread it."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version != SCHEMA_VERSION:
+        raise RunDirError(
+            f"replay buffer `{path}` has layout version {version}, this sapo-lite reads version {SCHEMA_VERSION}",
+            "finish that run with the sapo-lite version that started it, or start a new run",
+        )
 
 
 @dataclass
@@ -71,13 +82,17 @@ class ReplayBuffer:
             self._db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, atomic always
-            self._db.executescript(SCHEMA)
+            is_new = self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+            if is_new:
+                self._db.executescript(SCHEMA)
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self._db.execute("SELECT COUNT(*) FROM pairs").fetchone()
         except sqlite3.DatabaseError as exc:
             raise RunDirError(
                 f"replay buffer `{self.path}` is corrupted ({exc})",
                 "delete buffer.sqlite to start an empty buffer, or start a new run",
             ) from exc
+        check_schema(self._db, self.path)
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]

@@ -24,7 +24,7 @@ SECTION_NAMES = ("model", "lora", "data", "sapo", "loss", "train")
 # Keys a resumed run may change: none of them changes what a checkpoint's tensors mean.
 RESUMABLE_KEYS = frozenset({
     "train.max_steps", "train.lr", "train.save_every", "train.keep_checkpoints", "train.max_bad_steps",
-    "train.num_threads", "data.eval_size", "data.eval_max_new_tokens",
+    "train.num_threads", "train.report_to", "train.sample_every", "data.eval_size", "data.eval_max_new_tokens",
 })
 
 
@@ -136,6 +136,10 @@ class TrainConfig:
     """Response positions sent through the output head at once (bounds the vocab-sized logits)."""
     optimizer: Literal["auto", "adamw", "paged_adamw_8bit"] = "auto"
     """`auto` is bitsandbytes' 8-bit paged AdamW on CUDA and torch AdamW on CPU."""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """Also log every step to TensorBoard (RUN/tensorboard) or Weights & Biases."""
+    sample_every: int = 50
+    """With report_to, log a few decoded (prompt, chosen, rejected) pairs every this many steps."""
     save_every: int = 500
     """Write a checkpoint every this many optimizer steps (0: only at the end)."""
     max_bad_steps: int = 3
@@ -373,6 +377,7 @@ def validate(cfg: Config) -> None:
         (t.logps_chunk_tokens >= 1, "train.logps_chunk_tokens must be >= 1"),
         (t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0"),
         (t.save_every >= 0, "train.save_every must be >= 0"),
+        (t.sample_every >= 1, "train.sample_every must be >= 1"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (t.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
         (t.num_threads is None or t.num_threads >= 1, "train.num_threads must be >= 1"),

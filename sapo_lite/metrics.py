@@ -61,3 +61,74 @@ class TrainProgress:
             f"acc {record['rewards/accuracies']:.2f}  {record['step_s']:.2f}s/step"
         )
         self._progress.update(self._task, completed=record["step"], stats=stats)
+
+
+class Reporter:
+    """Where metrics go besides metrics.jsonl: nowhere, TensorBoard or Weights & Biases."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def log_samples(self, step: int, samples: list[tuple[str, str, str]]) -> None:
+        """(prompt, chosen, rejected) texts: what the model is being taught to prefer and to avoid."""
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardReporter(Reporter):
+    def __init__(self, run_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def log_samples(self, step: int, samples: list[tuple[str, str, str]]) -> None:
+        rows = ["| prompt | chosen | rejected |", "|---|---|---|"]
+        rows += ["| " + " | ".join(_cell(text) for text in sample) + " |" for sample in samples]
+        self.writer.add_text("samples", "\n".join(rows), step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbReporter(Reporter):
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project="sapo-lite", name=run_dir.name, dir=str(run_dir), config=config)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def log_samples(self, step: int, samples: list[tuple[str, str, str]]) -> None:
+        table = self.wandb.Table(columns=["prompt", "chosen", "rejected"], data=[list(s) for s in samples])
+        self.run.log({"samples": table}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_reporter(kind: str, run_dir: Path, config: dict[str, Any]) -> Reporter:
+    """The reporter for `train.report_to`; its package is imported only when chosen."""
+    from .errors import ConfigError
+
+    packages = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    if kind == "none":
+        return Reporter()
+    try:
+        return TensorBoardReporter(run_dir) if kind == "tensorboard" else WandbReporter(run_dir, config)
+    except ImportError as exc:
+        raise ConfigError(
+            f"train.report_to={kind} needs the `{packages[kind]}` package, which is not installed",
+            f'pip install "sapo-lite[{kind}]", or set train.report_to=none',
+        ) from exc
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:500]

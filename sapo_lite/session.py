@@ -20,6 +20,7 @@ from .config import Config, to_yaml
 from .data import Example, install_chat_template, load_examples, stop_token_ids
 from .losses import PairLogps
 from .memory import architecture_from_config, estimate
+from .metrics import Reporter, make_reporter
 from .model import attach_adapters, load_base, load_tokenizer, pick_device, policy_parameters
 from .tiny import TINY_NAME, build_tiny_base
 
@@ -70,6 +71,16 @@ class TrainSession:
     stop_ids: list[int]
     data_rng: np.random.Generator
     sample_rng: np.random.Generator
+    reporter: Reporter
+
+    def decode_pairs(self, pairs: Sequence[Any], count: int = 3) -> list[tuple[str, str, str]]:
+        """(prompt, chosen response, rejected response) texts of the first `count` pairs."""
+        decode = self.tokenizer.decode
+        return [
+            (decode(p.chosen_ids[: p.prompt_len]), decode(p.chosen_ids[p.prompt_len :]),
+             decode(p.rejected_ids[p.prompt_len :]))
+            for p in pairs[:count]
+        ]
 
     def to_pair_logps(self, batch: Sequence[StoredPair], with_reference: bool) -> PairLogps:
         chosen, rejected, n_chosen, n_rejected = pair_logps(
@@ -103,6 +114,7 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         eval_examples = eval_examples[: cfg.data.eval_size]
 
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    reporter = make_reporter(cfg.train.report_to, run_dir, cfg.to_dict())  # fails fast, before the model loads
     console.print(f"model: {model_name} ({cfg.model.quant}) on {device.type}")
     base = load_base(cfg.model, model_name, device)
     peak_gb = estimate(cfg, architecture_from_config(base.config.to_dict())).total
@@ -125,6 +137,7 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         stop_ids=stop_token_ids(tokenizer),
         data_rng=np.random.default_rng(cfg.train.seed + 1),
         sample_rng=np.random.default_rng(cfg.train.seed + 2),
+        reporter=reporter,
     )
 
 

@@ -153,6 +153,9 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                 "peak_mem_gb": peak_memory_gb(device),
             }
             metrics.write(record)
+            session.reporter.log(record)
+            if step % cfg.train.sample_every == 0:
+                session.reporter.log_samples(step, session.decode_pairs(pairs))
             progress.update(record)
             if bad_in_a_row >= cfg.train.max_bad_steps:
                 raise TrainingDiverged(
@@ -168,6 +171,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
 
     checkpoint(step)
     metrics.close()
+    session.reporter.close()
     buffer.close()
     if stop.requested:
         console.print(f"stopped after step {step}; resume with: sapo-lite train --resume {run_dir}")

@@ -1,0 +1,66 @@
+"""The app, its consoles, and the one place where a SapoError becomes `error: ...` and exit 1."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ..errors import SapoError
+
+app = typer.Typer(
+    help="Self-Augmented Preference Optimization (SAPO) with LoRA on a 4-bit base.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(soft_wrap=True)  # a line is never broken by the terminal width: logs stay greppable
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a SapoError as `error: ...` (+ `hint: ...`) and exit 1; SAPO_DEBUG=1 keeps the traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except SapoError as exc:
+            if os.environ.get("SAPO_DEBUG") == "1":
+                raise
+            # escape: messages hold paths and `pip install "sapo-lite[plot]"`, not rich markup
+            err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
+            if exc.hint:
+                err_console.print(f"[bold]hint:[/] {escape(exc.hint)}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for sapo-lite's own output: no library progress bars or deprecation chatter."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
+    # bitsandbytes' CPU 4-bit matmul backprops through an op without a registered autograd
+    # kernel; the gradients are right (tests/test_nf4.py compares them with the dense model).
+    warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels package notice
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
