@@ -91,8 +91,13 @@ def generate_segments(
     temperature: float,
     top_k: int,
     top_p: float,
+    static_cache: bool = False,
 ) -> list[list[int]]:
-    """Sample up to `max_new_tokens` tokens after each context in one batched call (KV cache on)."""
+    """Sample up to `max_new_tokens` tokens after each context in one batched call (KV cache on).
+
+    `static_cache` preallocates the KV cache; on CUDA transformers then compiles the decoding
+    step with torch.compile (slow first steps, faster after).
+    """
     input_ids, attention_mask = left_pad(contexts, pad_id)
     device = next(model.parameters()).device
     try:
@@ -107,6 +112,7 @@ def generate_segments(
             eos_token_id=list(stop_ids),
             pad_token_id=pad_id,
             use_cache=True,
+            cache_implementation="static" if static_cache else None,
         )
     except RuntimeError as exc:
         if "probability tensor contains" not in str(exc):
@@ -128,6 +134,7 @@ def make_pairs(
     rng: np.random.Generator,
     gen_batch_size: int,
     sampling: dict,
+    static_cache: bool = False,
 ) -> list[Pair]:
     """Turn examples into (chosen, rejected) pairs; `model` must already be the EMA generator."""
     pairs: list[Pair] = []
@@ -141,7 +148,7 @@ def make_pairs(
             [*ex.prompt_ids.tolist(), *ex.response_ids[:t].tolist()] for ex, (t, _) in zip(batch, cuts)
         ]
         segments = generate_segments(
-            model, contexts, max(g for _, g in cuts), pad_id, stop_ids, **sampling
+            model, contexts, max(g for _, g in cuts), pad_id, stop_ids, **sampling, static_cache=static_cache
         )
         for ex, (t, g), segment in zip(batch, cuts, segments):
             chosen = np.concatenate([ex.prompt_ids, ex.response_ids]).astype(np.int32)

@@ -104,6 +104,8 @@ class SapoConfig:
     """Top-k sampling of the EMA generator."""
     top_p: float = 0.95
     """Nucleus sampling of the EMA generator."""
+    static_cache: bool = False
+    """Preallocated KV cache for generation; on CUDA transformers then compiles decoding with torch.compile."""
 
 
 @dataclass

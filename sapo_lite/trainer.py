@@ -94,7 +94,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
             with generating_with(model, EMA):
                 pairs = make_pairs(
                     model, examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id,
-                    session.stop_ids, session.data_rng, cfg.sapo.gen_batch_size, sampling,
+                    session.stop_ids, session.data_rng, cfg.sapo.gen_batch_size, sampling, cfg.sapo.static_cache,
                 )
             gen_s = time.perf_counter() - step_start
             # Once the EMA reproduces a segment exactly, the pair teaches nothing: worth watching.

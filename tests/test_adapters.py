@@ -110,3 +110,16 @@ def test_init_adapter_starts_policy_and_ema_from_it_and_becomes_the_reference(mo
         assert torch.allclose(resumed(input_ids=ids).logits, trained_logits, atol=1e-6)
     trainable = {n for n, p in resumed.named_parameters() if p.requires_grad}
     assert trainable and all(f".{POLICY}." in n for n in trainable)
+
+
+def test_static_cache_generation_samples_the_same_segments(model):
+    from sapo_lite.augment import generate_segments
+
+    contexts = [[3, 5, 8, 9, 10], [3, 6, 7]]
+    segments = []
+    for static in (False, True):
+        torch.manual_seed(7)
+        with generating_with(model, EMA):
+            segments.append(generate_segments(model, contexts, 6, 0, [4], 0.7, 50, 0.95, static_cache=static))
+    assert segments[0] == segments[1]
+    assert all(len(s) == 6 for s in segments[0])
