@@ -106,8 +106,9 @@ def load_rows(path: str, split: str = "train") -> Any:
         try:
             rows = datasets.load_dataset(path, split=split)
         except Exception as exc:
-            offline = "offline" in str(exc).lower() or "connect" in str(exc).lower()
-            hint = "no network: download it first, or use a local file" if offline else "check `data.path`"
+            offline = any(word in str(exc).lower() for word in ("offline", "connect", "reach"))
+            hint = ("no network (or offline mode): use a local json/jsonl/parquet file, or a dataset already "
+                    "in the Hugging Face cache" if offline else "check `data.path`")
             raise DataError(f"cannot load dataset `{path}`: {str(exc).splitlines()[0]}", hint) from exc
     if len(rows) == 0:
         raise DataError(f"dataset `{path}` has no rows", "point `data.path` at data with examples")

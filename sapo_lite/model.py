@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +44,12 @@ def attention_implementation(requested: str, device: torch.device) -> str:
     return requested
 
 
+def check_model_path(name: str) -> None:
+    """A name that is clearly a path must exist; otherwise the hub client reports a confusing repo-id error."""
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
+        raise ModelError(f"model folder `{name}` does not exist", "check `model.name` (a local folder or a hub id)")
+
+
 def _not_found(name: str, exc: Exception) -> ModelError:
     return ModelError(
         f"cannot load model `{name}`: {str(exc).splitlines()[0]}",
@@ -53,6 +60,7 @@ def _not_found(name: str, exc: Exception) -> ModelError:
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    check_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
