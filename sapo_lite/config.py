@@ -75,7 +75,7 @@ class DataConfig:
     max_prompt_len: int = 1792
     """Examples whose prompt is longer than this are dropped (and counted in the log)."""
     max_examples: int | None = None
-    """Use only the first N examples (after shuffling)."""
+    """Use only the first N usable examples of the dataset (in file order)."""
     eval_path: str | None = None
     """Held-out prompt/response data for the before/after exact-match figure; unset skips it."""
     eval_size: int = 100

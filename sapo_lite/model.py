@@ -141,6 +141,9 @@ def attach_adapters(
     """
     from peft import PeftModel, get_peft_model
 
+    # Deliberately no peft.prepare_model_for_kbit_training: it casts every unquantised weight to
+    # fp32, which turns Llama-3's 1 GB bf16 embeddings and head into 4 GB; RMSNorm already
+    # computes in fp32, and non-reentrant checkpointing needs no input-grad hooks.
     if gradient_checkpointing:
         enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
         enable({"use_reentrant": False})

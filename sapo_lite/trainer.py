@@ -83,96 +83,97 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
             keep=cfg.train.keep_checkpoints, eval_before=eval_before,
         )
 
-    with StopRequest() as stop, TrainProgress(console, cfg.train.max_steps, start_step) as progress:
-        for step in range(start_step + 1, cfg.train.max_steps + 1):
-            step_start = time.perf_counter()
-            if step > 1 and (step - 1) % cfg.sapo.ema_every == 0:
-                ema_update(model, cfg.sapo.ema_decay)
+    try:
+        with StopRequest() as stop, TrainProgress(console, cfg.train.max_steps, start_step) as progress:
+            for step in range(start_step + 1, cfg.train.max_steps + 1):
+                step_start = time.perf_counter()
+                if step > 1 and (step - 1) % cfg.sapo.ema_every == 0:
+                    ema_update(model, cfg.sapo.ema_decay)
 
-            # 1. Self-augmentation: the EMA rewrites a segment of each new good response.
-            examples = session.stream.take(cfg.sapo.gen_per_step)
-            with generating_with(model, EMA):
-                pairs = make_pairs(
-                    model, examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id,
-                    session.stop_ids, session.data_rng, cfg.sapo.gen_batch_size, sampling, cfg.sapo.static_cache,
-                )
-            gen_s = time.perf_counter() - step_start
-            # Once the EMA reproduces a segment exactly, the pair teaches nothing: worth watching.
-            identical = sum(np.array_equal(p.chosen_ids, p.rejected_ids) for p in pairs) / len(pairs)
-
-            # 2. Reference log-probs once per pair, stored with it in the buffer.
-            ref_start = time.perf_counter()
-            ref_logps = None
-            if loss_spec.needs_reference:
-                with reference(model):
-                    ref_c, ref_r, _, _ = pair_logps(
-                        model, pairs, session.pad_id, device, cfg.train.logps_chunk_tokens
+                # 1. Self-augmentation: the EMA rewrites a segment of each new good response.
+                examples = session.stream.take(cfg.sapo.gen_per_step)
+                with generating_with(model, EMA):
+                    pairs = make_pairs(
+                        model, examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id,
+                        session.stop_ids, session.data_rng, cfg.sapo.gen_batch_size, sampling, cfg.sapo.static_cache,
                     )
-                ref_logps = list(zip(ref_c.tolist(), ref_r.tolist()))
-            buffer.add(pairs, step, ref_logps)
-            ref_s = time.perf_counter() - ref_start
+                gen_s = time.perf_counter() - step_start
+                # Once the EMA reproduces a segment exactly, the pair teaches nothing: worth watching.
+                identical = sum(np.array_equal(p.chosen_ids, p.rejected_ids) for p in pairs) / len(pairs)
 
-            # 3. Policy update on pairs drawn from the buffer.
-            train_start = time.perf_counter()
-            session.optimizer.zero_grad(set_to_none=True)
-            totals = _Totals()
-            for _ in range(cfg.train.grad_accum):
-                batch = buffer.sample(cfg.train.micro_batch, session.sample_rng)
-                logps = session.to_pair_logps(batch, loss_spec.needs_reference)
-                out = loss_spec.fn(logps, cfg.loss.beta)
-                (out.loss.mean() / cfg.train.grad_accum).backward()
-                totals.add(out, logps, batch)
-            clip = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(session.trainable, clip).item()
-            finite = math.isfinite(grad_norm) and math.isfinite(totals.means()["loss"])
-            if finite:
-                session.optimizer.step()
-                session.scheduler.step()
-                bad_in_a_row = 0
-            else:  # skip the update: one bad batch must not poison the adapter
+                # 2. Reference log-probs once per pair, stored with it in the buffer.
+                ref_start = time.perf_counter()
+                ref_logps = None
+                if loss_spec.needs_reference:
+                    with reference(model):
+                        ref_c, ref_r, _, _ = pair_logps(
+                            model, pairs, session.pad_id, device, cfg.train.logps_chunk_tokens
+                        )
+                    ref_logps = list(zip(ref_c.tolist(), ref_r.tolist()))
+                ref_s = time.perf_counter() - ref_start
+                buffer.add(pairs, step, ref_logps)
+
+                # 3. Policy update on pairs drawn from the buffer.
+                train_start = time.perf_counter()
                 session.optimizer.zero_grad(set_to_none=True)
-                bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
-            train_s = time.perf_counter() - train_start
+                totals = _Totals()
+                for _ in range(cfg.train.grad_accum):
+                    batch = buffer.sample(cfg.train.micro_batch, session.sample_rng)
+                    logps = session.to_pair_logps(batch, loss_spec.needs_reference)
+                    out = loss_spec.fn(logps, cfg.loss.beta)
+                    (out.loss.mean() / cfg.train.grad_accum).backward()
+                    totals.add(out, logps, batch)
+                clip = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_(session.trainable, clip).item()
+                finite = math.isfinite(grad_norm) and math.isfinite(totals.means()["loss"])
+                if finite:
+                    session.optimizer.step()
+                    session.scheduler.step()
+                    bad_in_a_row = 0
+                else:  # skip the update: one bad batch must not poison the adapter
+                    session.optimizer.zero_grad(set_to_none=True)
+                    bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
+                train_s = time.perf_counter() - train_start
 
-            step_s = time.perf_counter() - step_start
-            record = {
-                "step": step,
-                **totals.means(),
-                "lr": session.scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "gen_s": gen_s,
-                "ref_s": ref_s,
-                "train_s": train_s,
-                "step_s": step_s,
-                "gen_share": gen_s / step_s,
-                "tokens_per_s": totals.tokens / train_s,
-                "buffer_size": len(buffer),
-                "pairs/identical": identical,
-                "skipped_steps": bad_total,
-                "epoch": session.stream.epoch,
-                "peak_mem_gb": peak_memory_gb(device),
-            }
-            metrics.write(record)
-            session.reporter.log(record)
-            if step % cfg.train.sample_every == 0:
-                session.reporter.log_samples(step, session.decode_pairs(pairs))
-            progress.update(record)
-            if bad_in_a_row >= cfg.train.max_bad_steps:
-                raise TrainingDiverged(
-                    f"loss or gradient was not finite for {bad_in_a_row} steps in a row (last at step {step});"
-                    " the adapters were not updated by those steps",
-                    f"lower `train.lr` (now {cfg.train.lr:g}) and resume with `sapo-lite train --resume {run_dir}`"
-                    " from the last good checkpoint",
-                )
-            if stop.requested:
-                break
-            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
-                checkpoint(step)
-
-    checkpoint(step)
-    metrics.close()
-    session.reporter.close()
-    buffer.close()
+                step_s = time.perf_counter() - step_start
+                record = {
+                    "step": step,
+                    **totals.means(),
+                    "lr": session.scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "gen_s": gen_s,
+                    "ref_s": ref_s,
+                    "train_s": train_s,
+                    "step_s": step_s,
+                    "gen_share": gen_s / step_s,
+                    "tokens_per_s": totals.tokens / train_s,
+                    "buffer_size": len(buffer),
+                    "pairs/identical": identical,
+                    "skipped_steps": bad_total,
+                    "epoch": session.stream.epoch,
+                    "peak_mem_gb": peak_memory_gb(device),
+                }
+                metrics.write(record)
+                session.reporter.log(record)
+                if step % cfg.train.sample_every == 0:
+                    session.reporter.log_samples(step, session.decode_pairs(pairs))
+                progress.update(record)
+                if bad_in_a_row >= cfg.train.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"loss or gradient was not finite for {bad_in_a_row} steps in a row (last at step {step});"
+                        " the adapters were not updated by those steps",
+                        f"lower `train.lr` (now {cfg.train.lr:g}) and resume with `sapo-lite train --resume {run_dir}`"
+                        " from the last good checkpoint",
+                    )
+                if stop.requested:
+                    break
+                if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
+                    checkpoint(step)
+        checkpoint(step)
+    finally:  # also when training diverges: flush what was logged
+        metrics.close()
+        session.reporter.close()
+        buffer.close()
     if stop.requested:
         console.print(f"stopped after step {step}; resume with: sapo-lite train --resume {run_dir}")
         return TrainResult(run_dir, step, record.get("loss", math.nan), eval_before, None,
