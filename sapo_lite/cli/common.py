@@ -39,6 +39,9 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             if exc.hint:
                 err_console.print(f"[bold]hint:[/] {escape(exc.hint)}", highlight=False)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
 
     return wrapper
 

@@ -76,9 +76,14 @@ def train(
 
     try:
         result = run_training(cfg, out, console, resume=resume is not None)
-    except SapoError:
-        if resume is None and not (out / "metrics.jsonl").exists():
+    except (SapoError, KeyboardInterrupt) as exc:
+        started = (out / "metrics.jsonl").exists()
+        if resume is None and not started:
             shutil.rmtree(out, ignore_errors=True)  # it never started: leave nothing to trip over next time
+        if isinstance(exc, KeyboardInterrupt) and started:
+            raise SapoError(
+                "interrupted mid-step", f"resume from the last checkpoint: sapo-lite train --resume {out}"
+            ) from None
         raise
     if result.stopped_early:
         return
