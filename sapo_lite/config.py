@@ -176,11 +176,40 @@ def all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s in SECTION_NAMES for f in dataclasses.fields(getattr(cfg, s))]
 
 
+# Names other trainers use for the same settings, so their users land on the right key.
+ALIASES = {
+    "learning_rate": "train.lr", "batch_size": "train.micro_batch", "per_device_train_batch_size": "train.micro_batch",
+    "gradient_accumulation_steps": "train.grad_accum", "num_steps": "train.max_steps", "steps": "train.max_steps",
+    "max_length": "data.max_len", "max_seq_length": "data.max_len", "max_prompt_length": "data.max_prompt_len",
+    "rank": "lora.r", "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "model_name_or_path": "model.name", "dataset": "data.path", "dataset_name": "data.path",
+    "loss_type": "loss.name", "ema": "sapo.ema_decay", "buffer": "sapo.buffer_size",
+}
+
+
+def nearest_key(key: str) -> str | None:
+    """The valid key a mistyped one most likely meant."""
+    keys = all_keys()
+    section, _, field_name = key.rpartition(".")
+    if not section and key in SECTION_NAMES:
+        return None
+    if not section:  # `trainer`, `lr` or `learning_rate`
+        near_section = difflib.get_close_matches(key, SECTION_NAMES, n=1, cutoff=0.7)
+        if near_section:
+            return near_section[0]
+    if field_name in ALIASES:
+        return ALIASES[field_name]
+    same_field = [k for k in keys if k.split(".")[1] == field_name]
+    if same_field:
+        return same_field[0]
+    in_section = [k for k in keys if k.startswith(section + ".")] if section else []
+    near = difflib.get_close_matches(key, in_section or keys, n=1, cutoff=0.6)
+    return near[0] if near else None
+
+
 def _unknown_key_error(key: str) -> ConfigError:
-    near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
-    if not near:  # a bare field name such as `lr`
-        near = [k for k in all_keys() if k.split(".")[-1] == key.split(".")[-1]][:1]
-    hint = f"did you mean `{near[0]}`?" if near else "run `sapo-lite presets NAME` to see every key"
+    near = nearest_key(key)
+    hint = f"did you mean `{near}`?" if near else "run `sapo-lite presets tiny` to see every key"
     return ConfigError(f"unknown config key `{key}`", hint)
 
 

@@ -71,3 +71,31 @@ def test_unknown_preset_lists_near_names():
     with pytest.raises(ConfigError) as info:
         load_config("llama3-8b")
     assert "llama3-8b-qlora" in info.value.hint
+
+
+def test_config_file_applies_over_the_preset_and_overrides_over_both(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  max_steps: 77\n  lr: 0.0002\nsapo:\n  segment_len: 3\n")
+    cfg = load_config("tiny", path, ["train.max_steps=5"])
+    assert (cfg.train.max_steps, cfg.train.lr, cfg.sapo.segment_len) == (5, 0.0002, 3)
+    assert cfg.model.name == "tiny"  # untouched keys keep the preset's values
+
+
+def test_a_config_file_with_an_unknown_section_or_bad_yaml_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("trainer:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="unknown config key `trainer`"):
+        load_config("tiny", tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config("tiny", tmp_path / "b.yaml")
+
+
+@pytest.mark.parametrize("typed,meant", [
+    ("train.max_step", "train.max_steps"), ("lr", "train.lr"), ("train.learning_rate", "train.lr"),
+    ("trainer.lr", "train.lr"), ("lora.rank", "lora.r"), ("data.max_length", "data.max_len"),
+    ("per_device_train_batch_size", "train.micro_batch"),
+])
+def test_unknown_keys_point_at_the_key_meant(typed, meant):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", overrides=[f"{typed}=1"])
+    assert info.value.hint == f"did you mean `{meant}`?"
