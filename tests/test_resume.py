@@ -102,3 +102,19 @@ def test_sigint_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert len(checkpoints) == 1
     _, steps = losses(out)
     assert checkpoints[0].name == f"step-{steps[-1]}"
+
+
+def test_the_8bit_gpu_optimizer_state_checkpoints_and_resumes(tmp_path):
+    """The 8B presets' optimizer (bitsandbytes 8-bit AdamW) round-trips through torch.load(weights_only=True)."""
+    from typer.testing import CliRunner
+
+    from sapo_lite.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "run"
+    first = runner.invoke(app, ["train", *TINY, "--out", str(out), "train.max_steps=4", "train.save_every=2",
+                                "train.optimizer=paged_adamw_8bit"])
+    assert first.exit_code == 0, first.output
+    resumed = runner.invoke(app, ["train", "--resume", str(out), "train.max_steps=6"])
+    assert resumed.exit_code == 0, resumed.output
+    assert losses(out)[1] == [1, 2, 3, 4, 5, 6]
