@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from sapo_lite.augment import make_pairs  # noqa: E402
 from sapo_lite.batching import pair_logps  # noqa: E402
 from sapo_lite.buffer import ReplayBuffer  # noqa: E402
-from sapo_lite.config import load_config  # noqa: E402
+from sapo_lite.config_sources import load_config  # noqa: E402
 from sapo_lite.data import Example  # noqa: E402
 from sapo_lite.losses import LOSSES, PairLogps  # noqa: E402
 from sapo_lite.memory import architecture_from_config, estimate  # noqa: E402

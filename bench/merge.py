@@ -89,7 +89,7 @@ def nf4_parity(folder: Path) -> dict[str, float]:
     from rich.console import Console
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from sapo_lite.config import load_config
+    from sapo_lite.config_sources import load_config
     from sapo_lite.data import load_examples
     from sapo_lite.export import merge_adapter
     from sapo_lite.model import load_tokenizer

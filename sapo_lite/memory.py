@@ -208,7 +208,7 @@ def best_saving(cfg: Config, arch: Architecture, gpu_gb: float) -> tuple[str, fl
 
 
 def _with_override(cfg: Config, override: str) -> Config:
-    from .config import parse_override, set_value
+    from .config_sources import parse_override, set_value
 
     changed = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s)) for s in
                                           ("model", "lora", "data", "sapo", "loss", "train")})

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config, load_config
+from .config import Config
+from .config_sources import load_config
 from .data import install_chat_template, render_prompt_ids, stop_token_ids
 from .errors import RunDirError
 from .export import run_adapter_dir

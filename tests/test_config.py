@@ -2,7 +2,7 @@
 
 import pytest
 
-from sapo_lite.config import load_config, preset_names, read_preset
+from sapo_lite.config_sources import load_config, preset_names, read_preset
 from sapo_lite.errors import ConfigError
 
 REQUIRED_KEYS = [

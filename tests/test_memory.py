@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sapo_lite.cli import app
-from sapo_lite.config import load_config
+from sapo_lite.config_sources import load_config
 from sapo_lite.memory import architecture, estimate
 
 runner = CliRunner()

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from sapo_lite.config import LoraSettings, ModelConfig, load_config
+from sapo_lite.config import LoraSettings, ModelConfig
+from sapo_lite.config_sources import load_config
 from sapo_lite.model import attach_adapters, load_base
 
 bnb = pytest.importorskip("bitsandbytes")

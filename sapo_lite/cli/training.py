@@ -10,7 +10,8 @@ import typer
 from rich.table import Table
 
 from ..checkpoint import latest_checkpoint
-from ..config import RESUMABLE_KEYS, Config, load_config, parse_override, preset_names, read_preset, to_yaml
+from ..config import RESUMABLE_KEYS, Config, to_yaml
+from ..config_sources import load_config, parse_override, preset_names, read_preset
 from ..errors import ConfigError, RunDirError, SapoError
 from .common import app, console, quiet_libraries, reports_errors
 
