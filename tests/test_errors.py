@@ -197,3 +197,15 @@ def test_a_diverged_ema_is_a_clear_error_not_a_crash(tmp_path):
 
 def test_model_folder_that_does_not_exist(train_args):
     fails([*train_args, "model.name=/nowhere/model"], "model folder `/nowhere/model` does not exist", "model.name")
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "precious.txt").write_text("mine")
+    fails(["train", "--out", str(tmp_path), "--overwrite", "train.max_steps=1"], "refusing to delete it")
+    assert (tmp_path / "precious.txt").read_text() == "mine"
+
+
+def test_merge_overwrite_never_replaces_a_folder_that_is_not_a_model(finished_run, tmp_path):
+    (tmp_path / "precious.txt").write_text("mine")
+    fails(["merge", str(finished_run), "--out", str(tmp_path), "--overwrite"], "refusing to replace it")
+    assert (tmp_path / "precious.txt").read_text() == "mine"

@@ -104,6 +104,7 @@ def test_sigint_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert checkpoints[0].name == f"step-{steps[-1]}"
 
 
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
 def test_the_8bit_gpu_optimizer_state_checkpoints_and_resumes(tmp_path):
     """The 8B presets' optimizer (bitsandbytes 8-bit AdamW) round-trips through torch.load(weights_only=True)."""
     from typer.testing import CliRunner

@@ -39,8 +39,11 @@ def merge(
         raise ConfigError(f"--dtype {dtype} is not supported", f"use one of {', '.join(DTYPES)}")
     cfg = run_config(run)
     adapter_dir = run_adapter_dir(run, adapter)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RunDirError(f"`{out}` already exists", "choose another --out, or pass --overwrite to replace it")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"`{out}` already exists", "choose another --out, or pass --overwrite to replace it")
+        if not (out / "config.json").is_file():  # --overwrite replaces model folders, never other folders
+            raise RunDirError(f"`{out}` is not a model folder: refusing to replace it", "choose another --out")
     base_dir = resolve_base_dir(base_model_name(cfg, run))
     report = merge_adapter(
         base_dir, adapter_dir, out, dtype=dtype, roundtrip=nf4_roundtrip, double_quant=cfg.model.double_quant,

@@ -27,6 +27,9 @@ def prepare_run_dir(out: Path, overwrite: bool) -> None:
                 f"continue it with `sapo-lite train --resume {out}`, choose another --out, "
                 "or pass --overwrite to delete it and start again",
             )
+        if not (out / "config.yaml").is_file():  # --overwrite deletes sapo-lite runs, never other folders
+            raise RunDirError(f"`{out}` is not empty and is not a sapo-lite run: refusing to delete it",
+                              "choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
