@@ -81,13 +81,19 @@ def architecture(model_name: str) -> Architecture:
 
 
 def architecture_from_config(values: dict) -> Architecture:
-    """Shape from a model's config.json values (or `model.config.to_dict()`)."""
-    return Architecture(
-        vocab=values["vocab_size"], hidden=values["hidden_size"], intermediate=values["intermediate_size"],
-        layers=values["num_hidden_layers"], heads=values["num_attention_heads"],
-        kv_heads=values.get("num_key_value_heads") or values["num_attention_heads"],
-        tied=bool(values.get("tie_word_embeddings", False)),
-    )
+    """Shape from a model's config.json values (or `model.config.to_dict()`), for Llama-like models."""
+    try:
+        return Architecture(
+            vocab=values["vocab_size"], hidden=values["hidden_size"], intermediate=values["intermediate_size"],
+            layers=values["num_hidden_layers"], heads=values["num_attention_heads"],
+            kv_heads=values.get("num_key_value_heads") or values["num_attention_heads"],
+            tied=bool(values.get("tie_word_embeddings", False)),
+        )
+    except KeyError as exc:
+        raise ModelError(
+            f"the memory estimate knows Llama-like models only; this config has no `{exc.args[0]}`",
+            "the estimate is skipped; training itself does not need it",
+        ) from exc
 
 
 def _cached_config(model_name: str) -> dict:

@@ -18,6 +18,7 @@ from .batching import pair_logps
 from .buffer import StoredPair
 from .config import Config, to_yaml
 from .data import Example, install_chat_template, load_examples, stop_token_ids
+from .errors import ModelError
 from .losses import PairLogps
 from .memory import architecture_from_config, estimate
 from .metrics import Reporter, make_reporter
@@ -117,8 +118,12 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
     reporter = make_reporter(cfg.train.report_to, run_dir, cfg.to_dict())  # fails fast, before the model loads
     console.print(f"model: {model_name} ({cfg.model.quant}) on {device.type}")
     base = load_base(cfg.model, model_name, device)
-    peak_gb = estimate(cfg, architecture_from_config(base.config.to_dict())).total
-    console.print(f"estimated peak GPU memory: {peak_gb:.1f} GB (term by term: sapo-lite estimate)")
+    try:
+        peak_gb = estimate(cfg, architecture_from_config(base.config.to_dict())).total
+        console.print(f"estimated peak GPU memory: {peak_gb:.1f} GB (term by term: sapo-lite estimate)")
+    except ModelError:
+        pass  # an architecture the estimate does not model: nothing to show, nothing wrong
+
     model = attach_adapters(base, cfg.lora, cfg.model.init_adapter, cfg.model.gradient_checkpointing)
     trainable = policy_parameters(model)
     optimizer = build_optimizer(cfg, trainable, device)

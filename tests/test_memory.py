@@ -54,3 +54,11 @@ def test_estimate_cli_says_whether_it_fits_and_what_helps():
                                   "train.micro_batch=4"], env={"COLUMNS": "200"})
     assert too_big.exit_code == 0 and "does not fit a 12 GB GPU" in too_big.output
     assert "the change that helps most: train.micro_batch=2" in too_big.output
+
+
+def test_an_architecture_the_estimate_does_not_model_is_a_clear_error():
+    from sapo_lite.errors import ModelError
+    from sapo_lite.memory import architecture_from_config
+
+    with pytest.raises(ModelError, match="Llama-like models only; this config has no `hidden_size`"):
+        architecture_from_config({"vocab_size": 50257, "n_embd": 768, "n_layer": 12})
