@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,11 +34,13 @@ def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return DTYPES[cfg.dtype]
 
 
+def flash_attention_usable(device: torch.device) -> bool:
+    return device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+
+
 def attention_implementation(requested: str, device: torch.device) -> str:
-    usable = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    if requested == "flash_attention_2" and not usable:
-        warnings.warn("flash-attn is not usable here (needs CUDA and `pip install flash-attn`); using sdpa",
-                      stacklevel=2)
+    """The kernel to load with: flash-attn falls back to sdpa where it cannot run (callers say so)."""
+    if requested == "flash_attention_2" and not flash_attention_usable(device):
         return "sdpa"
     return requested
 

@@ -22,7 +22,14 @@ from .errors import ModelError
 from .losses import PairLogps
 from .memory import architecture_from_config, estimate
 from .metrics import Reporter, make_reporter
-from .model import attach_adapters, load_base, load_tokenizer, pick_device, policy_parameters
+from .model import (
+    attach_adapters,
+    flash_attention_usable,
+    load_base,
+    load_tokenizer,
+    pick_device,
+    policy_parameters,
+)
 from .tiny import TINY_NAME, build_tiny_base
 
 
@@ -117,6 +124,8 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     reporter = make_reporter(cfg.train.report_to, run_dir, cfg.to_dict())  # fails fast, before the model loads
     console.print(f"model: {model_name} ({cfg.model.quant}) on {device.type}")
+    if cfg.model.attn_implementation == "flash_attention_2" and not flash_attention_usable(device):
+        console.print("warning: flash-attn is not usable here (needs CUDA and `pip install flash-attn`); using sdpa")
     base = load_base(cfg.model, model_name, device)
     try:
         peak_gb = estimate(cfg, architecture_from_config(base.config.to_dict())).total

@@ -108,3 +108,21 @@ def test_console_script_errors_are_one_line_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[0] == "error: train.lr='abc' has the wrong type: expected a number"
     assert not (tmp_path / "runs").exists()
+
+
+def test_flash_attention_falls_back_to_sdpa_with_a_warning(tmp_path):
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "data.eval_path=null", "train.max_steps=1",
+                                 "model.attn_implementation=flash_attention_2"])
+    assert result.exit_code == 0, result.output
+    assert "warning: flash-attn is not usable here" in result.output and "using sdpa" in result.output
+
+
+def test_a_jinja_chat_template_file(tmp_path):
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <|im_end|> {% endfor %}"
+                        "{% if add_generation_prompt %}assistant :{% endif %}")
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "data.eval_path=null", "train.max_steps=2",
+                                 f"data.chat_template={template}"])
+    assert result.exit_code == 0, result.output
+    buffer = sqlite3.connect(tmp_path / "run" / "buffer.sqlite")
+    assert buffer.execute("SELECT COUNT(*) FROM pairs").fetchone()[0] == 64
