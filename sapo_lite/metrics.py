@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class TrainProgress:
-    """A progress bar showing loss, reward margin and step time; silent when not a terminal."""
+    """A live progress bar with loss, reward margin and step time on a terminal; when the output
+    goes to a file (nohup, a job log) the bar cannot redraw, so a plain line every `log_every_s`."""
 
-    def __init__(self, console: Console, total_steps: int, start_step: int = 0) -> None:
+    def __init__(self, console: Console, total_steps: int, start_step: int = 0, log_every_s: float = 30.0) -> None:
+        self._console = console
+        self._total = total_steps
+        self._log_every_s = log_every_s
+        self._last_line = time.monotonic()
         self._progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -45,6 +51,7 @@ class TrainProgress:
             TimeRemainingColumn(),
             console=console,
             transient=False,
+            disable=not console.is_terminal,
         )
         self._task = self._progress.add_task("train", total=total_steps, completed=start_step, stats="")
 
@@ -61,6 +68,11 @@ class TrainProgress:
             f"acc {record['rewards/accuracies']:.2f}  {record['step_s']:.2f}s/step"
         )
         self._progress.update(self._task, completed=record["step"], stats=stats)
+        now = time.monotonic()
+        if not self._console.is_terminal and (now - self._last_line >= self._log_every_s
+                                              or record["step"] in (1, self._total)):
+            self._console.print(f"step {record['step']}/{self._total}  {stats}", highlight=False)
+            self._last_line = now
 
 
 class Reporter:
