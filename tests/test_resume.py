@@ -39,12 +39,14 @@ def start_and_kill(args, cwd, ready, extra_delay_s):
     proc.wait()
 
 
-def test_resume_after_sigkill_logs_the_same_losses_as_an_uninterrupted_run(tmp_path):
-    run([*TINY, "--out", "straight", "train.max_steps=10", "train.save_every=4"], tmp_path)
+@pytest.mark.parametrize("shape", [[], ["train.grad_accum=2", "train.micro_batch=8", "sapo.ema_every=3"]],
+                         ids=["defaults", "accumulation-and-sparse-ema"])
+def test_resume_after_sigkill_logs_the_same_losses_as_an_uninterrupted_run(tmp_path, shape):
+    run([*TINY, *shape, "--out", "straight", "train.max_steps=10", "train.save_every=4"], tmp_path)
     straight, _ = losses(tmp_path / "straight")
 
     killed = tmp_path / "killed"
-    args = [*TINY, "--out", "killed", "train.max_steps=10", "train.save_every=4"]
+    args = [*TINY, *shape, "--out", "killed", "train.max_steps=10", "train.save_every=4"]
     # Kill during step 6 or 7: after checkpoint 4, with pairs added and metrics written past it.
     start_and_kill(args, tmp_path, lambda: len(losses(killed)[1]) >= 6 if (killed / "metrics.jsonl").exists()
                    else False, 0.0)
