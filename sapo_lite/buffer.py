@@ -146,6 +146,19 @@ class ReplayBuffer:
         by_id = {row[0]: _row_to_pair(row) for row in rows}
         return [by_id[i] for i in chosen]
 
+    def invalidate_reference(self) -> None:
+        """Forget every cached reference log-prob (the reference model changed)."""
+        with self._transaction():
+            self._db.execute("UPDATE pairs SET ref_logp_chosen = NULL, ref_logp_rejected = NULL")
+
+    def set_reference(self, pairs: Sequence[StoredPair], ref_logps: Sequence[tuple[float, float]]) -> None:
+        """Store reference log-probs computed for pairs whose cache was invalidated."""
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE pairs SET ref_logp_chosen = ?, ref_logp_rejected = ? WHERE id = ?",
+                [(rc, rr, p.pair_id) for p, (rc, rr) in zip(pairs, ref_logps)],
+            )
+
     def snapshot(self, path: Path) -> None:
         """A consistent copy of the whole buffer (SQLite's online backup), for a checkpoint."""
         target = sqlite3.connect(path)

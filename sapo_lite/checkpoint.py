@@ -22,7 +22,7 @@ import torch
 
 from .buffer import ReplayBuffer
 from .errors import RunDirError
-from .model import EMA, POLICY
+from .model import EMA, POLICY, REF
 
 STATE_FILE = "trainer_state.pt"
 INFO_FILE = "checkpoint.json"
@@ -95,7 +95,7 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_adapters(model, tmp / "adapters")
+    save_adapters(model, tmp / "adapters", (POLICY, EMA, REF) if REF in model.peft_config else (POLICY, EMA))
     buffer.snapshot(tmp / BUFFER_FILE)
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs},
@@ -158,11 +158,16 @@ def load_trainer_state(checkpoint: CheckpointInfo) -> dict[str, Any]:
 
 
 def load_adapter_weights(model: Any, checkpoint: CheckpointInfo) -> None:
-    """Copy the checkpoint's policy and EMA tensors into the live adapters."""
+    """Copy the checkpoint's adapters (policy, EMA, and a refreshed reference) into the live model."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    for adapter in (POLICY, EMA):
+    from .model import refresh_reference
+
+    saved = [a for a in (POLICY, EMA, REF) if (checkpoint.path / "adapters" / a).is_dir()]
+    if REF in saved and REF not in model.peft_config:
+        refresh_reference(model)  # creates the `ref` adapter; its weights come from the file below
+    for adapter in saved:
         weights = load_file(str(checkpoint.path / "adapters" / adapter / "adapter_model.safetensors"))
         result = set_peft_model_state_dict(model, weights, adapter_name=adapter)
         unexpected = getattr(result, "unexpected_keys", [])

@@ -97,6 +97,9 @@ class SapoConfig:
     """Top-k sampling of the EMA generator."""
     top_p: float = 0.95
     """Nucleus sampling of the EMA generator."""
+    ref_refresh_steps: int = 0
+    """Copy the EMA into the DPO reference every N steps (the official code's behaviour); 0 keeps the
+    frozen base as the reference. Cached reference log-probs are recomputed when next drawn."""
     static_cache: bool = False
     """Preallocated KV cache for generation; on CUDA transformers then compiles decoding with torch.compile."""
 
@@ -177,6 +180,7 @@ def validate(cfg: Config) -> None:
         (s.buffer_size >= 1, f"sapo.buffer_size must be >= 1, got {s.buffer_size}"),
         (s.gen_per_step >= 1, "sapo.gen_per_step must be >= 1"),
         (s.gen_batch_size >= 1, "sapo.gen_batch_size must be >= 1"),
+        (s.ref_refresh_steps >= 0, "sapo.ref_refresh_steps must be >= 0"),
         (s.temperature > 0, "sapo.temperature must be > 0"),
         (s.top_k >= 0, "sapo.top_k must be >= 0"),
         (0 < s.top_p <= 1, "sapo.top_p must be in (0, 1]"),

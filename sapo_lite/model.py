@@ -10,6 +10,7 @@ adapters disabled, or a frozen `ref` adapter when training starts from `model.in
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,6 +194,19 @@ def ema_update(model: torch.nn.Module, decay: float) -> None:
     ema = adapter_tensors(model, EMA)
     names = sorted(policy)
     torch._foreach_lerp_([ema[n] for n in names], [policy[n].to(ema[n].dtype) for n in names], 1.0 - decay)
+
+
+@torch.no_grad()
+def refresh_reference(model: Any) -> None:
+    """Copy the EMA into the `ref` adapter, created on first use: the official SAPO reference update.
+
+    Cached reference log-probs are stale afterwards; the caller must invalidate them.
+    """
+    if REF not in model.peft_config:
+        model.add_adapter(REF, copy.deepcopy(model.peft_config[EMA]))
+        model.set_adapter(POLICY)  # keeps the policy the only trainable adapter
+    ema, ref = adapter_tensors(model, EMA), adapter_tensors(model, REF)
+    torch._foreach_copy_([ref[n] for n in sorted(ema)], [ema[n] for n in sorted(ema)])
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ from .errors import TrainingDiverged
 from .evaluate import exact_match
 from .losses import LOSSES
 from .metrics import MetricsWriter, TrainProgress
-from .model import EMA, ema_update, generating_with, reference
+from .model import EMA, ema_update, generating_with, reference, refresh_reference
 from .session import TrainSession, peak_memory_gb, setup_session
 from .signals import StopRequest
 
@@ -89,6 +89,10 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                 step_start = time.perf_counter()
                 if step > 1 and (step - 1) % cfg.sapo.ema_every == 0:
                     ema_update(model, cfg.sapo.ema_decay)
+                refresh = cfg.sapo.ref_refresh_steps
+                if loss_spec.needs_reference and refresh and step > 1 and (step - 1) % refresh == 0:
+                    refresh_reference(model)
+                    buffer.invalidate_reference()
 
                 # 1. Self-augmentation: the EMA rewrites a segment of each new good response.
                 examples = session.stream.take(cfg.sapo.gen_per_step)
@@ -119,6 +123,8 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                 totals = _Totals()
                 for _ in range(cfg.train.grad_accum):
                     batch = buffer.sample(cfg.train.micro_batch, session.sample_rng)
+                    if loss_spec.needs_reference:
+                        _fill_missing_reference(session, buffer, batch)
                     logps = session.to_pair_logps(batch, loss_spec.needs_reference)
                     out = loss_spec.fn(logps, cfg.loss.beta)
                     (out.loss.mean() / cfg.train.grad_accum).backward()
@@ -220,6 +226,21 @@ class _Totals:
         if self._means is None:
             self._means = dict(zip(self.KEYS, (self.sums / self.count).tolist()))
         return self._means
+
+
+def _fill_missing_reference(session: TrainSession, buffer: ReplayBuffer, batch) -> None:
+    """Reference log-probs for drawn pairs whose cache a reference refresh invalidated."""
+    missing = list({p.pair_id: p for p in batch if p.ref_logp_chosen is None}.values())
+    if not missing:
+        return
+    with reference(session.model):
+        ref_c, ref_r, _, _ = pair_logps(
+            session.model, missing, session.pad_id, session.device, session.cfg.train.logps_chunk_tokens
+        )
+    values = list(zip(ref_c.tolist(), ref_r.tolist()))
+    buffer.set_reference(missing, values)
+    for pair, (chosen, rejected) in zip(missing, values):
+        pair.ref_logp_chosen, pair.ref_logp_rejected = chosen, rejected  # repeated draws share the object
 
 
 def _restore(session: TrainSession, run_dir: Path, console: Console) -> tuple[int, float | None]:

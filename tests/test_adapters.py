@@ -123,3 +123,20 @@ def test_static_cache_generation_samples_the_same_segments(model):
             segments.append(generate_segments(model, contexts, 6, 0, [4], 0.7, 50, 0.95, static_cache=static))
     assert segments[0] == segments[1]
     assert all(len(s) == 6 for s in segments[0])
+
+
+def test_reference_refresh_copies_the_ema_into_a_frozen_ref_adapter(model):
+    from sapo_lite.model import REF, refresh_reference
+
+    ids = nudge_policy(model)
+    ema_update(model, decay=0.5)  # the EMA now differs from both the base and the policy
+    with generating_with(model, EMA), torch.no_grad():
+        ema_logits = model(input_ids=ids).logits
+    refresh_reference(model)
+    assert REF in model.peft_config
+    with reference(model):
+        ref_logits = model(input_ids=ids).logits
+    assert torch.allclose(ref_logits, ema_logits, atol=1e-6)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(f".{POLICY}." in n for n in trainable)
+    assert model.active_adapter == POLICY

@@ -72,3 +72,14 @@ def test_snapshot_and_restore_bring_back_pairs_and_draw_counts(tmp_path):
     assert [(p.pair_id, p.times_drawn, p.chosen_ids.tolist()) for p in restored.all_pairs()] == before
     restored.add([make_pair(5)], step=3)
     assert restored.all_pairs()[-1].pair_id == 3  # ids continue as if pairs 3 and 4 never existed
+
+
+def test_invalidated_reference_log_probs_are_refilled(tmp_path):
+    buffer = ReplayBuffer(tmp_path / "b.sqlite", capacity=10)
+    buffer.add([make_pair(1), make_pair(2)], step=1, ref_logps=[(-1.0, -2.0), (-3.0, -4.0)])
+    buffer.invalidate_reference()
+    assert all(p.ref_logp_chosen is None and p.ref_logp_rejected is None for p in buffer.all_pairs())
+    first = buffer.all_pairs()[0]
+    buffer.set_reference([first], [(-5.0, -6.0)])
+    refs = [(p.ref_logp_chosen, p.ref_logp_rejected) for p in buffer.all_pairs()]
+    assert refs == [(-5.0, -6.0), (None, None)]

@@ -39,8 +39,11 @@ def start_and_kill(args, cwd, ready, extra_delay_s):
     proc.wait()
 
 
-@pytest.mark.parametrize("shape", [[], ["train.grad_accum=2", "train.micro_batch=8", "sapo.ema_every=3"]],
-                         ids=["defaults", "accumulation-and-sparse-ema"])
+@pytest.mark.parametrize(
+    "shape",
+    [[], ["train.grad_accum=2", "train.micro_batch=8", "sapo.ema_every=3"], ["sapo.ref_refresh_steps=3"]],
+    ids=["defaults", "accumulation-and-sparse-ema", "ema-refreshed-reference"],
+)
 def test_resume_after_sigkill_logs_the_same_losses_as_an_uninterrupted_run(tmp_path, shape):
     run([*TINY, *shape, "--out", "straight", "train.max_steps=10", "train.save_every=4"], tmp_path)
     straight, _ = losses(tmp_path / "straight")
