@@ -35,7 +35,7 @@ from sapo_lite.config_sources import load_config  # noqa: E402
 from sapo_lite.data import Example  # noqa: E402
 from sapo_lite.losses import LOSSES, PairLogps  # noqa: E402
 from sapo_lite.memory import architecture_from_config, estimate  # noqa: E402
-from sapo_lite.model import EMA, attach_adapters, ema_update, generating_with, load_base, reference  # noqa: E402
+from sapo_lite.model import EMA, acting_as, attach_adapters, ema_update, load_base, reference  # noqa: E402
 from sapo_lite.session import build_optimizer  # noqa: E402
 
 ARCHS = {
@@ -123,7 +123,7 @@ def main() -> None:
             marks = [sync()]
             ema_update(model, cfg.sapo.ema_decay)
             marks.append(sync())
-            with generating_with(model, EMA):
+            with acting_as(model, EMA):
                 pairs = make_pairs(model, [example() for _ in range(cfg.sapo.gen_per_step)], cfg.sapo.segment_len,
                                    cfg.data.max_len, 0, [2], rng, cfg.sapo.gen_batch_size, sampling)
             marks.append(sync())

@@ -30,7 +30,7 @@ from sapo_lite.batching import pair_logps  # noqa: E402
 from sapo_lite.buffer import ReplayBuffer  # noqa: E402
 from sapo_lite.data import Example  # noqa: E402
 from sapo_lite.losses import dpo_loss  # noqa: E402
-from sapo_lite.model import EMA, attach_adapters, ema_update, generating_with, policy_parameters, reference  # noqa: E402
+from sapo_lite.model import EMA, acting_as, attach_adapters, ema_update, policy_parameters, reference  # noqa: E402
 
 sys_path_bench = Path(__file__).resolve().parent
 import sys  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> None:
             marks = [time.perf_counter()]
             ema_update(model, 0.5)
             marks.append(time.perf_counter())
-            with generating_with(model, EMA):
+            with acting_as(model, EMA):
                 pairs = make_pairs(model, [example() for _ in range(args.gen_per_step)], args.segment_len, 2048,
                                    pad_id, stop_ids, rng, args.gen_per_step, sampling)
             marks.append(time.perf_counter())

@@ -5,33 +5,14 @@ The score is the before/after figure of a run: the base (adapters off) against t
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from .augment import left_pad
 from .data import Example
-from .model import POLICY
-
-
-@contextlib.contextmanager
-def using_role(model: Any, role: str) -> Iterator[Any]:
-    """Run `model` as `base` (adapters off) or as one adapter, in eval mode; restore the policy after."""
-    was_training = model.training
-    model.eval()
-    try:
-        if role == "base":
-            with model.disable_adapter():
-                yield model
-        else:
-            model.set_adapter(role, inference_mode=True)
-            yield model
-    finally:
-        if POLICY in model.peft_config:
-            model.set_adapter(POLICY)
-        model.train(was_training)
+from .model import acting_as
 
 
 @torch.no_grad()
@@ -58,7 +39,7 @@ def exact_match(
     stop_ids: Sequence[int],
 ) -> float:
     """Share of examples whose greedy answer equals the reference, for `base` or an adapter name."""
-    with using_role(model, role):
+    with acting_as(model, role):
         answers = generate_answers(
             model, tokenizer, [ex.prompt_ids.tolist() for ex in examples], max_new_tokens, stop_ids
         )

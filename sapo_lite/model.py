@@ -22,6 +22,7 @@ from .config import LoraSettings, ModelConfig
 from .errors import ModelError
 
 POLICY, EMA, REF = "policy", "ema", "ref"
+BASE = "base"  # the role with every adapter switched off
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -210,31 +211,26 @@ def refresh_reference(model: Any) -> None:
 
 
 @contextlib.contextmanager
-def generating_with(model: Any, adapter: str = EMA) -> Iterator[Any]:
-    """Generate with `adapter`: eval mode (no dropout, no checkpointing), KV cache usable."""
+def acting_as(model: Any, role: str) -> Iterator[Any]:
+    """Run the model as `base` (adapters off) or as one adapter, in eval mode: no dropout, no
+    activation checkpointing, KV cache usable. The policy is active and trainable again after."""
     was_training = model.training
     model.eval()
-    model.set_adapter(adapter, inference_mode=True)
     try:
-        yield model
+        if role == BASE:
+            with model.disable_adapter():
+                yield model
+        else:
+            model.set_adapter(role, inference_mode=True)
+            yield model
     finally:
-        model.set_adapter(POLICY)
+        if POLICY in model.peft_config:
+            model.set_adapter(POLICY)
         model.train(was_training)
 
 
 @contextlib.contextmanager
 def reference(model: Any) -> Iterator[Any]:
-    """The frozen reference: the `ref` adapter when there is one, else adapters disabled."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if REF in model.peft_config:
-                model.set_adapter(REF, inference_mode=True)
-                yield model
-            else:
-                with model.disable_adapter():
-                    yield model
-    finally:
-        model.set_adapter(POLICY)
-        model.train(was_training)
+    """The frozen DPO reference, without gradients: the `ref` adapter when there is one, else the base."""
+    with torch.no_grad(), acting_as(model, REF if REF in model.peft_config else BASE):
+        yield model

@@ -44,7 +44,7 @@ from .errors import TrainingDiverged
 from .evaluate import exact_match
 from .losses import LOSSES
 from .metrics import MetricsWriter, TrainProgress
-from .model import EMA, ema_update, generating_with, reference, refresh_reference
+from .model import EMA, acting_as, ema_update, reference, refresh_reference
 from .session import TrainSession, peak_memory_gb, setup_session
 from .signals import StopRequest
 
@@ -96,7 +96,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
 
                 # 1. Self-augmentation: the EMA rewrites a segment of each new good response.
                 examples = session.stream.take(cfg.sapo.gen_per_step)
-                with generating_with(model, EMA):
+                with acting_as(model, EMA):
                     pairs = make_pairs(
                         model, examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id,
                         session.stop_ids, session.data_rng, cfg.sapo.gen_batch_size, sampling, cfg.sapo.static_cache,

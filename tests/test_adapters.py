@@ -7,10 +7,10 @@ from sapo_lite.config import LoraSettings, ModelConfig
 from sapo_lite.model import (
     EMA,
     POLICY,
+    acting_as,
     adapter_tensors,
     attach_adapters,
     ema_update,
-    generating_with,
     load_base,
     policy_parameters,
     reference,
@@ -79,11 +79,11 @@ def test_ema_starts_equal_and_moves_halfway_toward_the_policy(model):
     assert any(not torch.equal(old_ema[n], ema[n]) for n in ema)
 
 
-def test_generating_with_ema_uses_the_ema_and_restores_the_policy(model):
+def test_acting_as_ema_uses_the_ema_and_restores_the_policy(model):
     ids = nudge_policy(model)
     with torch.no_grad():
         policy_logits = model(input_ids=ids).logits
-    with generating_with(model, EMA):
+    with acting_as(model, EMA):
         assert model.active_adapter == EMA and not model.training
         with torch.no_grad():
             ema_logits = model(input_ids=ids).logits
@@ -119,7 +119,7 @@ def test_static_cache_generation_samples_the_same_segments(model):
     segments = []
     for static in (False, True):
         torch.manual_seed(7)
-        with generating_with(model, EMA):
+        with acting_as(model, EMA):
             segments.append(generate_segments(model, contexts, 6, 0, [4], 0.7, 50, 0.95, static_cache=static))
     assert segments[0] == segments[1]
     assert all(len(s) == 6 for s in segments[0])
@@ -130,7 +130,7 @@ def test_reference_refresh_copies_the_ema_into_a_frozen_ref_adapter(model):
 
     ids = nudge_policy(model)
     ema_update(model, decay=0.5)  # the EMA now differs from both the base and the policy
-    with generating_with(model, EMA), torch.no_grad():
+    with acting_as(model, EMA), torch.no_grad():
         ema_logits = model(input_ids=ids).logits
     refresh_reference(model)
     assert REF in model.peft_config

@@ -81,14 +81,15 @@ def generate(
     if max_new_tokens < 1 or temperature < 0:
         raise ConfigError("--max-new-tokens must be >= 1 and --temperature >= 0")
     quiet_libraries()
-    from ..evaluate import generate_answers, using_role
+    from ..evaluate import generate_answers
+    from ..model import acting_as
     from ..runs import open_run
 
     loaded = open_run(run, roles)
     prompt_ids = [loaded.prompt_ids(text) for text in prompts]
     answers = {}
     for role in roles:
-        with using_role(loaded.model, role):
+        with acting_as(loaded.model, role):
             answers[role] = generate_answers(
                 loaded.model, loaded.tokenizer, prompt_ids, max_new_tokens, loaded.stop_ids, temperature
             )
