@@ -47,8 +47,10 @@ class LoraSettings:
     """LoRA rank."""
     alpha: int = 32
     """LoRA scaling numerator (the update is scaled by alpha / r)."""
-    dropout: float = 0.05
-    """Dropout on the LoRA input."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input. Off, as in the official SAPO code: the policy trains in train mode
+    while reference log-probs are computed in eval mode, so any dropout makes the two disagree from step 0
+    and adds noise to DPO's implicit reward."""
     target_modules: list[str] | str = "all-linear"
     """Module names to adapt, or `all-linear` for every linear layer except the output head."""
 

@@ -28,6 +28,13 @@ def test_every_preset_loads_validates_and_sets_only_known_keys(name):
             assert getattr(getattr(cfg, section), key) == value or isinstance(value, float)
 
 
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_trains_without_lora_dropout(name):
+    # The official code switches dropout off; with it on, the policy's log-probs (train mode) differ
+    # from the cached reference log-probs (eval mode) before the first update.
+    assert load_config(name).lora.dropout == 0.0
+
+
 @pytest.mark.parametrize("name", [n for n in preset_names() if n != "tiny"])
 def test_gpu_presets_are_qlora_on_the_paper_data(name):
     cfg = load_config(name)
