@@ -1,4 +1,4 @@
-"""Where settings come from: presets shipped in the wheel, a YAML file, dotted `key=value` overrides.
+"""Where settings come from: presets (`presets/`, shipped in the wheel), a YAML file, dotted `key=value` overrides.
 
 `load_config` starts from the defaults, applies the preset, then the user's file, then the
 overrides, and finally `validate` reports every out-of-range value at once. Names and types
@@ -180,7 +180,15 @@ def _looks_numeric(text: str) -> bool:
 # ---------------------------------------------------------------- presets
 
 
+# Presets live in the top-level `presets/` folder of the source tree, where users browse and copy
+# them; the wheel ships that folder inside the package as `sapo_lite/presets/` (pyproject.toml).
+SOURCE_PRESETS = Path(__file__).resolve().parent.parent / "presets"
+
+
 def _preset_dir() -> Any:
+    """`presets/` beside the package in a source checkout, else the copy installed with the wheel."""
+    if SOURCE_PRESETS.is_dir() and (SOURCE_PRESETS.parent / "pyproject.toml").is_file():
+        return SOURCE_PRESETS
     return resources.files("sapo_lite") / "presets"
 
 
