@@ -85,6 +85,9 @@ class SapoConfig:
     """a in ema <- a*ema + (1-a)*policy (the paper's 0.5)."""
     ema_every: int = 1
     """Update the EMA adapter every this many optimizer steps."""
+    generate_every: int = 1
+    """Make new pairs every this many optimizer steps (the official `sample_every_n_steps`) and train from
+    the buffer alone in between; the examples wait for the next generation, none is skipped."""
     segment_len: int = 256
     """Tokens of the chosen response the EMA rewrites."""
     buffer_size: int = 2000
@@ -178,6 +181,7 @@ def validate(cfg: Config) -> None:
         (d.eval_size >= 1, "data.eval_size must be >= 1"),
         (0 <= s.ema_decay <= 1, f"sapo.ema_decay must be in [0, 1], got {s.ema_decay}"),
         (s.ema_every >= 1, "sapo.ema_every must be >= 1"),
+        (s.generate_every >= 1, "sapo.generate_every must be >= 1"),
         (s.segment_len >= 1, f"sapo.segment_len must be >= 1, got {s.segment_len}"),
         (s.buffer_size >= 1, f"sapo.buffer_size must be >= 1, got {s.buffer_size}"),
         (s.gen_per_step >= 1, "sapo.gen_per_step must be >= 1"),

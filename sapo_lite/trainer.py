@@ -2,9 +2,10 @@
 
 One optimizer step:
     every `ema_every` steps: ema <- lerp(ema, policy)
-    take `gen_per_step` new examples; the EMA rewrites a segment of each good response
-    reference log-probs of the new pairs (only for losses that need them), stored with them
-    push the pairs into the on-disk FIFO buffer
+    every `generate_every` steps (default every step):
+        take `gen_per_step` new examples; the EMA rewrites a segment of each good response
+        reference log-probs of the new pairs (only for losses that need them), stored with them
+        push the pairs into the on-disk FIFO buffer
     `grad_accum` micro-batches sampled from the buffer: policy forward + loss + backward
     clip, optimizer step, LR schedule, log one line, checkpoint every `save_every`
 
@@ -94,28 +95,31 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                     refresh_reference(model)
                     buffer.invalidate_reference()
 
-                # 1. Self-augmentation: the EMA rewrites a segment of each new good response.
-                examples = session.stream.take(cfg.sapo.gen_per_step)
-                with acting_as(model, EMA):
-                    pairs = make_pairs(
-                        model, examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id,
-                        session.stop_ids, session.data_rng, cfg.sapo.gen_batch_size, sampling, cfg.sapo.static_cache,
-                    )
-                gen_s = time.perf_counter() - step_start
-                # Once the EMA reproduces a segment exactly, the pair teaches nothing: worth watching.
-                identical = sum(np.array_equal(p.chosen_ids, p.rejected_ids) for p in pairs) / len(pairs)
-
-                # 2. Reference log-probs once per pair, stored with it in the buffer.
-                ref_start = time.perf_counter()
-                ref_logps = None
-                if loss_spec.needs_reference:
-                    with reference(model):
-                        ref_c, ref_r, _, _ = pair_logps(
-                            model, pairs, session.pad_id, device, cfg.train.logps_chunk_tokens
+                # Steps between generations (`sapo.generate_every`) train from the buffer alone.
+                pairs, gen_s, ref_s, identical = [], 0.0, 0.0, math.nan
+                if (step - 1) % cfg.sapo.generate_every == 0:
+                    # 1. Self-augmentation: the EMA rewrites a segment of each new good response.
+                    examples = session.stream.take(cfg.sapo.gen_per_step)
+                    with acting_as(model, EMA):
+                        pairs = make_pairs(
+                            model, examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id, session.stop_ids,
+                            session.data_rng, cfg.sapo.gen_batch_size, sampling, cfg.sapo.static_cache,
                         )
-                    ref_logps = list(zip(ref_c.tolist(), ref_r.tolist()))
-                ref_s = time.perf_counter() - ref_start
-                buffer.add(pairs, step, ref_logps)
+                    gen_s = time.perf_counter() - step_start
+                    # Once the EMA reproduces a segment exactly, the pair teaches nothing: worth watching.
+                    identical = sum(np.array_equal(p.chosen_ids, p.rejected_ids) for p in pairs) / len(pairs)
+
+                    # 2. Reference log-probs once per pair, stored with it in the buffer.
+                    ref_start = time.perf_counter()
+                    ref_logps = None
+                    if loss_spec.needs_reference:
+                        with reference(model):
+                            ref_c, ref_r, _, _ = pair_logps(
+                                model, pairs, session.pad_id, device, cfg.train.logps_chunk_tokens
+                            )
+                        ref_logps = list(zip(ref_c.tolist(), ref_r.tolist()))
+                    ref_s = time.perf_counter() - ref_start
+                    buffer.add(pairs, step, ref_logps)
 
                 # 3. Policy update on pairs drawn from the buffer.
                 train_start = time.perf_counter()
@@ -161,7 +165,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                 }
                 metrics.write(record)
                 session.reporter.log(record)
-                if step % cfg.train.sample_every == 0:
+                if step % cfg.train.sample_every == 0 and pairs:
                     session.reporter.log_samples(step, session.decode_pairs(pairs))
                 progress.update(record)
                 if bad_in_a_row >= cfg.train.max_bad_steps:

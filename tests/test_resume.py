@@ -41,8 +41,9 @@ def start_and_kill(args, cwd, ready, extra_delay_s):
 
 @pytest.mark.parametrize(
     "shape",
-    [[], ["train.grad_accum=2", "train.micro_batch=8", "sapo.ema_every=3"], ["sapo.ref_refresh_steps=3"]],
-    ids=["defaults", "accumulation-and-sparse-ema", "ema-refreshed-reference"],
+    [[], ["train.grad_accum=2", "train.micro_batch=8", "sapo.ema_every=3"], ["sapo.ref_refresh_steps=3"],
+     ["sapo.generate_every=3"]],
+    ids=["defaults", "accumulation-and-sparse-ema", "ema-refreshed-reference", "sparse-generation"],
 )
 def test_resume_after_sigkill_logs_the_same_losses_as_an_uninterrupted_run(tmp_path, shape):
     run([*TINY, *shape, "--out", "straight", "train.max_steps=10", "train.save_every=4"], tmp_path)

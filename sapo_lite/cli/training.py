@@ -37,10 +37,12 @@ def prepare_run_dir(out: Path, overwrite: bool) -> None:
 def describe_plan(cfg: Config, out: Path) -> str:
     t, s = cfg.train, cfg.sapo
     pairs_per_step = t.micro_batch * t.grad_accum
+    new_pairs = f"{s.gen_per_step} new pairs/step" if s.generate_every == 1 else (
+        f"{s.gen_per_step} new pairs every {s.generate_every} steps")
     return (
         f"would train `{cfg.lora.target_modules}` LoRA r={cfg.lora.r} adapters (policy + ema) on "
         f"{cfg.model.name} ({cfg.model.quant}) with {cfg.loss.name.upper()} for {t.max_steps} steps: "
-        f"{s.gen_per_step} new pairs/step from {cfg.data.path}, {pairs_per_step} pairs/step drawn from a "
+        f"{new_pairs} from {cfg.data.path}, {pairs_per_step} pairs/step drawn from a "
         f"{s.buffer_size}-pair buffer; run directory {out}"
     )
 
