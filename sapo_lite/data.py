@@ -8,6 +8,14 @@ Accepted shapes, auto-detected or chosen with `data.column`:
 
 The response keeps its end-of-turn token (EOS): SAPO's EMA may end a rewritten segment
 early by emitting it, and the trained policy must learn where answers stop.
+
+Tokenisation against the official SAPO code:
+- same: every message loses its leading whitespace, as the official preprocessing does.
+- departs: the template's assistant header ends the prompt (official: it opens the response, so
+  it is scored and may be rewritten); the response ends at the template's own end-of-turn token
+  (official: one more EOS after it); the prompt starts with BOS when the tokenizer adds one, so the
+  EMA generates from the same ids the policy is trained on (official: no BOS before the
+  generator's input). Each keeps the scored tokens to the ones the model writes when it answers.
 """
 
 from __future__ import annotations
@@ -154,7 +162,7 @@ def detect_column(columns: list[str], column: str | None) -> str:
 def to_conversation(row: dict[str, Any], column: str) -> tuple[list[dict[str, str]], str]:
     """(prompt messages, response text) from one row."""
     if column == "prompt/response":
-        return [{"role": "user", "content": str(row["prompt"])}], str(row["response"])
+        return [{"role": "user", "content": str(row["prompt"]).lstrip()}], str(row["response"]).lstrip()
     messages = row[column]
     if isinstance(messages, str):
         raise DataError(f"column `{column}` holds text, not a message list", f"expected {SHAPES_HELP}")
@@ -169,7 +177,9 @@ def _normalise_message(message: dict[str, Any]) -> dict[str, str]:
     role = message.get("role", message.get("from"))
     content = message.get("content", message.get("value"))
     role = {"human": "user", "gpt": "assistant"}.get(role, role)
-    return {"role": str(role), "content": str(content)}
+    # Leading whitespace goes, as in the official SAPO preprocessing: after the template's header a
+    # stray space or newline would be the first thing the policy learns to say.
+    return {"role": str(role), "content": str(content).lstrip()}
 
 
 # ---------------------------------------------------------------- chat template

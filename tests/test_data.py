@@ -5,7 +5,7 @@ import json
 import pytest
 
 from sapo_lite.config import DataConfig
-from sapo_lite.data import install_chat_template, load_examples, stop_token_ids
+from sapo_lite.data import install_chat_template, load_examples, stop_token_ids, to_conversation
 from sapo_lite.errors import DataError
 
 
@@ -30,6 +30,18 @@ def test_every_accepted_shape_gives_the_same_tokens(tmp_path, tiny_tokenizer, ro
     assert tiny_tokenizer.decode(example.response_ids.tolist()) == "3 2 1 <|im_end|>"
     assert example.response_ids[-1] in stop_token_ids(tiny_tokenizer)
     assert example.response_text == "3 2 1"
+
+
+@pytest.mark.parametrize(
+    "row,column",
+    [({"chosen": [{"role": "user", "content": "\n  reverse : 1 2"}, {"role": "assistant", "content": " 2 1\n"}]},
+      "chosen"),
+     ({"prompt": "\n  reverse : 1 2", "response": " 2 1\n"}, "prompt/response")],
+    ids=["messages", "prompt-response"],
+)
+def test_every_message_loses_its_leading_whitespace(row, column):
+    prompt, response = to_conversation(row, column)
+    assert prompt[0]["content"] == "reverse : 1 2" and response == "2 1\n"
 
 
 def test_long_prompts_are_dropped_and_counted(tmp_path, tiny_tokenizer):
