@@ -8,11 +8,21 @@ For a prompt P and chosen response R of L tokens (EOS included):
     rejected = P + R[:t] + segment up to and incl. its first stop token   (segment ends early)
              = P + R[:t] + segment (g tokens) + R[t+g:]                  (otherwise)
 
+Same as the official code: the bounds of t and g, splicing with and without a stop token,
+sampling (temperature 0.7, top-k 50, top-p 0.95), left padding, one generate call per batch
+bounded by the longest segment in it.
+
 Departures from the official code, on purpose:
 - stop tokens (EOS / end of turn) keep attention in both sequences; the official code masks
   them, which hides where an answer ends from the loss.
+- a segment ends at EOS or the template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`);
+  the official code checks the tokenizer's EOS only, so with a ChatML template it splices
+  text from after the end of the turn.
+- one rewrite per example (the official `responses_per_prompt`, 1 in all its scripts).
 - the truncation point is drawn with a seeded generator owned by the trainer, so a resumed
   run draws the same points.
+- BOS: the generator's input P + R[:t] is a prefix of the training sequence, BOS included
+  where the tokenizer adds one (the official generator's input has no BOS).
 """
 
 from __future__ import annotations

@@ -7,6 +7,16 @@ each happen in a single transaction, so a crash never leaves half a pair behind.
 
 Sampling is with replacement, weight 1 / (1 + times drawn), as in the official code's
 buffer: fresh pairs are favoured without starving old ones.
+
+Departures from the official code:
+- one buffer of `sapo.buffer_size` (2000) pairs; the official code keeps 2000 per process,
+  about 16,000 across its 8 GPUs, each process drawing from its own. Each official process
+  adds 8 pairs a step, as a preset does, so a pair stays the same number of steps in both;
+  `sapo.buffer_size=16000` matches the official total instead.
+- on disk (SQLite) rather than in process memory, and snapshotted into each checkpoint.
+- reference log-probs are stored with each pair when it enters (the official code runs the
+  reference on every drawn batch); with a frozen reference the values are the same, and a
+  reference refresh clears them so they are recomputed when next drawn.
 """
 
 from __future__ import annotations

@@ -5,9 +5,17 @@ per-token means) and returns the (B,) loss plus the figures worth logging. `LOSS
 registry the trainer reads; `needs_reference` tells it whether reference log-probs must be
 computed when a pair enters the buffer.
 
-Departure from the official SAPO code: ORPO's NLL covers the response tokens only (the
-official code averages over the whole sequence, prompt and padding included), so the
-loss measures what the policy is asked to produce.
+The DPO formula (sigmoid, summed response log-probs) and the odds-ratio term are the official
+code's. Departure, on purpose: ORPO's NLL.
+- sapo-lite: each chosen response's mean token NLL (response tokens only), then the mean over
+  the batch, so every example counts the same.
+- official: one cross-entropy pooled over every token of the batch, prompt and padding included
+  (the labels there are the input ids, padding unmasked), so long sequences and the batch's
+  padding weigh in.
+Kept per sequence because the loss should measure what the policy is asked to produce, not
+prompts or pad tokens, and because a per-sequence mean makes gradient accumulation exact: a
+pool over one micro-batch is not a pool over the optimizer batch, so pooled results would
+change with `train.micro_batch`.
 """
 
 from __future__ import annotations

@@ -5,6 +5,15 @@ EMA are two LoRA adapters on it; generation switches to the EMA adapter and neve
 (merging into 4-bit weights would re-round them). The DPO reference is the base with
 adapters disabled, or a frozen `ref` adapter when training starts from `model.init_adapter`
 (with an init adapter, "adapters off" would be the wrong model).
+
+Departures from the official code (three full models, fully fine-tuned):
+- LoRA adapters on one (NF4) base instead of three full copies; the EMA averages the LoRA
+  tensors A and B, which is close to, not equal to, averaging the weights they stand for.
+- the reference is the base with adapters off (or the init adapter), not the EMA copied into
+  a third model every 108 steps; `refresh_reference` gives that behaviour on request.
+- dropout: the official code switches off every dropout module of policy and reference;
+  here LoRA dropout is a setting, 0 in every preset and by default, and the base's own
+  dropout is what its config says (0 for Llama and Mistral).
 """
 
 from __future__ import annotations

@@ -9,9 +9,20 @@ One optimizer step:
     `grad_accum` micro-batches sampled from the buffer: policy forward + loss + backward
     clip, optimizer step, LR schedule, log one line, checkpoint every `save_every`
 
-Departure from the official code: the reference is the frozen base (adapters off), not a
-third model refreshed from the EMA, and reference log-probs are computed once per pair
-when it enters the buffer, so a training step runs one forward+backward per pair.
+Same as the official code: the EMA is updated at the start of a step, before generation, every
+step by default (`ema_every` 1; the paper's text says every two steps: `sapo.ema_every=2`); the
+reference refresh, when on, follows the EMA update at the same step numbers.
+
+Departures from the official code:
+- the reference is the frozen base (adapters off), not a third model refreshed from the EMA
+  every 108 steps (`sapo.ref_refresh_steps=108` restores that); reference log-probs are
+  computed once per pair when it enters the buffer, so a training step runs one
+  forward+backward per pair.
+- `generate_every` N (the official `sample_every_n_steps`): the official loop still draws the
+  examples of the steps between generations and discards them; here they wait for the next
+  generation, so no example goes unused.
+- one process: the official code trains 8 processes of 8 pairs (64 pairs a step); the presets
+  train 2 x 4 = 8 pairs a step.
 """
 
 from __future__ import annotations
