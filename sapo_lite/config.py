@@ -48,9 +48,9 @@ class LoraSettings:
     alpha: int = 32
     """LoRA scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = 0.0
-    """Dropout on the LoRA input. Off, as in the official SAPO code: the policy trains in train mode
-    while reference log-probs are computed in eval mode, so any dropout makes the two disagree from step 0
-    and adds noise to DPO's implicit reward."""
+    """Dropout on the LoRA input. Off, as in the official SAPO code: the policy trains in train mode while
+    the reference and the EMA run in eval mode, so dropout makes the policy's log-probs noisy against theirs
+    (once the adapter has moved; from step 0 with `model.init_adapter`), and DPO's implicit reward with them."""
     target_modules: list[str] | str = "all-linear"
     """Module names to adapt, or `all-linear` for every linear layer except the output head."""
 
