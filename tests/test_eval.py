@@ -120,3 +120,24 @@ def test_unknown_constraint_kind_is_one_line_from_the_console_script(run, tmp_pa
                           capture_output=True, text=True, env={**os.environ, "SAPO_DEBUG": "0"}, cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[0] == "error: unknown constraint kind `haiku`"
+
+
+def test_scores_count_constraints_prompts_answers_and_exact_matches():
+    import numpy as np
+
+    from sapo_lite.data import Example
+    from sapo_lite.evaluate import score_answers
+
+    ids = np.zeros(1, np.int32)
+    examples = [
+        Example(ids, ids, "-", [{"kind": "all_lowercase"}, {"kind": "max_words", "n": 3}], "paris"),
+        Example(ids, ids, "-", [{"kind": "no_commas"}], "8"),
+        Example(ids, ids, "2 1"),
+    ]
+    score = score_answers("policy", ["it is paris.", "Yes, 8.", "2 1"], examples).to_dict()
+    assert score["constraints"] == {"hits": 2, "total": 3, "rate": 0.6667}
+    assert score["per_kind"]["no_commas"] == {"hits": 0, "total": 1, "rate": 0.0}
+    assert score["prompts_all_satisfied"] == {"hits": 1, "total": 2, "rate": 0.5}
+    assert score["answer_accuracy"] == {"hits": 2, "total": 2, "rate": 1.0}
+    assert score["exact_match"] == {"hits": 1, "total": 1, "rate": 1.0}
+    assert json.loads(json.dumps(score)) == score
