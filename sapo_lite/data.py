@@ -6,6 +6,9 @@ Accepted shapes, auto-detected or chosen with `data.column`:
 - a `messages` column of the same form;
 - `prompt` and `response` text columns.
 
+Optional `constraints` (a list of checkable instructions, see constraints.py) and `answer`
+columns travel with each example, for evaluation.
+
 The response keeps its end-of-turn token (EOS): SAPO's EMA may end a rewritten segment
 early by emitting it, and the trained policy must learn where answers stop.
 """
