@@ -6,6 +6,9 @@ Accepted shapes, auto-detected or chosen with `data.column`:
 - a `messages` column of the same form;
 - `prompt` and `response` text columns.
 
+Optional `constraints` (a list of checkable instructions, see constraints.py) and `answer`
+columns travel with each example, for evaluation.
+
 The response keeps its end-of-turn token (EOS): SAPO's EMA may end a rewritten segment
 early by emitting it, and the trained policy must learn where answers stop.
 
@@ -29,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .config import DataConfig
+from .constraints import check
 from .errors import DataError
 
 BUNDLED_PREFIX = "bundled:"
@@ -61,6 +65,8 @@ class Example:
     prompt_ids: np.ndarray
     response_ids: np.ndarray
     response_text: str
+    constraints: list[dict] | None = None  # checkable instructions (sapo_lite/constraints.py), when the data has them
+    answer: str | None = None  # the reference answer, when the data has one
 
 
 @dataclass
@@ -172,6 +178,25 @@ def to_conversation(row: dict[str, Any], column: str) -> tuple[list[dict[str, st
     return messages[:-1], messages[-1]["content"]
 
 
+def row_metadata(row: dict[str, Any]) -> tuple[list[dict] | None, str | None]:
+    """(constraints, answer) of a row, None where the column is missing or empty.
+
+    `datasets` may store a column of differently shaped dicts as one struct: keys a constraint
+    does not have then come back as None and are dropped here. An unknown kind or wrong
+    parameters fail here, at load time, rather than after generating answers.
+    """
+    constraints = row.get("constraints")
+    if constraints:
+        if isinstance(constraints, str) or not all(isinstance(c, dict) for c in constraints):
+            raise DataError("`constraints` must be a list of objects such as {\"kind\": \"no_commas\"}",
+                            "see sapo_lite/constraints.py for the kinds and their parameters")
+        constraints = [{k: v for k, v in c.items() if v is not None} for c in constraints]
+        for constraint in constraints:
+            check("", constraint)
+    answer = row.get("answer")
+    return constraints or None, None if answer is None else str(answer)
+
+
 def _normalise_message(message: dict[str, Any]) -> dict[str, str]:
     # ShareGPT-style rows use from/value and human/gpt.
     role = message.get("role", message.get("from"))
@@ -264,9 +289,10 @@ def tokenize_dataset(rows: Any, tokenizer: Any, cfg: DataConfig, source: str) ->
         if len(response_ids) > room:
             response_ids = response_ids[:room]
             truncated += 1
-        examples.append(
-            Example(np.asarray(prompt_ids, np.int32), np.asarray(response_ids, np.int32), response.strip())
-        )
+        examples.append(Example(
+            np.asarray(prompt_ids, np.int32), np.asarray(response_ids, np.int32), response.strip(),
+            *row_metadata(row),
+        ))
         if cfg.max_examples is not None and len(examples) >= cfg.max_examples:
             break
     if not examples:
