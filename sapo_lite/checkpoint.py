@@ -17,6 +17,8 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,7 +106,7 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
-    with writing(tmp, run_dir):
+    with writing(tmp, run_dir), removed_on_failure(tmp):
         if tmp.exists():
             shutil.rmtree(tmp)
         save_adapters(model, tmp / "adapters", (POLICY, EMA, REF) if REF in model.peft_config else (POLICY, EMA))
@@ -127,6 +129,16 @@ def save_checkpoint(
     for old in stale:
         _delete(old)
     return final
+
+
+@contextmanager
+def removed_on_failure(tmp: Path) -> Iterator[None]:
+    """A write that fails (a full disk above all) gives back the space its half-written folder took."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _delete(folder: Path) -> None:

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import save_adapters
+from .checkpoint import removed_on_failure, save_adapters
 from .fileerrors import writing
 from .manifest import has_manifest, manifest_problems, write_manifest
 from .metrics import finite_or_none
@@ -28,7 +28,7 @@ SUMMARY = "summary.json"
 
 def save_final_adapters(model: Any, run_dir: Path) -> Path:
     final, tmp, doomed = run_dir / "adapters", run_dir / ".tmp-adapters", run_dir / ".del-adapters"
-    with writing(tmp, run_dir):
+    with writing(tmp, run_dir), removed_on_failure(tmp):
         for leftover in (tmp, doomed):
             if leftover.exists():
                 shutil.rmtree(leftover)
