@@ -101,11 +101,11 @@ def train(
         return
     if resume is None:
         lock = prepare_run_dir(out, overwrite)
-    quiet_libraries()
-    from ..trainer import train as run_training
-
     try:
         with lock, TerminateAsInterrupt():
+            quiet_libraries()
+            from ..trainer import train as run_training
+
             result = run_training(cfg, out, console, resume=resume is not None)
     except (SapoError, KeyboardInterrupt, OSError, sqlite3.Error, RuntimeError) as exc:
         started = resume is not None or (out / "metrics.jsonl").exists()
