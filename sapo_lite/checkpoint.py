@@ -207,8 +207,9 @@ def latest_checkpoint(run_dir: Path) -> CheckpointInfo:
         )
     complete = completed_checkpoints(run_dir)
     if not complete:
+        found = "; ".join(f"{p.name}: {', '.join(checkpoint_problems(p))}" for p in incomplete_checkpoints(run_dir))
         raise RunDirError(
-            f"`{run_dir}` has no complete checkpoint to resume from",
+            f"`{run_dir}` has no complete checkpoint to resume from" + (f" ({found})" if found else ""),
             "start it again with `--overwrite`, or keep `train.save_every` above 0 next time",
         )
     path = complete[-1]

@@ -43,7 +43,11 @@ def prepare_run_dir(out: Path, overwrite: bool) -> RunLock:
             f"continue it with `sapo-lite train --resume {out}`, choose another --out, "
             "or pass --overwrite to delete it and start again",
         )
-    clear_run(out)
+    try:
+        clear_run(out)
+    except BaseException:
+        lock.release()
+        raise
     return lock
 
 
@@ -90,7 +94,12 @@ def train(
     lock = None
     if resume is not None:
         lock = None if dry_run else lock_existing_run(resume)
-        cfg, out = resume_config(resume, preset, config, out, overrides or [])
+        try:
+            cfg, out = resume_config(resume, preset, config, out, overrides or [])
+        except BaseException:
+            if lock is not None:
+                lock.release()  # the process may go on (tests, notebooks): never keep a run locked
+            raise
     else:
         preset = preset or ("tiny" if config is None else None)
         cfg = load_config(preset, config, overrides or [])
