@@ -24,7 +24,8 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import numpy as np
 
 from .augment import Pair
 from .errors import RunDirError
+from .fileerrors import writing
 
 # Two tables: the small per-pair facts that sampling, counting and eviction scan, and the
 # token blobs (8 KB a pair at 1,000 tokens) that are read only for the pairs drawn. Keeping
@@ -199,8 +201,11 @@ class ReplayBuffer:
         rows = self._db.execute(f"SELECT {PAIR_COLUMNS} FROM {JOINED} ORDER BY p.id").fetchall()
         return [_row_to_pair(r) for r in rows]
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        # A full disk surfaces here as "database or disk is full": one line naming this file.
+        with writing(self.path, self.path.parent), _Transaction(self._db):
+            yield
 
 
 def _is_sound(path: Path) -> bool:

@@ -4,7 +4,11 @@ A checkpoint is written into `checkpoints/.tmp-step-N/` and renamed to `step-N/`
 complete, so a crash mid-write never leaves a folder that looks finished. It holds
 everything a resumed run needs to continue exactly as if it had never stopped: both
 adapters (PEFT safetensors), optimizer and scheduler state, every RNG state in play, the
-data position, and a snapshot of the replay buffer (pairs, draw counts and all).
+data position, a snapshot of the replay buffer (pairs, draw counts and all), and the metrics
+line of its own step. A manifest of files and sizes is written last: a checkpoint whose files do
+not match it (a file deleted or cut short) is skipped with a warning, and resume continues from
+the one before. Old checkpoints are renamed to `.del-step-N/` before they are deleted, so a kill
+during rotation leaves a leftover that `remove_leftovers` clears, never a half-deleted `step-N/`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +28,11 @@ import torch
 
 from .buffer import ReplayBuffer
 from .errors import RunDirError
+from .fileerrors import writing
+from .manifest import has_manifest, manifest_problems, write_manifest
+from .metrics import finite_or_none
 from .model import EMA, POLICY, REF
+from .testhook import pause_point
 
 STATE_FILE = "trainer_state.pt"
 INFO_FILE = "checkpoint.json"
@@ -35,6 +45,8 @@ class CheckpointInfo:
     step: int
     data_position: dict[str, int]
     eval_before: float | None
+    record: dict[str, Any] | None = None  # the metrics line of this step
+    skipped: tuple[tuple[Path, str], ...] = ()  # newer checkpoints that are incomplete, and why
 
 
 def save_adapters(model: Any, folder: Path, adapters: tuple[str, ...] = (POLICY, EMA)) -> None:
@@ -88,28 +100,63 @@ def save_checkpoint(
     buffer: ReplayBuffer,
     keep: int,
     eval_before: float | None = None,
+    record: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoints/step-N atomically and keep only the newest `keep`."""
     root = run_dir / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_adapters(model, tmp / "adapters", (POLICY, EMA, REF) if REF in model.peft_config else (POLICY, EMA))
-    buffer.snapshot(tmp / BUFFER_FILE)
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs},
-        tmp / STATE_FILE,
-    )
-    info = {"step": step, "data_position": data_position, "eval_before": eval_before}
-    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
-    _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in completed_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old)
+    with writing(tmp, run_dir), removed_on_failure(tmp):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_adapters(model, tmp / "adapters", (POLICY, EMA, REF) if REF in model.peft_config else (POLICY, EMA))
+        pause_point("checkpoint-write")
+        buffer.snapshot(tmp / BUFFER_FILE)
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs},
+            tmp / STATE_FILE,
+        )
+        info = {"step": step, "data_position": data_position, "eval_before": eval_before,
+                "metrics": finite_or_none(record) if record else None}
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+        _fsync_tree(tmp)
+        write_manifest(tmp)  # last: its presence says every file above is complete
+        if final.exists():
+            _delete(final)
+        tmp.rename(final)
+    complete = completed_checkpoints(run_dir)
+    stale = complete[:-keep] + [p for p in incomplete_checkpoints(run_dir) if _step(p) < step]
+    for old in stale:
+        _delete(old)
     return final
+
+
+@contextmanager
+def removed_on_failure(tmp: Path) -> Iterator[None]:
+    """A write that fails (a full disk above all) gives back the space its half-written folder took."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _delete(folder: Path) -> None:
+    """Rename, then delete: a kill half-way leaves `.del-*`, which no reader mistakes for a checkpoint."""
+    doomed = folder.with_name(f".del-{folder.name}")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    folder.rename(doomed)
+    pause_point("checkpoint-rotate")
+    shutil.rmtree(doomed)
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Clear what a killed writer leaves: half-written `.tmp-*` and half-deleted `.del-*` folders."""
+    for root in (run_dir / "checkpoints", run_dir):
+        if root.is_dir():
+            for path in [*root.glob(".tmp-*"), *root.glob(".del-*")]:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -120,16 +167,33 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def completed_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first; half-written `.tmp-*` folders never count."""
+def _step(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def _checkpoint_folders(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [
-        p for p in root.glob("step-*")
-        if all((p / name).is_file() for name in (INFO_FILE, STATE_FILE, BUFFER_FILE))
-    ]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted((p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()), key=_step)
+
+
+def checkpoint_problems(path: Path) -> list[str]:
+    """Why a checkpoint folder cannot be used; empty when it is complete."""
+    if has_manifest(path):
+        return manifest_problems(path)
+    # Checkpoints written before manifests existed: the files a resume reads must all be there.
+    needed = (INFO_FILE, STATE_FILE, BUFFER_FILE, f"adapters/{POLICY}/adapter_model.safetensors")
+    return [f"{name} is missing" for name in needed if not (path / name).is_file()]
+
+
+def completed_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first; half-written or damaged ones never count."""
+    return [p for p in _checkpoint_folders(run_dir) if not checkpoint_problems(p)]
+
+
+def incomplete_checkpoints(run_dir: Path) -> list[Path]:
+    return [p for p in _checkpoint_folders(run_dir) if checkpoint_problems(p)]
 
 
 # ---------------------------------------------------------------- resume
@@ -143,13 +207,17 @@ def latest_checkpoint(run_dir: Path) -> CheckpointInfo:
         )
     complete = completed_checkpoints(run_dir)
     if not complete:
+        found = "; ".join(f"{p.name}: {', '.join(checkpoint_problems(p))}" for p in incomplete_checkpoints(run_dir))
         raise RunDirError(
-            f"`{run_dir}` has no complete checkpoint to resume from",
+            f"`{run_dir}` has no complete checkpoint to resume from" + (f" ({found})" if found else ""),
             "start it again with `--overwrite`, or keep `train.save_every` above 0 next time",
         )
     path = complete[-1]
     info = json.loads((path / INFO_FILE).read_text())
-    return CheckpointInfo(path, info["step"], info["data_position"], info.get("eval_before"))
+    skipped = tuple((p, "; ".join(checkpoint_problems(p))) for p in incomplete_checkpoints(run_dir)
+                    if _step(p) > info["step"])
+    return CheckpointInfo(path, info["step"], info["data_position"], info.get("eval_before"),
+                          info.get("metrics"), skipped)
 
 
 def load_trainer_state(checkpoint: CheckpointInfo) -> dict[str, Any]:
@@ -178,18 +246,26 @@ def load_adapter_weights(model: Any, checkpoint: CheckpointInfo) -> None:
             )
 
 
-def rewind_metrics(path: Path, step: int) -> None:
-    """Keep metrics.jsonl lines up to `step`: a resumed run logs no step twice."""
-    if not path.is_file():
+def rewind_metrics(path: Path, step: int, record: dict[str, Any] | None = None) -> None:
+    """Keep metrics.jsonl lines of steps before `step`, then the checkpoint's own line for `step`.
+
+    By step number, not line count: a line cut short by a crash is dropped, and the checkpoint
+    step's line is written again from what the checkpoint stored, so a resumed run logs every
+    step exactly once.
+    """
+    if not path.is_file() and record is None:
         return
-    kept = []
-    for line in path.read_text().splitlines():
+    kept: dict[int, str] = {}
+    for line in (path.read_text().splitlines() if path.is_file() else []):
         try:
-            record = json.loads(line)
+            logged = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a crash
             continue
-        if record.get("step", 0) <= step:
-            kept.append(line)
+        if isinstance(logged, dict) and logged.get("step", 0) <= step:
+            kept[logged.get("step", 0)] = line
+    if record is not None:
+        kept[step] = json.dumps(record)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    with writing(path, path.parent):
+        tmp.write_text("".join(kept[s] + "\n" for s in sorted(kept)))
+        os.replace(tmp, path)

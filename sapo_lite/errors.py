@@ -35,3 +35,7 @@ class RunDirError(SapoError):
 
 class TrainingDiverged(SapoError):
     """The loss, gradients or EMA samples stopped being finite numbers."""
+
+
+class StorageError(SapoError):
+    """A run's file could not be written or read: full disk, read-only folder, damaged file."""

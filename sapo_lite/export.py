@@ -188,9 +188,25 @@ def run_adapter_dir(run_dir: Path, adapter: str) -> Path:
     if not (run_dir / "config.yaml").is_file():
         raise RunDirError(f"`{run_dir}` is not a sapo-lite run (no config.yaml)", "pass the --out folder of a train")
     final = run_dir / "adapters" / adapter
-    if (final / "adapter_model.safetensors").is_file():
-        return final
     checkpoints = completed_checkpoints(run_dir)
+    if (final / "adapter_model.safetensors").is_file():
+        return _readable(final, run_dir)
     if checkpoints:
-        return checkpoints[-1] / "adapters" / adapter
+        return _readable(checkpoints[-1] / "adapters" / adapter, run_dir)
     raise RunDirError(f"`{run_dir}` has no `{adapter}` adapter yet", "train it first, or wait for a checkpoint")
+
+
+def _readable(folder: Path, run_dir: Path) -> Path:
+    """`folder` if its adapter can be read; else a one-line error saying what is broken and what to do."""
+    from .errors import StorageError
+    from .finish import adapter_damage
+
+    problem = adapter_damage(folder)
+    if problem is None:
+        return folder
+    raise StorageError(
+        f"adapter `{folder}` is damaged: {problem}",
+        f"`sapo-lite train --resume {run_dir}` rewrites the final adapters from the last checkpoint"
+        if folder.parent.name == "adapters" and folder.parent.parent == run_dir
+        else "delete that checkpoint folder to use the one before it",
+    )

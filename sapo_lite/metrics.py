@@ -20,12 +20,19 @@ class MetricsWriter:
         self._file = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        from .fileerrors import writing
+
+        with writing(self.path, self.path.parent):
+            self._file.write(json.dumps(finite_or_none(record)) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+
+
+def finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN or infinity: such values are written as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

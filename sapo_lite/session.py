@@ -30,6 +30,7 @@ from .model import (
     pick_device,
     policy_parameters,
 )
+from .testhook import pause_point
 from .tiny import TINY_NAME, build_tiny_base
 
 
@@ -108,6 +109,7 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         torch.set_num_threads(cfg.train.num_threads)
     device = pick_device()
     model_name = resolve_model_name(cfg, run_dir)
+    pause_point("startup")
     tokenizer = load_tokenizer(model_name, cfg.model.trust_remote_code)
     install_chat_template(tokenizer, cfg.data.chat_template)
     data = load_examples(cfg.data.path, cfg.data.split, tokenizer, cfg.data)

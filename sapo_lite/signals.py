@@ -37,3 +37,28 @@ class StopRequest:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class TerminateAsInterrupt:
+    """Context manager: SIGTERM raises KeyboardInterrupt, as Ctrl-C does, where no StopRequest is active.
+
+    Outside the step loop (setup, the reference evaluation, the final save) a SIGTERM then
+    cleans up exactly like Ctrl-C: a run that never started is removed, one that did is told
+    how to resume. Inside the loop `StopRequest` takes over and restores this on exit.
+    """
+
+    def __init__(self) -> None:
+        self._previous: object = None
+
+    @staticmethod
+    def _handle(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> TerminateAsInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

@@ -27,7 +27,6 @@ Departures from the official code:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -45,20 +44,22 @@ from .checkpoint import (
     latest_checkpoint,
     load_adapter_weights,
     load_trainer_state,
+    remove_leftovers,
     restore_rng_state,
     rewind_metrics,
     rng_state,
-    save_adapters,
     save_checkpoint,
 )
 from .config import Config
 from .errors import TrainingDiverged
 from .evaluate import evaluate_role, held_out_metric, held_out_summary, record_held_out
+from .finish import save_final_adapters, write_summary
 from .losses import LOSSES
 from .metrics import MetricsWriter, TrainProgress
 from .model import EMA, acting_as, ema_update, reference, refresh_reference
 from .session import TrainSession, peak_memory_gb, setup_session
 from .signals import StopRequest
+from .testhook import pause_point
 
 
 @dataclass
@@ -76,8 +77,9 @@ class TrainResult:
 def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) -> TrainResult:
     started = time.perf_counter()
     session = setup_session(cfg, run_dir, console)
+    record: dict = {}
     if resume:
-        start_step, eval_before = _restore(session, run_dir, console)
+        start_step, eval_before, record = _restore(session, run_dir, console)
     else:
         start_step, eval_before = 0, _held_out_score(session, "base", console, run_dir)
     loss_spec = LOSSES[cfg.loss.name]
@@ -85,7 +87,6 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     model, device = session.model, session.device
     sampling = {"temperature": cfg.sapo.temperature, "top_k": cfg.sapo.top_k, "top_p": cfg.sapo.top_p}
-    record: dict = {}
     bad_in_a_row = bad_total = 0
     step = start_step
 
@@ -93,7 +94,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
         save_checkpoint(
             run_dir, at_step, model, session.optimizer, session.scheduler,
             rng_state(session.data_rng, session.sample_rng), session.stream.position(), buffer,
-            keep=cfg.train.keep_checkpoints, eval_before=eval_before,
+            keep=cfg.train.keep_checkpoints, eval_before=eval_before, record=record,
         )
 
     try:
@@ -110,6 +111,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                 # Steps between generations (`sapo.generate_every`) train from the buffer alone.
                 pairs, gen_s, ref_s, identical = [], 0.0, 0.0, math.nan
                 if (step - 1) % cfg.sapo.generate_every == 0:
+                    pause_point("generation")
                     # 1. Self-augmentation: the EMA rewrites a segment of each new good response.
                     examples = session.stream.take(cfg.sapo.gen_per_step)
                     with acting_as(model, EMA):
@@ -121,6 +123,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                     # Once the EMA reproduces a segment exactly, the pair teaches nothing: worth watching.
                     identical = sum(np.array_equal(p.chosen_ids, p.rejected_ids) for p in pairs) / len(pairs)
 
+                    pause_point("reference")
                     # 2. Reference log-probs once per pair, stored with it in the buffer.
                     ref_start = time.perf_counter()
                     ref_logps = None
@@ -131,9 +134,11 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                             )
                         ref_logps = list(zip(ref_c.tolist(), ref_r.tolist()))
                     ref_s = time.perf_counter() - ref_start
+                    pause_point("buffer-write")
                     buffer.add(pairs, step, ref_logps)
 
                 # 3. Policy update on pairs drawn from the buffer.
+                pause_point("training")
                 train_start = time.perf_counter()
                 session.optimizer.zero_grad(set_to_none=True)
                 totals = _Totals()
@@ -191,7 +196,8 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                     break
                 if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
                     checkpoint(step)
-        checkpoint(step)
+        if step > start_step:  # a resume that only finishes the run has nothing new to save
+            checkpoint(step)
     finally:  # also when training diverges: flush what was logged
         metrics.close()
         session.reporter.close()
@@ -200,7 +206,8 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
         console.print(f"stopped after step {step}; resume with: sapo-lite train --resume {run_dir}")
         return TrainResult(run_dir, step, record.get("loss", math.nan), eval_before, None,
                            time.perf_counter() - started, stopped_early=True)
-    save_adapters(model, run_dir / "adapters")
+    save_final_adapters(model, run_dir)
+    pause_point("final-eval")
     eval_after = _held_out_score(session, "policy", console, run_dir)
     result = TrainResult(
         run_dir, step, record.get("loss", math.nan), eval_before, eval_after, time.perf_counter() - started,
@@ -260,9 +267,12 @@ def _fill_missing_reference(session: TrainSession, buffer: ReplayBuffer, batch) 
         pair.ref_logp_chosen, pair.ref_logp_rejected = chosen, rejected  # repeated draws share the object
 
 
-def _restore(session: TrainSession, run_dir: Path, console: Console) -> tuple[int, float | None]:
+def _restore(session: TrainSession, run_dir: Path, console: Console) -> tuple[int, float | None, dict]:
     """Bring model, optimizer, RNGs, data position, buffer and metrics back to the newest checkpoint."""
+    remove_leftovers(run_dir)
     checkpoint = latest_checkpoint(run_dir)
+    for path, problem in checkpoint.skipped:
+        console.print(f"warning: skipping incomplete checkpoint {path} ({problem})", highlight=False)
     state = load_trainer_state(checkpoint)
     load_adapter_weights(session.model, checkpoint)
     session.optimizer.load_state_dict(state["optimizer"])
@@ -271,9 +281,10 @@ def _restore(session: TrainSession, run_dir: Path, console: Console) -> tuple[in
     restore_rng_state(state["rng"], session.data_rng, session.sample_rng)
     session.stream.seek(checkpoint.data_position)
     ReplayBuffer.restore(checkpoint.path / BUFFER_FILE, run_dir / BUFFER_FILE)
-    rewind_metrics(run_dir / "metrics.jsonl", checkpoint.step)
-    console.print(f"resuming from {checkpoint.path.name}")
-    return checkpoint.step, checkpoint.eval_before
+    rewind_metrics(run_dir / "metrics.jsonl", checkpoint.step, checkpoint.record)
+    left = "" if checkpoint.step < session.cfg.train.max_steps else " to finish the run (no steps left to train)"
+    console.print(f"resuming from {checkpoint.path.name}{left}")
+    return checkpoint.step, checkpoint.eval_before, checkpoint.record or {}
 
 
 def _apply_new_peak_lr(session: TrainSession) -> None:
@@ -309,4 +320,4 @@ def _write_summary(run_dir: Path, result: TrainResult) -> None:
                                          "eval_exact_match_policy": result.eval_after}),
         "wall_s": round(result.wall_s, 2),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_summary(run_dir, summary)

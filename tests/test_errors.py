@@ -155,7 +155,8 @@ def test_corrupted_buffer_snapshot(finished_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     (run / "checkpoints" / "step-2" / "buffer.sqlite").write_bytes(b"garbage" * 1000)
-    fails(["train", "--resume", str(run), "train.max_steps=4"], "is corrupted", "step-2")
+    fails(["train", "--resume", str(run), "train.max_steps=4"], "no complete checkpoint",
+          "step-2: buffer.sqlite has 7000 bytes")
 
 
 def test_corrupted_run_buffer_is_repaired_from_the_checkpoint(finished_run, tmp_path):

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import ConfigError, SapoError
+from ..fileerrors import storage_error
 
 app = typer.Typer(
     help="Self-Augmented Preference Optimization (SAPO) with LoRA on a 4-bit base.",
@@ -34,16 +35,26 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except SapoError as exc:
             if os.environ.get("SAPO_DEBUG") == "1":
                 raise
-            # escape: messages hold paths and `pip install "sapo-lite[plot]"`, not rich markup
-            err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
-            if exc.hint:
-                err_console.print(f"[bold]hint:[/] {escape(exc.hint)}", highlight=False)
+            _print_error(exc)
+            raise typer.Exit(1) from None
+        except OSError as exc:  # a file the command reads or writes: one line, like every user error
+            error = storage_error(exc, exc.filename)
+            if error is None or os.environ.get("SAPO_DEBUG") == "1":
+                raise
+            _print_error(error)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _print_error(exc: SapoError) -> None:
+    # escape: messages hold paths and `pip install "sapo-lite[plot]"`, not rich markup
+    err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
+    if exc.hint:
+        err_console.print(f"[bold]hint:[/] {escape(exc.hint)}", highlight=False)
 
 
 ROLES = ("base", "policy", "ema")

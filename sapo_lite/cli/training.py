@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from pathlib import Path
 from typing import Annotated
 
@@ -13,25 +14,52 @@ from ..checkpoint import latest_checkpoint
 from ..config import RESUMABLE_KEYS, Config, to_yaml
 from ..config_sources import load_config, parse_override, preset_names, read_preset
 from ..errors import ConfigError, RunDirError, SapoError
+from ..fileerrors import storage_error
+from ..finish import run_is_finished
+from ..runlock import RunLock, clear_run, is_sapo_run, never_started
+from ..signals import TerminateAsInterrupt
 from .common import app, console, quiet_libraries, reports_errors
 
 
-def prepare_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to write into an existing non-empty folder unless --overwrite."""
+def prepare_run_dir(out: Path, overwrite: bool) -> RunLock:
+    """Refuse to write into an existing non-empty folder unless --overwrite; hold the run's lock."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"`{out}` exists and is not a folder", "choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise RunDirError(
-                f"run directory `{out}` already exists",
-                f"continue it with `sapo-lite train --resume {out}`, choose another --out, "
-                "or pass --overwrite to delete it and start again",
-            )
-        if not (out / "config.yaml").is_file():  # --overwrite deletes sapo-lite runs, never other folders
+    if not (out.is_dir() and any(out.iterdir())):
+        return RunLock(out).acquire()
+    if not is_sapo_run(out):  # --overwrite deletes sapo-lite runs, never other folders
+        if overwrite:
             raise RunDirError(f"`{out}` is not empty and is not a sapo-lite run: refusing to delete it",
                               "choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        raise RunDirError(f"`{out}` already exists and is not a sapo-lite run", "choose another --out")
+    lock = RunLock(out).acquire()  # before deleting anything: another process may be training it
+    if not overwrite:
+        lock.release()
+        if never_started(out):
+            raise RunDirError(f"run directory `{out}` was stopped before training started",
+                              "pass --overwrite to start it again")
+        raise RunDirError(
+            f"run directory `{out}` already exists",
+            f"continue it with `sapo-lite train --resume {out}`, choose another --out, "
+            "or pass --overwrite to delete it and start again",
+        )
+    try:
+        clear_run(out)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def lock_existing_run(run_dir: Path) -> RunLock:
+    """The lock of a run to resume, taken before its checkpoints are read."""
+    if run_dir.is_dir() and never_started(run_dir):
+        raise RunDirError(f"`{run_dir}` was stopped before training started: there is nothing to resume",
+                          f"start it again with `sapo-lite train --out {run_dir} --overwrite` (and your options)")
+    if not (run_dir.is_dir() and is_sapo_run(run_dir)):
+        raise RunDirError(f"`{run_dir}` is not a sapo-lite run (no config.yaml)",
+                          "pass the --out folder of an earlier train")
+    return RunLock(run_dir).acquire()
 
 
 def describe_plan(cfg: Config, out: Path) -> str:
@@ -65,8 +93,15 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory first")] = False,
 ) -> None:
     """Train a LoRA policy with SAPO: the EMA adapter writes the rejected responses."""
+    lock = None
     if resume is not None:
-        cfg, out = resume_config(resume, preset, config, out, overrides or [])
+        lock = None if dry_run else lock_existing_run(resume)
+        try:
+            cfg, out = resume_config(resume, preset, config, out, overrides or [])
+        except BaseException:
+            if lock is not None:
+                lock.release()  # the process may go on (tests, notebooks): never keep a run locked
+            raise
     else:
         preset = preset or ("tiny" if config is None else None)
         cfg = load_config(preset, config, overrides or [])
@@ -76,20 +111,24 @@ def train(
         console.print(describe_plan(cfg, out), highlight=False)
         return
     if resume is None:
-        prepare_run_dir(out, overwrite)
-    quiet_libraries()
-    from ..trainer import train as run_training
-
+        lock = prepare_run_dir(out, overwrite)
     try:
-        result = run_training(cfg, out, console, resume=resume is not None)
-    except (SapoError, KeyboardInterrupt) as exc:
-        started = (out / "metrics.jsonl").exists()
-        if resume is None and not started:
+        with lock, TerminateAsInterrupt():
+            quiet_libraries()
+            from ..trainer import train as run_training
+
+            result = run_training(cfg, out, console, resume=resume is not None)
+    except (SapoError, KeyboardInterrupt, OSError, sqlite3.Error, RuntimeError) as exc:
+        started = resume is not None or (out / "metrics.jsonl").exists()
+        if not started:
             shutil.rmtree(out, ignore_errors=True)  # it never started: leave nothing to trip over next time
         if isinstance(exc, KeyboardInterrupt) and started:
-            raise SapoError(
-                "interrupted mid-step", f"resume from the last checkpoint: sapo-lite train --resume {out}"
-            ) from None
+            raise SapoError("interrupted before the run finished",
+                            f"resume from the last checkpoint: sapo-lite train --resume {out}") from None
+        if not isinstance(exc, (SapoError, KeyboardInterrupt)):  # a file-system failure becomes one line
+            error = storage_error(exc, getattr(exc, "filename", None) or out, out if started else None)
+            if error is not None:
+                raise error from exc
         raise
     if result.stopped_early:
         return
@@ -115,7 +154,7 @@ def resume_config(
                 f"keys that can: {', '.join(sorted(RESUMABLE_KEYS))}; or start a new run with --out",
             )
     cfg = load_config(None, run_dir / "config.yaml", overrides)
-    if checkpoint.step >= cfg.train.max_steps:
+    if checkpoint.step >= cfg.train.max_steps and run_is_finished(run_dir, checkpoint.step):
         raise ConfigError(
             f"`{run_dir}` already finished its {checkpoint.step} steps",
             f"raise train.max_steps to continue, e.g. `sapo-lite train --resume {run_dir} "
