@@ -279,7 +279,8 @@ def _held_out_score(session: TrainSession, role: str, console: Console) -> float
         session.cfg.data.eval_max_new_tokens, session.stop_ids,
     )
     label = "base (adapters off)" if role == "base" else "trained policy"
-    console.print(f"held-out exact match, {label}: [bold]{score:.1%}[/] of {len(session.eval_examples)}")
+    console.print(f"held-out exact match, {label}: [bold]{score:.1%}[/] of {len(session.eval_examples)}"
+                  f" ({session.eval_source})", highlight=False)
     return score
 
 
