@@ -243,3 +243,16 @@ def config_from_dict(mapping: dict[str, Any]) -> Config:
     merge_mapping(cfg, mapping, "config")
     validate(cfg)
     return cfg
+
+
+def describe_sources(preset: str | None, config_file: Path | None, overrides: list[str], resume: Path | None) -> str:
+    """Where the settings came from, in the order they apply: the line `train` prints first."""
+    if resume is not None:
+        parts = [f"the run's own {resume / 'config.yaml'}"]
+    else:
+        parts = [f"preset {preset}" if preset else "built-in defaults (no preset)"]
+        if config_file:
+            parts.append(str(config_file))
+    if overrides:
+        parts.append(" ".join(overrides))
+    return " + ".join(parts)
