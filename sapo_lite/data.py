@@ -175,7 +175,7 @@ def row_to_example(
 
 def tokenize_dataset(rows: Rows, tokenizer: Any, cfg: DataConfig) -> TokenizedData:
     """Tokenize every row; skip unusable rows, drop long prompts, cut long responses, and count all three."""
-    column = detect_column(list(rows.columns), cfg.column)
+    column = detect_column(list(rows.columns), cfg.column, rows.rows)
     stops = stop_token_ids(tokenizer)
     examples: list[Example] = []
     report = RowReport()

@@ -246,12 +246,15 @@ def _rows_of_document(file: Path, document: Any) -> tuple[list[dict[str, Any]], 
     note = None
     if isinstance(document, dict):
         lists = {k: v for k, v in document.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
-        if len(lists) != 1:
-            found = f"lists under {', '.join(f'`{k}`' for k in lists)}" if lists else "no list of rows"
-            raise DataError(f"`{file}` is a JSON object with {found}: cannot tell which holds the rows",
+        if len(lists) > 1:
+            raise DataError(f"`{file}` is a JSON object with lists under {', '.join(f'`{k}`' for k in lists)}: "
+                            "cannot tell which holds the rows",
                             "keep one list of row objects in it, or write the rows as a list (or .jsonl)")
-        (name, document), = lists.items()
-        note = f"rows from key `{name}`"
+        if lists:
+            (name, document), = lists.items()
+            note = f"rows from key `{name}`"
+        else:  # one row on its own (JSON Lines with a single line)
+            document = [document]
     if not isinstance(document, list):
         raise DataError(f"`{file}` holds a JSON {type(document).__name__}, not rows",
                         "write a list of row objects, or one object a line (.jsonl)")

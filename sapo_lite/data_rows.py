@@ -33,17 +33,25 @@ class RowProblem(Exception):
     """Why one row cannot be used; the row is skipped and counted."""
 
 
-def detect_column(columns: list[str], column: str | None) -> str:
-    """The message-list column to use, or `prompt/response` for the text-pair shape."""
+def detect_column(columns: list[str], column: str | None, rows: Any = None) -> str:
+    """The message-list column to use, or `prompt/response` for the text-pair shape.
+
+    When rows mix shapes, the shape most of the first 1000 rows use wins; the others are skipped.
+    """
     if column:
         if column not in columns:
             raise DataError(f"column `{column}` not found; columns: {', '.join(columns)}", "set `data.column`")
         return column
-    for candidate in MESSAGE_COLUMNS:
-        if candidate in columns:
-            return candidate
+    candidates = [c for c in MESSAGE_COLUMNS if c in columns]
     if "prompt" in columns and "response" in columns:
-        return TEXT_PAIR
+        candidates.append(TEXT_PAIR)
+    if len(candidates) > 1 and isinstance(rows, list):
+        def used_by(candidate: str) -> int:
+            key = "prompt" if candidate == TEXT_PAIR else candidate
+            return sum(row.get(key) is not None for row in rows[:1000])
+        return max(candidates, key=used_by)  # ties keep the first: message lists before prompt/response
+    if candidates:
+        return candidates[0]
     raise DataError(
         f"no usable column; found: {', '.join(columns) or 'none'}",
         f"expected {SHAPES_HELP}, or name one with `data.column`",
@@ -143,16 +151,19 @@ class RowReport:
         """`2 rows skipped (response is null: 1, ...; line 3: response is null, ...)`; empty when none."""
         if not self.skipped:
             return "0 rows skipped"
-        counts = ", ".join(f"{reason}: {n}" for reason, n in self.reasons.most_common())
         rows = "row" if self.skipped == 1 else "rows"
-        return f"{self.skipped} {rows} skipped ({counts}; first: {'; '.join(self.first)})"
+        return f"{self.skipped} {rows} skipped ({self.details()})"
+
+    def details(self) -> str:
+        counts = ", ".join(f"{reason}: {n}" for reason, n in self.reasons.most_common())
+        return f"{counts}; first: {'; '.join(self.first)}"
 
     def check(self, max_share: float, source: str) -> None:
         """Refuse the data when more than `max_share` of its rows cannot be used."""
         if self.rows and self.skipped / self.rows > max_share:
             raise DataError(
                 f"{self.skipped} of {self.rows} rows of `{source}` ({self.skipped / self.rows:.0%}) cannot be used, "
-                f"more than data.max_bad_share={max_share:g}: {self.summary().split(' (', 1)[1].rstrip(')')}",
+                f"more than data.max_bad_share={max_share:g}: {self.details()}",
                 f"fix or remove those rows, or raise `data.max_bad_share` (now {max_share:g}) to skip them",
             )
 
