@@ -80,11 +80,11 @@ def train(
         preset = preset or ("tiny" if config is None else None)
         cfg = load_config(preset, config, overrides or [])
         out = out or Path("runs") / (preset or (config.stem if config else "run"))
+    console.print(f"config: {describe_sources(preset, config, overrides or [], resume)}", highlight=False)
     if dry_run:
         console.print(to_yaml(cfg), highlight=False, markup=False)
         console.print(describe_plan(cfg, out), highlight=False)
         return
-    console.print(f"config: {describe_sources(preset, config, overrides or [], resume)}", highlight=False)
     created = prepare_run_dir(out, overwrite) if resume is None else None
     try:
         quiet_libraries()
