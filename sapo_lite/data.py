@@ -98,12 +98,17 @@ def install_chat_template(tokenizer: Any, chat_template: str | None) -> None:
 def check_template_syntax(template: Any, source: str) -> None:
     """A Jinja syntax error as one line with its line number, before any row is rendered."""
     import jinja2
-    from jinja2.ext import loopcontrols
+
+    try:  # transformers' own environment, with the tags its templates may use (`{% generation %}`)
+        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_template
+    except ImportError:  # a transformers without it: plain Jinja with the loop controls templates use
+        def compile_template(text: str) -> Any:
+            return jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
 
     texts = template.values() if isinstance(template, dict) else [template]  # named templates
     for text in texts:
         try:
-            jinja2.Environment(extensions=[loopcontrols]).parse(text)
+            compile_template(text)
         except jinja2.TemplateSyntaxError as exc:
             raise DataError(
                 f"chat template {source} has a Jinja syntax error at line {exc.lineno}: {exc.message}",

@@ -102,6 +102,20 @@ def test_an_init_adapter_that_differs_from_the_config_names_both_values(tmp_path
     assert not out.exists()
 
 
+def test_an_init_adapter_for_another_base_names_both(tmp_path, out, tiny_base_dir):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    linear = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": linear,
+         "base_model_name_or_path": "someone/other-model"}))
+    fails(["train", "--out", str(out), "data.eval_path=null", f"model.name={tiny_base_dir}",
+           f"model.init_adapter={adapter}"],
+          f"does not match the config: base someone/other-model but model.name={tiny_base_dir}",
+          "model.name=someone/other-model")
+    assert not out.exists()
+
+
 def test_a_jinja_template_with_a_syntax_error_names_the_line(tmp_path, out):
     template = tmp_path / "t.jinja"
     template.write_text("{% for message in messages %}\n{{ message['content'] }\n{% endfor %}\n")

@@ -91,6 +91,9 @@ BAD_ROWS = [
     ({"prompt": "reverse : 1", "response": ""}, "response is empty"),
     ({"prompt": "reverse : 1", "response": 42}, "response is a number, not text"),
     ({"prompt": None, "response": "1"}, "prompt is null"),
+    ({"prompt": "reverse : 1", "response": True}, "response is true/false, not text"),
+    ({"prompt": "reverse : 1", "response": {"text": "1"}}, "response is an object, not text"),
+    ({"prompt": "reverse : 1", "response": "   "}, "response is empty"),
     ({"messages": CHAT}, "no prompt/response (row has a `messages` message list, the rest are prompt/response)"),
 ]
 CHAT_BAD_ROWS = [
@@ -99,6 +102,11 @@ CHAT_BAD_ROWS = [
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, CHAT[1]]},
      "message 1 (user) content part 1 is `image_url`, not text"),
     ({"messages": []}, "`messages` is an empty list"),
+    ({"messages": "reverse : 1"}, "`messages` holds text, not a message list"),
+    ({"messages": [{"content": "reverse : 1"}, CHAT[1]]}, "message 1 has no role"),
+    ({"messages": [["user", "reverse : 1"], CHAT[1]]}, "message 1 is not an object with role and content"),
+    ({"messages": [{"from": "human", "value": "reverse : 1"}, {"from": "gpt", "value": ""}]},
+     "message 2 (assistant) content is empty"),
     ({"prompt": "reverse : 1", "response": "1"},
      "`messages` is null (row in prompt/response shape, the rest are message lists)"),
 ]
