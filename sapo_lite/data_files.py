@@ -118,6 +118,8 @@ def _load_local(path: Path, split: str, key: str) -> Rows:
         by_split: dict[str, list[Path]] = {}
         for file in files:
             by_split.setdefault(_split_of(file), []).append(file)
+    elif path.suffix not in LOCAL_FORMATS:
+        raise DataError(f"data file `{path}` has an unknown format", f"use {', '.join(LOCAL_FORMATS)}")
     else:
         by_split = {"train": [path]}
     if split_name not in by_split:

@@ -160,3 +160,9 @@ def test_a_bundled_eval_set_is_not_used_with_other_data(tmp_path, tiny_tokenizer
     assert note == (f"eval: 5 examples held out from {path}, not trained on "
                     "(bundled:tiny-reverse-eval belongs to bundled:tiny-reverse)")
     assert not {e.response_text for e in train} & {e.response_text for e in held_out}
+
+
+def test_a_file_of_an_unknown_format(tmp_path):
+    (tmp_path / "d.txt").write_text("reverse : 1 2 3 -> 3 2 1\n")
+    fails(train_on(tmp_path, tmp_path / "d.txt"), "has an unknown format", ".jsonl, .json, .csv, .tsv, .parquet")
+    assert not (tmp_path / "run").exists()
