@@ -72,11 +72,16 @@ class DataConfig:
     max_examples: int | None = None
     """Use only the first N usable examples of the dataset (in file order)."""
     eval_path: str | None = None
-    """Held-out prompt/response data for the before/after exact-match figure; unset skips it."""
+    """Held-out data for the before/after exact-match figure; `holdout` sets `eval_size` examples of the
+    training data aside; unset skips it. A bundled eval set is only used with its own bundled data:
+    with other data the eval set is held out from that data instead (and the log says so)."""
     eval_size: int = 100
     """How many held-out prompts to score."""
     eval_max_new_tokens: int = 64
     """Greedy generation length when scoring held-out prompts."""
+    max_bad_share: float = 0.05
+    """Rows that cannot be used (null, empty or non-text content, wrong shape) are skipped and counted;
+    above this share of the rows the data is refused."""
 
 
 @dataclass
@@ -179,6 +184,7 @@ def validate(cfg: Config) -> None:
         (0 < d.max_prompt_len < d.max_len, "data.max_prompt_len must be > 0 and < data.max_len"),
         (d.max_examples is None or d.max_examples >= 1, "data.max_examples must be >= 1"),
         (d.eval_size >= 1, "data.eval_size must be >= 1"),
+        (0 <= d.max_bad_share < 1, f"data.max_bad_share must be in [0, 1), got {d.max_bad_share}"),
         (0 <= s.ema_decay <= 1, f"sapo.ema_decay must be in [0, 1], got {s.ema_decay}"),
         (s.ema_every >= 1, "sapo.ema_every must be >= 1"),
         (s.generate_every >= 1, "sapo.generate_every must be >= 1"),
@@ -186,6 +192,10 @@ def validate(cfg: Config) -> None:
         (s.buffer_size >= 1, f"sapo.buffer_size must be >= 1, got {s.buffer_size}"),
         (s.gen_per_step >= 1, "sapo.gen_per_step must be >= 1"),
         (s.gen_batch_size >= 1, "sapo.gen_batch_size must be >= 1"),
+        (s.gen_per_step <= s.buffer_size, f"sapo.gen_per_step={s.gen_per_step} is larger than sapo.buffer_size="
+         f"{s.buffer_size}: each step would evict some of its new pairs before they are ever drawn"),
+        (t.micro_batch <= s.buffer_size, f"train.micro_batch={t.micro_batch} is larger than sapo.buffer_size="
+         f"{s.buffer_size}: every micro-batch would repeat pairs"),
         (s.ref_refresh_steps >= 0, "sapo.ref_refresh_steps must be >= 0"),
         (s.temperature > 0, "sapo.temperature must be > 0"),
         (s.top_k >= 0, "sapo.top_k must be >= 0"),

@@ -105,6 +105,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
         str: lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
     }
+    if annotation is float and isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads `1e-4` as text; the override path reads it as a number too
     check = accepts.get(annotation)
     if check is not None and check(value):
         return annotation(value)
@@ -219,17 +221,29 @@ def load_config(
         merge_mapping(cfg, mapping, f"preset `{preset}`")
     if config_file:
         path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file `{path}` does not exist")
-        try:
-            mapping = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file `{path}` is not valid YAML: {exc}".splitlines()[0]) from exc
-        merge_mapping(cfg, mapping, f"config file `{path}`")
+        merge_mapping(cfg, read_config_file(path), f"config file `{path}`")
     for text in overrides:
         set_value(cfg, *parse_override(text))
     validate(cfg)
     return cfg
+
+
+def read_config_file(path: Path) -> Any:
+    """The YAML mapping of a config file; a folder, a missing file or bad YAML is one line with the place."""
+    if path.is_dir():
+        raise ConfigError(f"--config `{path}` is a folder, not a YAML file", "pass the path of a .yaml file")
+    if not path.is_file():
+        raise ConfigError(f"config file `{path}` does not exist")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file `{path}` is not UTF-8 text (byte offset {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file `{path}` is not valid YAML{where}: {problem}",
+                          "YAML wants `section:` lines with indented `key: value` pairs") from None
 
 
 def config_from_dict(mapping: dict[str, Any]) -> Config:
@@ -237,3 +251,16 @@ def config_from_dict(mapping: dict[str, Any]) -> Config:
     merge_mapping(cfg, mapping, "config")
     validate(cfg)
     return cfg
+
+
+def describe_sources(preset: str | None, config_file: Path | None, overrides: list[str], resume: Path | None) -> str:
+    """Where the settings came from, in the order they apply: the line `train` prints first."""
+    if resume is not None:
+        parts = [f"the run's own {resume / 'config.yaml'}"]
+    else:
+        parts = [f"preset {preset}" if preset else "built-in defaults (no preset)"]
+        if config_file:
+            parts.append(str(config_file))
+    if overrides:
+        parts.append(" ".join(overrides))
+    return " + ".join(parts)

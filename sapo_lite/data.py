@@ -1,10 +1,7 @@
-"""Load SFT-style data (prompt + good response) and tokenize it through a chat template.
+"""Tokenize SFT-style data (prompt + good response) through a chat template.
 
-Accepted shapes, auto-detected or chosen with `data.column`:
-- a message-list column such as the paper's `chosen`: the last assistant turn is the response,
-  everything before it the prompt;
-- a `messages` column of the same form;
-- `prompt` and `response` text columns.
+Reading files is `data_files.py`; shapes and unusable rows are `data_rows.py`. Rows become
+`Example`s in one place, `row_to_example`; columns it does not use pass through untouched.
 
 Optional `constraints` (a list of checkable instructions, see constraints.py) and `answer`
 columns travel with each example, for evaluation.
@@ -23,9 +20,7 @@ Tokenisation against the official SAPO code:
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from importlib import resources
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +28,9 @@ import numpy as np
 
 from .config import DataConfig
 from .constraints import check
+from .data_files import BUNDLED_PREFIX, Rows, load_rows
+from .data_rows import RowProblem, RowReport, detect_column, shape_name, to_conversation
 from .errors import DataError
-
-BUNDLED_PREFIX = "bundled:"
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-SHAPES_HELP = "a message-list column (`chosen` or `messages`), or `prompt` and `response` text columns"
 
 # Templates that add no new tokens to the vocabulary: their markers are plain text, so a
 # base model needs no newly trained embeddings to use them.
@@ -75,107 +68,20 @@ class TokenizedData:
     dropped_long_prompt: int
     truncated_response: int
     source: str
+    column: str = ""
+    report: RowReport = field(default_factory=RowReport)
+    unknown_share: float = 0.0
+    """Share of response tokens the tokenizer maps to its unknown token."""
+    notes: list[str] = field(default_factory=list)
 
-
-# ---------------------------------------------------------------- loading rows
-
-
-def resolve_path(path: str) -> str:
-    """`bundled:NAME` -> the packaged file; anything else is returned unchanged."""
-    if not path.startswith(BUNDLED_PREFIX):
-        return path
-    name = path[len(BUNDLED_PREFIX) :]
-    assets = resources.files("sapo_lite") / "assets"
-    for suffix in (".jsonl", ".json"):
-        candidate = assets / f"{name}{suffix}"
-        if candidate.is_file():
-            return str(candidate)
-    available = sorted(p.name.rsplit(".", 1)[0] for p in assets.iterdir() if p.name.endswith(".jsonl"))
-    raise DataError(f"no bundled dataset `{name}`", f"bundled datasets: {', '.join(available)}")
-
-
-def load_rows(path: str, split: str = "train") -> Any:
-    """A `datasets.Dataset` from a local json/jsonl/parquet file or a hub dataset name."""
-    import datasets
-
-    path = resolve_path(path)
-    local = Path(path)
-    looks_local = local.suffix in LOCAL_FORMATS or path.startswith((".", "/", "~"))
-    if looks_local:
-        local = local.expanduser()
-        if not local.is_file():
-            raise DataError(f"data file `{local}` does not exist", "check `data.path`")
-        if local.stat().st_size == 0:
-            raise DataError(f"data file `{local}` is empty", "point `data.path` at a file with examples")
-        if local.suffix == ".jsonl":
-            _check_jsonl(local)
-        fmt = LOCAL_FORMATS.get(local.suffix)
-        if fmt is None:
-            raise DataError(f"data file `{local}` has an unknown format", "use .json, .jsonl or .parquet")
-        try:
-            rows = datasets.load_dataset(fmt, data_files=str(local), split="train")
-        except Exception as exc:  # datasets wraps parser errors in many types
-            raise DataError(f"cannot read `{local}`: {str(exc).splitlines()[0]}") from exc
-    else:
-        try:
-            rows = datasets.load_dataset(path, split=split)
-        except Exception as exc:
-            offline = any(word in str(exc).lower() for word in ("offline", "connect", "reach"))
-            hint = ("no network (or offline mode): use a local json/jsonl/parquet file, or a dataset already "
-                    "in the Hugging Face cache" if offline else "check `data.path`")
-            raise DataError(f"cannot load dataset `{path}`: {str(exc).splitlines()[0]}", hint) from exc
-    if len(rows) == 0:
-        raise DataError(f"dataset `{path}` has no rows", "point `data.path` at data with examples")
-    return rows
-
-
-def _check_jsonl(path: Path) -> None:
-    """Name the first malformed line, which `datasets` does not."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"`{path}` line {number} is not valid JSON ({exc.msg})", "fix or remove that line"
-                ) from exc
-
-
-# ---------------------------------------------------------------- shapes
-
-
-def detect_column(columns: list[str], column: str | None) -> str:
-    """The message-list column to use, or `prompt/response` for the text-pair shape."""
-    if column:
-        if column not in columns:
-            raise DataError(
-                f"column `{column}` not found; columns: {', '.join(columns)}", "set `data.column`"
-            )
-        return column
-    for candidate in ("chosen", "messages", "conversations"):
-        if candidate in columns:
-            return candidate
-    if "prompt" in columns and "response" in columns:
-        return "prompt/response"
-    raise DataError(
-        f"no usable column; found: {', '.join(columns) or 'none'}",
-        f"expected {SHAPES_HELP}, or name one with `data.column`",
-    )
-
-
-def to_conversation(row: dict[str, Any], column: str) -> tuple[list[dict[str, str]], str]:
-    """(prompt messages, response text) from one row."""
-    if column == "prompt/response":
-        return [{"role": "user", "content": str(row["prompt"]).lstrip()}], str(row["response"]).lstrip()
-    messages = row[column]
-    if isinstance(messages, str):
-        raise DataError(f"column `{column}` holds text, not a message list", f"expected {SHAPES_HELP}")
-    messages = [_normalise_message(m) for m in messages]
-    if not messages or messages[-1]["role"] != "assistant":
-        raise DataError(f"a row of `{column}` does not end with an assistant turn", f"expected {SHAPES_HELP}")
-    return messages[:-1], messages[-1]["content"]
+    def describe(self, cfg: DataConfig) -> str:
+        """The `data:` line: what was read, which shape, and what happened to every row."""
+        notes = "".join(f", {note}" for note in self.notes)
+        return (
+            f"data: {len(self.examples)} examples from {self.source}{notes}, column {self.column} "
+            f"({shape_name(self.column)}); {self.report.summary()}; {self.dropped_long_prompt} dropped: "
+            f"prompt > {cfg.max_prompt_len} tokens; {self.truncated_response} responses cut to {cfg.max_len} tokens"
+        )
 
 
 def row_metadata(row: dict[str, Any]) -> tuple[list[dict] | None, str | None]:
@@ -197,16 +103,6 @@ def row_metadata(row: dict[str, Any]) -> tuple[list[dict] | None, str | None]:
     return constraints or None, None if answer is None else str(answer)
 
 
-def _normalise_message(message: dict[str, Any]) -> dict[str, str]:
-    # ShareGPT-style rows use from/value and human/gpt.
-    role = message.get("role", message.get("from"))
-    content = message.get("content", message.get("value"))
-    role = {"human": "user", "gpt": "assistant"}.get(role, role)
-    # Leading whitespace goes, as in the official SAPO preprocessing: after the template's header a
-    # stray space or newline would be the first thing the policy learns to say.
-    return {"role": str(role), "content": str(content).lstrip()}
-
-
 # ---------------------------------------------------------------- chat template
 
 
@@ -215,6 +111,8 @@ def install_chat_template(tokenizer: Any, chat_template: str | None) -> None:
     if chat_template:
         if chat_template in BUILTIN_TEMPLATES:
             tokenizer.chat_template = BUILTIN_TEMPLATES[chat_template]
+        elif Path(chat_template).is_dir():
+            raise DataError(f"data.chat_template `{chat_template}` is a folder", "point it at a .jinja file")
         elif Path(chat_template).is_file():
             tokenizer.chat_template = Path(chat_template).read_text()
         else:
@@ -227,6 +125,28 @@ def install_chat_template(tokenizer: Any, chat_template: str | None) -> None:
             "the tokenizer has no chat template",
             f"set `data.chat_template` to {' or '.join(BUILTIN_TEMPLATES)}, or a .jinja file",
         )
+    check_template_syntax(tokenizer.chat_template, f"`{chat_template}`" if chat_template else "of the tokenizer")
+
+
+def check_template_syntax(template: Any, source: str) -> None:
+    """A Jinja syntax error as one line with its line number, before any row is rendered."""
+    import jinja2
+
+    try:  # transformers' own environment, with the tags its templates may use (`{% generation %}`)
+        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_template
+    except ImportError:  # a transformers without it: plain Jinja with the loop controls templates use
+        def compile_template(text: str) -> Any:
+            return jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+
+    texts = template.values() if isinstance(template, dict) else [template]  # named templates
+    for text in texts:
+        try:
+            compile_template(text)
+        except jinja2.TemplateSyntaxError as exc:
+            raise DataError(
+                f"chat template {source} has a Jinja syntax error at line {exc.lineno}: {exc.message}",
+                "fix the template, or set `data.chat_template` to chatml or zephyr",
+            ) from None
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -273,37 +193,91 @@ def tokenize_conversation(
     return prompt_ids, response_ids
 
 
-def tokenize_dataset(rows: Any, tokenizer: Any, cfg: DataConfig, source: str) -> TokenizedData:
-    """Tokenize every row; drop long prompts, cut long responses, and count both."""
-    column = detect_column(list(rows.column_names), cfg.column)
+def row_to_example(
+    row: dict[str, Any], column: str, tokenizer: Any, stops: list[int], cfg: DataConfig
+) -> tuple[Example | None, bool]:
+    """One row as an Example (None: prompt too long) and whether its response was cut.
+
+    Raises RowProblem when the row cannot be used. Columns other than the shape's are not read.
+    """
+    prompt_messages, response = to_conversation(row, column)
+    prompt_ids, response_ids = tokenize_conversation(tokenizer, prompt_messages, response, stops)
+    if len(prompt_ids) > cfg.max_prompt_len:
+        return None, False
+    room = cfg.max_len - len(prompt_ids)
+    truncated = len(response_ids) > room
+    response_ids = response_ids[:room]
+    example = Example(
+        np.asarray(prompt_ids, np.int32), np.asarray(response_ids, np.int32), response.strip(), *row_metadata(row)
+    )
+    return example, truncated
+
+
+def tokenize_dataset(rows: Rows, tokenizer: Any, cfg: DataConfig) -> TokenizedData:
+    """Tokenize every row; skip unusable rows, drop long prompts, cut long responses, and count all three."""
+    column = detect_column(list(rows.columns), cfg.column, rows.rows)
     stops = stop_token_ids(tokenizer)
     examples: list[Example] = []
-    dropped = truncated = 0
-    for row in rows:
-        prompt_messages, response = to_conversation(row, column)
-        prompt_ids, response_ids = tokenize_conversation(tokenizer, prompt_messages, response, stops)
-        if len(prompt_ids) > cfg.max_prompt_len:
+    report = RowReport()
+    dropped = truncated = unknown = response_tokens = 0
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for index, row in enumerate(rows.rows):
+        report.rows += 1
+        try:
+            example, cut = row_to_example(row, column, tokenizer, stops, cfg)
+        except RowProblem as problem:
+            report.skip(rows.place(index), str(problem))
+            continue
+        if example is None:
             dropped += 1
             continue
-        room = cfg.max_len - len(prompt_ids)
-        if len(response_ids) > room:
-            response_ids = response_ids[:room]
-            truncated += 1
-        examples.append(Example(
-            np.asarray(prompt_ids, np.int32), np.asarray(response_ids, np.int32), response.strip(),
-            *row_metadata(row),
-        ))
+        truncated += cut
+        examples.append(example)
+        if unk is not None:
+            content = [t for t in example.response_ids.tolist() if t not in stops]
+            unknown += sum(t == unk for t in content)
+            response_tokens += len(content)
         if cfg.max_examples is not None and len(examples) >= cfg.max_examples:
             break
+    report.check(cfg.max_bad_share, rows.source)
     if not examples:
         raise DataError(
-            f"every one of the {dropped} prompts in `{source}` is longer than "
+            f"every one of the {dropped} prompts in `{rows.source}` is longer than "
             f"data.max_prompt_len={cfg.max_prompt_len} tokens",
             "raise `data.max_prompt_len` (and `data.max_len`) or use shorter prompts",
         )
-    return TokenizedData(examples, dropped, truncated, source)
+    return TokenizedData(examples, dropped, truncated, rows.source, column, report,
+                         unknown / response_tokens if response_tokens else 0.0, rows.notes)
 
 
-def load_examples(path: str, split: str, tokenizer: Any, cfg: DataConfig) -> TokenizedData:
-    rows = load_rows(path, split)
-    return tokenize_dataset(rows, tokenizer, cfg, path)
+def load_examples(
+    path: str, split: str | None, tokenizer: Any, cfg: DataConfig, key: str = "data.path"
+) -> TokenizedData:
+    return tokenize_dataset(load_rows(path, split, key), tokenizer, cfg)
+
+
+def held_out_set(
+    cfg: DataConfig, data: TokenizedData, tokenizer: Any, seed: int
+) -> tuple[list[Example], list[Example], str, str | None]:
+    """(training examples, eval examples, where the eval set comes from, a line saying so).
+
+    A bundled eval set (`bundled:NAME-eval`) belongs to its bundled data (`bundled:NAME`): with the
+    user's own data it would score a task the model never trained on, so the eval set is held out
+    from the user's data instead. `holdout` asks for that explicitly.
+    """
+    path = cfg.eval_path
+    if not path:
+        return data.examples, [], "", None
+    belongs_elsewhere = path.startswith(BUNDLED_PREFIX) and path.removesuffix("-eval") != cfg.path
+    if path != "holdout" and not belongs_elsewhere:
+        examples = load_examples(path, None, tokenizer, cfg, key="data.eval_path").examples[: cfg.eval_size]
+        return data.examples, examples, path, None
+    count = min(cfg.eval_size, len(data.examples) // 10)
+    why = f" ({path} belongs to {path.removesuffix('-eval')})" if belongs_elsewhere else ""
+    if count == 0:
+        return data.examples, [], "", f"eval: none: {len(data.examples)} examples are too few to hold 10% out{why}"
+    chosen = set(np.random.default_rng(seed).permutation(len(data.examples))[:count].tolist())
+    train = [e for i, e in enumerate(data.examples) if i not in chosen]
+    held_out = [e for i, e in enumerate(data.examples) if i in chosen]
+    source = f"held out from {cfg.path}"
+    return train, held_out, source, f"eval: {count} examples {source}, not trained on{why}"

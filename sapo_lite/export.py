@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError, RunDirError
+from .outputs import normal_permissions
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CONFIG_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -130,10 +132,9 @@ def merge_adapter(
     deltas = read_adapter(adapter_dir)
     shards, index = base_shards(base_dir)
     target = DTYPES[dtype]
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh hidden sibling, renamed when complete: never a folder of the user's that happens to share a name.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     merged, largest, total_bytes = 0, 0, 0
     for shard in shards:
         tensors: dict[str, torch.Tensor] = {}
@@ -163,6 +164,7 @@ def merge_adapter(
         index["metadata"] = {**index.get("metadata", {}), "total_size": total_bytes}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     _copy_side_files(base_dir, tmp, dtype)
+    normal_permissions(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

@@ -190,27 +190,51 @@ def _optimizer(cfg: Config) -> str:
     return "paged_adamw_8bit" if cfg.train.optimizer in ("auto", "paged_adamw_8bit") else "adamw"
 
 
-def best_saving(cfg: Config, arch: Architecture, gpu_gb: float) -> tuple[str, float] | None:
-    """The single override that lowers the estimate most, with the GB it saves."""
-    candidates = []
-    if not cfg.model.gradient_checkpointing:
-        candidates.append("model.gradient_checkpointing=true")
-    if cfg.model.quant != "nf4":
-        candidates.append("model.quant=nf4")
-    if cfg.train.micro_batch > 1:
-        candidates.append(f"train.micro_batch={cfg.train.micro_batch // 2}")
-    if cfg.sapo.gen_batch_size > 1:
-        candidates.append(f"sapo.gen_batch_size={cfg.sapo.gen_batch_size // 2}")
-    if cfg.data.max_len > 512:
-        candidates.append(f"data.max_len={cfg.data.max_len // 2}")
-    if cfg.train.logps_chunk_tokens > 64:
-        candidates.append(f"train.logps_chunk_tokens={cfg.train.logps_chunk_tokens // 2}")
+def fit_advice(cfg: Config, arch: Architecture, gpu_gb: float) -> str:
+    """The mildest single change that makes the run fit `gpu_gb`, or a plain statement that none does."""
+    floor_cfg = _with_override(cfg, "model.quant=nf4")
+    floor = estimate(floor_cfg, arch)
+    floor_gb = floor.base_weights * 1.1 + 0.5  # the weights alone, with the CUDA overhead formula above
+    if gpu_gb < floor_gb:
+        return (f"a {gpu_gb:g} GB GPU cannot hold even the NF4 base weights of {cfg.model.name} "
+                f"({floor.base_weights:.1f} GB plus the CUDA context): no setting makes it fit")
     current = estimate(cfg, arch).total
-    savings = []
-    for override in candidates:
-        changed = _with_override(cfg, override)
-        savings.append((override, current - estimate(changed, arch).total))
-    return max(savings, key=lambda s: s[1]) if savings else None
+    tried = []
+    for override in _candidate_changes(cfg):
+        changed = estimate(_with_override(cfg, override), arch).total
+        if changed <= gpu_gb:
+            return f"the change that makes it fit: {override} (saves {current - changed:.1f} GB)"
+        tried.append((current - changed, override))
+    if not tried:
+        return "no single change makes it fit"
+    saved, override = max(tried)
+    return (f"no single change makes it fit; the one that helps most: {override} "
+            f"(saves {saved:.1f} GB, still {current - saved - gpu_gb:.1f} GB over)")
+
+
+def _candidate_changes(cfg: Config) -> list[str]:
+    """Single overrides, the ones that change training least first, each knob from mild to strong."""
+    t, s, d = cfg.train, cfg.sapo, cfg.data
+    changes = []
+    if not cfg.model.gradient_checkpointing:
+        changes.append("model.gradient_checkpointing=true")
+    if cfg.model.quant != "nf4":
+        changes.append("model.quant=nf4")
+    changes += [f"sapo.gen_batch_size={n}" for n in _halvings(s.gen_batch_size, 1)]
+    changes += [f"train.logps_chunk_tokens={n}" for n in _halvings(t.logps_chunk_tokens, 64)]
+    # Fewer pairs a micro-batch, more micro-batches: the same pairs per optimizer step.
+    changes += [f"train.micro_batch={n} train.grad_accum={t.grad_accum * t.micro_batch // n}"
+                for n in _halvings(t.micro_batch, 1)]
+    changes += [f"data.max_len={n}" for n in _halvings(d.max_len, 256)]
+    return changes
+
+
+def _halvings(value: int, smallest: int) -> list[int]:
+    out = []
+    while value // 2 >= smallest:
+        value //= 2
+        out.append(value)
+    return out
 
 
 def _with_override(cfg: Config, override: str) -> Config:
@@ -218,7 +242,8 @@ def _with_override(cfg: Config, override: str) -> Config:
 
     changed = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s)) for s in
                                           ("model", "lora", "data", "sapo", "loss", "train")})
-    set_value(changed, *parse_override(override))
+    for part in override.split():
+        set_value(changed, *parse_override(part))
     if override.startswith("data.max_len="):
         changed.data.max_prompt_len = min(changed.data.max_prompt_len, changed.data.max_len - 1)
     return changed

@@ -17,7 +17,7 @@ from rich.console import Console
 from .batching import pair_logps
 from .buffer import StoredPair
 from .config import Config, to_yaml
-from .data import Example, install_chat_template, load_examples, stop_token_ids
+from .data import Example, held_out_set, install_chat_template, load_examples, stop_token_ids
 from .errors import ModelError
 from .losses import PairLogps
 from .memory import architecture_from_config, estimate
@@ -30,6 +30,7 @@ from .model import (
     pick_device,
     policy_parameters,
 )
+from .preflight import check_init_adapter, check_lora_targets, data_warnings, model_warnings, optimizer_choice
 from .testhook import pause_point
 from .tiny import TINY_NAME, build_tiny_base
 
@@ -81,6 +82,7 @@ class TrainSession:
     data_rng: np.random.Generator
     sample_rng: np.random.Generator
     reporter: Reporter
+    eval_source: str = ""
 
     def decode_pairs(self, pairs: Sequence[Any], count: int = 3) -> list[tuple[str, str, str]]:
         """(prompt, chosen response, rejected response) texts of the first `count` pairs."""
@@ -113,15 +115,10 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
     tokenizer = load_tokenizer(model_name, cfg.model.trust_remote_code)
     install_chat_template(tokenizer, cfg.data.chat_template)
     data = load_examples(cfg.data.path, cfg.data.split, tokenizer, cfg.data)
-    console.print(
-        f"data: {len(data.examples)} examples from {cfg.data.path}"
-        f" ({data.dropped_long_prompt} dropped: prompt > {cfg.data.max_prompt_len} tokens;"
-        f" {data.truncated_response} responses cut to {cfg.data.max_len} tokens)"
-    )
-    eval_examples: list[Example] = []
-    if cfg.data.eval_path:
-        eval_examples = load_examples(cfg.data.eval_path, "test", tokenizer, cfg.data).examples
-        eval_examples = eval_examples[: cfg.data.eval_size]
+    console.print(data.describe(cfg.data), highlight=False, markup=False)
+    train_examples, eval_examples, eval_source, eval_note = held_out_set(cfg.data, data, tokenizer, cfg.train.seed)
+    for line in ([eval_note] if eval_note else []) + data_warnings(data.unknown_share, tokenizer):
+        console.print(line, highlight=False, markup=False)
 
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     reporter = make_reporter(cfg.train.report_to, run_dir, cfg.to_dict())  # fails fast, before the model loads
@@ -129,6 +126,11 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
     if cfg.model.attn_implementation == "flash_attention_2" and not flash_attention_usable(device):
         console.print("warning: flash-attn is not usable here (needs CUDA and `pip install flash-attn`); using sdpa")
     base = load_base(cfg.model, model_name, device)
+    check_lora_targets(cfg, base)
+    if cfg.model.init_adapter:
+        check_init_adapter(cfg, base, model_name)
+    for line in model_warnings(cfg, base.config):
+        console.print(line, highlight=False, markup=False)
     try:
         peak_gb = estimate(cfg, architecture_from_config(base.config.to_dict())).total
         console.print(f"estimated peak GPU memory: {peak_gb:.1f} GB (term by term: sapo-lite estimate)")
@@ -138,6 +140,8 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
     model = attach_adapters(base, cfg.lora, cfg.model.init_adapter, cfg.model.gradient_checkpointing)
     trainable = policy_parameters(model)
     optimizer = build_optimizer(cfg, trainable, device)
+    if (note := optimizer_choice(cfg.train.optimizer, device.type)[1]) is not None:
+        console.print(note, highlight=False)
     scheduler = build_scheduler(cfg, optimizer)
     return TrainSession(
         cfg=cfg,
@@ -147,13 +151,14 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         trainable=trainable,
         optimizer=optimizer,
         scheduler=scheduler,
-        stream=DataStream(data.examples, cfg.train.seed),
+        stream=DataStream(train_examples, cfg.train.seed),
         eval_examples=eval_examples,
         pad_id=tokenizer.pad_token_id,
         stop_ids=stop_token_ids(tokenizer),
         data_rng=np.random.default_rng(cfg.train.seed + 1),
         sample_rng=np.random.default_rng(cfg.train.seed + 2),
         reporter=reporter,
+        eval_source=eval_source,
     )
 
 
@@ -172,9 +177,7 @@ def resolve_model_name(cfg: Config, run_dir: Path) -> str:
 
 def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
     """8-bit paged AdamW from bitsandbytes on CUDA (a quarter of AdamW's state), torch AdamW elsewhere."""
-    name = cfg.train.optimizer
-    if name == "auto":
-        name = "paged_adamw_8bit" if device.type == "cuda" else "adamw"
+    name, _ = optimizer_choice(cfg.train.optimizer, device.type)
     if name == "paged_adamw_8bit":
         import bitsandbytes as bnb
 

@@ -306,7 +306,7 @@ def _held_out_score(session: TrainSession, role: str, console: Console, run_dir:
         session.model, session.tokenizer, session.eval_examples, role,
         session.cfg.data.eval_max_new_tokens, session.stop_ids,
     )
-    console.print(score.describe())
+    console.print(f"{score.describe()} ({session.eval_source})", highlight=False)
     record_held_out(run_dir, score)
     return score.headline
 

@@ -34,6 +34,9 @@ def test_tiny_demo_learns_the_held_out_task(tiny_run):
     assert summary["eval_exact_match_base"] == 0.0
     assert summary["eval_exact_match_policy"] >= 0.3  # greedy answers to unseen prompts now right
     assert "held-out exact match: base 0.0% -> policy" in output
+    assert "held-out exact match, base (adapters off): 0.0% of 50 (bundled:tiny-reverse-eval)" in output
+    assert "data: 4000 examples from bundled:tiny-reverse, column prompt/response (prompt and response text); " \
+           "0 rows skipped" in output
 
 
 def test_run_directory_follows_the_contract(tiny_run):

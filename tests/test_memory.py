@@ -53,7 +53,7 @@ def test_estimate_cli_says_whether_it_fits_and_what_helps():
     too_big = runner.invoke(app, ["estimate", "--preset", "llama3-8b-qlora", "--gpu-gb", "12",
                                   "train.micro_batch=4"], env={"COLUMNS": "200"})
     assert too_big.exit_code == 0 and "does not fit a 12 GB GPU" in too_big.output
-    assert "the change that helps most: train.micro_batch=2" in too_big.output
+    assert "the change that makes it fit: train.micro_batch=1 train.grad_accum=16" in too_big.output
 
 
 def test_an_architecture_the_estimate_does_not_model_is_a_clear_error():

@@ -11,11 +11,54 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from ..errors import ConfigError, SapoError
 from ..fileerrors import storage_error
 
+# The order a user needs them in: plan and train, look at the result, ship it, inspect.
+COMMAND_ORDER = ("train", "estimate", "presets", "eval", "generate", "merge", "plot", "buffer", "env")
+# What an option takes, in words: `FILE` and `N` read better than Python's `<path>` and `<int>`.
+TYPE_WORDS = {"<path>": "PATH", "<int>": "N", "<float>": "NUMBER", "<str>": "TEXT", "<list[str]>": "TEXT"}
+
+
+class Commands(TyperGroup):
+    """Typer's group with the commands in COMMAND_ORDER and option types as words."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        names = super().list_commands(ctx)
+        rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(names, key=lambda name: rank.get(name, len(rank)))
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _in_words(super().get_params(ctx), ctx)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _in_words(command.get_params(ctx), ctx)
+        return command
+
+
+def _in_words(params: list[Any], ctx: Any) -> list[Any]:
+    for param in params:
+        if param.param_type_name == "argument" and param.metavar is None:
+            many = "..." if param.nargs != 1 else ""
+            param.metavar = "KEY=VALUE" if param.name == "overrides" else param.name.upper() + many
+        param.display_type_rich = functools.partial(_type_in_words, param)
+    return params
+
+
+def _type_in_words(param: Any, ctx: Any) -> str:
+    if getattr(param, "is_flag", False) or param.param_type_name == "argument":
+        return ""  # a switch takes no value; an argument's name already says what it is
+    if param.metavar:
+        return param.metavar
+    return TYPE_WORDS.get(param.display_type(ctx), param.display_type(ctx).strip("<>").upper())
+
+
 app = typer.Typer(
+    cls=Commands,
     help="Self-Augmented Preference Optimization (SAPO) with LoRA on a 4-bit base.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -13,6 +13,8 @@ from rich.table import Table
 from ..errors import ConfigError
 from .common import app, console, reports_errors
 
+PLOT_FORMATS = (".png", ".pdf", ".svg")
+
 
 @app.command()
 @reports_errors
@@ -24,6 +26,11 @@ def plot(
     from ..plot import plot_run
     from ..runs import run_config
 
+    if out is not None and out.is_dir():
+        raise ConfigError(f"--out `{out}` is a folder", f"name the image file, e.g. --out {out / 'plot.png'}")
+    if out is not None and out.suffix.lower() not in PLOT_FORMATS:
+        raise ConfigError(f"--out `{out}` is not an image file name",
+                          f"end it in {', '.join(PLOT_FORMATS)}, e.g. --out {out.with_suffix('.png')}")
     cfg = run_config(run)
     written = plot_run(run, out or run / "plot.png", cfg.sapo.buffer_size)
     console.print(f"wrote {written}", highlight=False)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..errors import ConfigError, RunDirError
+from ..errors import ConfigError
 from .common import app, console, parse_roles, quiet_libraries, reports_errors
 
 
@@ -31,6 +31,7 @@ def merge(
     at --dtype (16 GB for an 8B model in bf16).
     """
     from ..export import DTYPES, merge_adapter, resolve_base_dir, run_adapter_dir
+    from ..outputs import check_merge_out, write_merge_marker
     from ..runs import base_model_name, run_config
 
     if adapter not in ("policy", "ema"):
@@ -39,16 +40,14 @@ def merge(
         raise ConfigError(f"--dtype {dtype} is not supported", f"use one of {', '.join(DTYPES)}")
     cfg = run_config(run)
     adapter_dir = run_adapter_dir(run, adapter)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise RunDirError(f"`{out}` already exists", "choose another --out, or pass --overwrite to replace it")
-        if not (out / "config.json").is_file():  # --overwrite replaces model folders, never other folders
-            raise RunDirError(f"`{out}` is not a model folder: refusing to replace it", "choose another --out")
+    check_merge_out(run, out, overwrite)
+    quiet_libraries()  # bitsandbytes announces its optional CPU kernels when --nf4-roundtrip imports it
     base_dir = resolve_base_dir(base_model_name(cfg, run))
     report = merge_adapter(
         base_dir, adapter_dir, out, dtype=dtype, roundtrip=nf4_roundtrip, double_quant=cfg.model.double_quant,
         on_shard=lambda shard: console.print(f"merged {shard}", highlight=False),
     )
+    write_merge_marker(out, run, adapter, dtype)
     console.print(
         f"wrote {out}: {adapter} adapter ({adapter_dir}) folded into {report.merged_weights} weights of "
         f"{base_dir} in {dtype}{' after an NF4 round trip' if nf4_roundtrip else ''}, {report.shards} shard(s)",
@@ -68,7 +67,11 @@ def generate(
 ) -> None:
     """Answer prompts with the base and the run's adapters, side by side."""
     prompts = list(prompt or [])
+    if any(not text.strip() for text in prompts):
+        raise ConfigError("--prompt is empty", "give the text to answer, e.g. --prompt \"What is 2 + 2?\"")
     if prompts_file is not None:
+        if prompts_file.is_dir():
+            raise ConfigError(f"--prompts-file `{prompts_file}` is a folder", "pass a text file with one prompt a line")
         if not prompts_file.is_file():
             raise ConfigError(f"prompts file `{prompts_file}` does not exist")
         prompts += [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]

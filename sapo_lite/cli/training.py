@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 from pathlib import Path
 from typing import Annotated
@@ -10,23 +9,28 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..checkpoint import latest_checkpoint
 from ..config import RESUMABLE_KEYS, Config, to_yaml
-from ..config_sources import load_config, parse_override, preset_names, read_preset
+from ..config_sources import describe_sources, load_config, parse_override, preset_names, read_preset
 from ..errors import ConfigError, RunDirError, SapoError
 from ..fileerrors import storage_error
 from ..finish import run_is_finished
+from ..outputs import check_writable_dir, make_dir, remove_unstarted_run
 from ..runlock import RunLock, clear_run, is_sapo_run, never_started
 from ..signals import TerminateAsInterrupt
 from .common import app, console, quiet_libraries, reports_errors
 
 
-def prepare_run_dir(out: Path, overwrite: bool) -> RunLock:
-    """Refuse to write into an existing non-empty folder unless --overwrite; hold the run's lock."""
+def prepare_run_dir(out: Path, overwrite: bool) -> tuple[RunLock, Path | None]:
+    """Refuse to write into an existing non-empty folder unless --overwrite; hold the run's lock.
+
+    Also returns the topmost folder this call created, so a run that never starts removes it again.
+    """
     if out.exists() and not out.is_dir():
         raise RunDirError(f"`{out}` exists and is not a folder", "choose another --out")
+    check_writable_dir(out, "--out")
     if not (out.is_dir() and any(out.iterdir())):
-        return RunLock(out).acquire()
+        created = make_dir(out, "--out")
+        return RunLock(out).acquire(), created
     if not is_sapo_run(out):  # --overwrite deletes sapo-lite runs, never other folders
         if overwrite:
             raise RunDirError(f"`{out}` is not empty and is not a sapo-lite run: refusing to delete it",
@@ -48,7 +52,7 @@ def prepare_run_dir(out: Path, overwrite: bool) -> RunLock:
     except BaseException:
         lock.release()
         raise
-    return lock
+    return lock, None
 
 
 def lock_existing_run(run_dir: Path) -> RunLock:
@@ -82,7 +86,10 @@ def train(
         list[str] | None, typer.Argument(help="Config overrides as KEY=VALUE, e.g. loss.name=orpo train.max_steps=50")
     ] = None,
     preset: Annotated[str | None, typer.Option(help="Preset name (see `sapo-lite presets`); default tiny")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="YAML file applied over the preset")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML file applied over the preset, or over the built-in defaults "
+                                  "when --preset is not given")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/PRESET)")] = None,
     resume: Annotated[
         Path | None,
@@ -92,8 +99,15 @@ def train(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and plan only")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory first")] = False,
 ) -> None:
-    """Train a LoRA policy with SAPO: the EMA adapter writes the rejected responses."""
-    lock = None
+    """Train a LoRA policy with SAPO: the EMA adapter writes the rejected responses.
+
+    Settings: the preset (tiny when neither --preset nor --config is given), then --config, then
+    KEY=VALUE. --config without --preset applies the file over the built-in defaults, no preset.
+    """
+    if resume is not None and overwrite:
+        raise ConfigError("--resume continues a run and --overwrite would delete it: pick one",
+                          f"drop --overwrite to continue `{resume}`, or drop --resume to start it again")
+    lock = created = None
     if resume is not None:
         lock = None if dry_run else lock_existing_run(resume)
         try:
@@ -106,22 +120,26 @@ def train(
         preset = preset or ("tiny" if config is None else None)
         cfg = load_config(preset, config, overrides or [])
         out = out or Path("runs") / (preset or (config.stem if config else "run"))
+    console.print(f"config: {describe_sources(preset, config, overrides or [], resume)}", highlight=False)
     if dry_run:
         console.print(to_yaml(cfg), highlight=False, markup=False)
         console.print(describe_plan(cfg, out), highlight=False)
         return
     if resume is None:
-        lock = prepare_run_dir(out, overwrite)
+        lock, created = prepare_run_dir(out, overwrite)
     try:
         with lock, TerminateAsInterrupt():
             quiet_libraries()
             from ..trainer import train as run_training
 
             result = run_training(cfg, out, console, resume=resume is not None)
-    except (SapoError, KeyboardInterrupt, OSError, sqlite3.Error, RuntimeError) as exc:
-        started = resume is not None or (out / "metrics.jsonl").exists()
+    except BaseException as exc:
+        metrics = out / "metrics.jsonl"
+        started = resume is not None or (metrics.is_file() and metrics.stat().st_size > 0)
         if not started:
-            shutil.rmtree(out, ignore_errors=True)  # it never started: leave nothing to trip over next time
+            remove_unstarted_run(out, created)  # it never trained: leave nothing to trip over next time
+        if not isinstance(exc, (SapoError, KeyboardInterrupt, OSError, sqlite3.Error, RuntimeError)):
+            raise
         if isinstance(exc, KeyboardInterrupt) and started:
             raise SapoError("interrupted before the run finished",
                             f"resume from the last checkpoint: sapo-lite train --resume {out}") from None
@@ -145,6 +163,8 @@ def resume_config(
     """The run's own config plus the few overrides that are safe mid-run."""
     if preset or config or (out and out != run_dir):
         raise ConfigError("--resume continues a run with its own config", "drop --preset, --config and --out")
+    from ..checkpoint import latest_checkpoint
+
     checkpoint = latest_checkpoint(run_dir)  # fail before loading anything when there is nothing to resume
     for text in overrides:
         key, _ = parse_override(text)
@@ -182,14 +202,19 @@ def presets(name: Annotated[str | None, typer.Argument(help="Show this preset in
 @reports_errors
 def estimate(
     overrides: Annotated[list[str] | None, typer.Argument(help="Config overrides as KEY=VALUE")] = None,
-    preset: Annotated[str, typer.Option(help="Preset name")] = "llama3-8b-qlora",
-    config: Annotated[Path | None, typer.Option("--config", help="YAML file applied over the preset")] = None,
+    preset: Annotated[str | None, typer.Option(help="Preset name (default llama3-8b-qlora, unless --config)")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML file over the preset, or over the defaults without one")
+    ] = None,
     gpu_gb: Annotated[float, typer.Option("--gpu-gb", help="Memory of your GPU in GB")] = 24.0,
 ) -> None:
     """Estimate the GPU memory a run needs, term by term, and whether it fits your card."""
-    from ..memory import architecture, best_saving
+    from ..memory import architecture, fit_advice
     from ..memory import estimate as estimate_memory
 
+    if gpu_gb <= 0:
+        raise ConfigError(f"--gpu-gb {gpu_gb:g} is not a GPU size", "give your GPU's memory in GB, e.g. --gpu-gb 24")
+    preset = preset or (None if config else "llama3-8b-qlora")
     cfg = load_config(preset, config, overrides or [])
     arch = architecture(cfg.model.name)
     result = estimate_memory(cfg, arch)
@@ -199,15 +224,13 @@ def estimate(
         table.add_row(name, f"{value:.2f}")
     table.add_row("[bold]estimated peak[/]", f"[bold]{result.total:.2f}[/]")
     console.print(table)
-    console.print(
-        f"activations without gradient checkpointing would be {result.activations_without_checkpointing:.1f} GB; "
-        "generation (KV cache) and backward never overlap, so the peak counts the larger phase",
-        highlight=False,
-    )
-    fits = result.total <= gpu_gb
-    verdict = "fits" if fits else "does not fit"
-    console.print(f"[bold]{verdict}[/] a {gpu_gb:g} GB GPU ({gpu_gb - result.total:+.1f} GB to spare)", highlight=False)
-    if not fits:
-        saving = best_saving(cfg, arch, gpu_gb)
-        if saving:
-            console.print(f"the change that helps most: {saving[0]} (saves {saving[1]:.1f} GB)", highlight=False)
+    if cfg.model.gradient_checkpointing:
+        console.print(f"activations without gradient checkpointing would be "
+                      f"{result.activations_without_checkpointing:.1f} GB", highlight=False)
+    console.print("generation (KV cache) and backward never overlap, so the peak counts the larger phase")
+    if result.total <= gpu_gb:
+        console.print(f"[bold]fits[/] a {gpu_gb:g} GB GPU ({gpu_gb - result.total:.1f} GB to spare)", highlight=False)
+    else:
+        console.print(f"[bold]does not fit[/] a {gpu_gb:g} GB GPU (needs {result.total - gpu_gb:.1f} GB more)",
+                      highlight=False)
+        console.print(fit_advice(cfg, arch, gpu_gb), highlight=False)
