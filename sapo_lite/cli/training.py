@@ -13,7 +13,6 @@ from ..config import RESUMABLE_KEYS, Config, to_yaml
 from ..config_sources import describe_sources, load_config, parse_override, preset_names, read_preset
 from ..errors import ConfigError, RunDirError, SapoError
 from ..fileerrors import storage_error
-from ..finish import run_is_finished
 from ..outputs import check_writable_dir, make_dir, remove_unstarted_run
 from ..runlock import RunLock, clear_run, is_sapo_run, never_started
 from ..signals import TerminateAsInterrupt
@@ -164,6 +163,7 @@ def resume_config(
     if preset or config or (out and out != run_dir):
         raise ConfigError("--resume continues a run with its own config", "drop --preset, --config and --out")
     from ..checkpoint import latest_checkpoint
+    from ..finish import run_is_finished
 
     checkpoint = latest_checkpoint(run_dir)  # fail before loading anything when there is nothing to resume
     for text in overrides:
