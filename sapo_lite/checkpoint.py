@@ -5,6 +5,10 @@ complete, so a crash mid-write never leaves a folder that looks finished. It hol
 everything a resumed run needs to continue exactly as if it had never stopped: both
 adapters (PEFT safetensors), optimizer and scheduler state, every RNG state in play, the
 data position, and a snapshot of the replay buffer (pairs, draw counts and all).
+
+With N processes, every rank writes its own buffer snapshot (`buffer-rankK.sqlite`) and RNG
+state (`rng-rankK.pt`) into the same temporary folder; rank 0 writes the rest (adapters,
+optimizer and scheduler are identical on every rank) and publishes the folder once all are in.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 
 from .buffer import ReplayBuffer
+from .distributed import SINGLE, Processes
 from .errors import RunDirError
 from .model import EMA, POLICY, REF
 
@@ -35,6 +40,7 @@ class CheckpointInfo:
     step: int
     data_position: dict[str, int]
     eval_before: float | None
+    processes: int = 1
 
 
 def save_adapters(model: Any, folder: Path, adapters: tuple[str, ...] = (POLICY, EMA)) -> None:
@@ -88,21 +94,32 @@ def save_checkpoint(
     buffer: ReplayBuffer,
     keep: int,
     eval_before: float | None = None,
+    processes: Processes = SINGLE,
 ) -> Path:
-    """Write checkpoints/step-N atomically and keep only the newest `keep`."""
+    """Write checkpoints/step-N atomically and keep only the newest `keep`. Every rank calls it."""
     root = run_dir / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
-    if tmp.exists():
+    if processes.is_main and tmp.exists():
         shutil.rmtree(tmp)
-    save_adapters(model, tmp / "adapters", (POLICY, EMA, REF) if REF in model.peft_config else (POLICY, EMA))
-    buffer.snapshot(tmp / BUFFER_FILE)
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs},
-        tmp / STATE_FILE,
-    )
-    info = {"step": step, "data_position": data_position, "eval_before": eval_before}
-    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+    processes.barrier()
+    tmp.mkdir(parents=True, exist_ok=True)
+    buffer.snapshot(tmp / buffer.path.name)
+    if processes.count > 1:
+        torch.save(rngs, tmp / processes.rng_file)
+    if processes.is_main:
+        save_adapters(model, tmp / "adapters", (POLICY, EMA, REF) if REF in model.peft_config else (POLICY, EMA))
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs},
+            tmp / STATE_FILE,
+        )
+        info = {"step": step, "data_position": data_position, "eval_before": eval_before}
+        if processes.count > 1:
+            info["processes"] = processes.count
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+    processes.barrier()  # every rank's buffer and RNG state are in before the folder is published
+    if not processes.is_main:
+        return final
     _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -127,7 +144,7 @@ def completed_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [
         p for p in root.glob("step-*")
-        if all((p / name).is_file() for name in (INFO_FILE, STATE_FILE, BUFFER_FILE))
+        if all((p / name).is_file() for name in (INFO_FILE, STATE_FILE)) and any(p.glob("buffer*.sqlite"))
     ]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
@@ -149,12 +166,20 @@ def latest_checkpoint(run_dir: Path) -> CheckpointInfo:
         )
     path = complete[-1]
     info = json.loads((path / INFO_FILE).read_text())
-    return CheckpointInfo(path, info["step"], info["data_position"], info.get("eval_before"))
+    return CheckpointInfo(path, info["step"], info["data_position"], info.get("eval_before"),
+                          info.get("processes", 1))
 
 
 def load_trainer_state(checkpoint: CheckpointInfo) -> dict[str, Any]:
     # weights_only: a checkpoint is data, never code to run.
     return torch.load(checkpoint.path / STATE_FILE, weights_only=True, map_location="cpu")
+
+
+def rank_rng_state(checkpoint: CheckpointInfo, state: dict[str, Any], processes: Processes) -> dict[str, Any]:
+    """This rank's RNG state: from trainer_state.pt for one process, its own file for each of N."""
+    if processes.count == 1:
+        return state["rng"]
+    return torch.load(checkpoint.path / processes.rng_file, weights_only=True, map_location="cpu")
 
 
 def load_adapter_weights(model: Any, checkpoint: CheckpointInfo) -> None:

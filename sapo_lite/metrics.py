@@ -13,19 +13,26 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class MetricsWriter:
-    """Appends one JSON object per optimizer step to RUN/metrics.jsonl, flushed at once."""
+    """Appends one JSON object per optimizer step to RUN/metrics.jsonl, flushed at once.
 
-    def __init__(self, path: Path) -> None:
+    With several processes only rank 0 writes (`enabled=False` elsewhere), the figures already
+    averaged over ranks.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = path
-        self._file = path.open("a", encoding="utf-8")
+        self._file = path.open("a", encoding="utf-8") if enabled else None
 
     def write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -29,10 +29,10 @@ from .augment import make_pairs
 from .batching import pair_logps
 from .buffer import ReplayBuffer
 from .checkpoint import (
-    BUFFER_FILE,
     latest_checkpoint,
     load_adapter_weights,
     load_trainer_state,
+    rank_rng_state,
     restore_rng_state,
     rewind_metrics,
     rng_state,
@@ -68,8 +68,9 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
     else:
         start_step, eval_before = 0, _held_out_score(session, "base", console)
     loss_spec = LOSSES[cfg.loss.name]
-    buffer = ReplayBuffer(run_dir / BUFFER_FILE, cfg.sapo.buffer_size)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    procs = session.processes  # one process, or this rank of N (distributed.py)
+    buffer = ReplayBuffer(run_dir / procs.buffer_file, cfg.sapo.buffer_size)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=procs.is_main)
     model, device = session.model, session.device
     sampling = {"temperature": cfg.sapo.temperature, "top_k": cfg.sapo.top_k, "top_p": cfg.sapo.top_p}
     record: dict = {}
@@ -80,11 +81,12 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
         save_checkpoint(
             run_dir, at_step, model, session.optimizer, session.scheduler,
             rng_state(session.data_rng, session.sample_rng), session.stream.position(), buffer,
-            keep=cfg.train.keep_checkpoints, eval_before=eval_before,
+            keep=cfg.train.keep_checkpoints, eval_before=eval_before, processes=procs,
         )
 
     try:
-        with StopRequest() as stop, TrainProgress(console, cfg.train.max_steps, start_step) as progress:
+        stopper = procs.agreed_stop(StopRequest())  # every rank stops after the same step
+        with stopper as stop, TrainProgress(console, cfg.train.max_steps, start_step) as progress:
             for step in range(start_step + 1, cfg.train.max_steps + 1):
                 step_start = time.perf_counter()
                 if step > 1 and (step - 1) % cfg.sapo.ema_every == 0:
@@ -132,6 +134,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                 clip = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
                 grad_norm = torch.nn.utils.clip_grad_norm_(session.trainable, clip).item()
                 finite = math.isfinite(grad_norm) and math.isfinite(totals.means()["loss"])
+                finite = procs.all(finite)  # skip on every rank or on none
                 if finite:
                     session.optimizer.step()
                     session.scheduler.step()
@@ -159,6 +162,8 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                     "epoch": session.stream.epoch,
                     "peak_mem_gb": peak_memory_gb(device),
                 }
+                record = procs.mean_over_ranks(record)
+                procs.log_adapter_sums(model, run_dir, step)
                 metrics.write(record)
                 session.reporter.log(record)
                 if step % cfg.train.sample_every == 0:
@@ -184,12 +189,14 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
         console.print(f"stopped after step {step}; resume with: sapo-lite train --resume {run_dir}")
         return TrainResult(run_dir, step, record.get("loss", math.nan), eval_before, None,
                            time.perf_counter() - started, stopped_early=True)
-    save_adapters(model, run_dir / "adapters")
+    if procs.is_main:
+        save_adapters(model, run_dir / "adapters")
     eval_after = _held_out_score(session, "policy", console)
     result = TrainResult(
         run_dir, step, record.get("loss", math.nan), eval_before, eval_after, time.perf_counter() - started
     )
-    _write_summary(run_dir, result)
+    if procs.is_main:
+        _write_summary(run_dir, result)
     return result
 
 
@@ -246,15 +253,18 @@ def _fill_missing_reference(session: TrainSession, buffer: ReplayBuffer, batch) 
 def _restore(session: TrainSession, run_dir: Path, console: Console) -> tuple[int, float | None]:
     """Bring model, optimizer, RNGs, data position, buffer and metrics back to the newest checkpoint."""
     checkpoint = latest_checkpoint(run_dir)
+    procs = session.processes
+    procs.check_resumable(checkpoint.processes, run_dir)
     state = load_trainer_state(checkpoint)
     load_adapter_weights(session.model, checkpoint)
     session.optimizer.load_state_dict(state["optimizer"])
     session.scheduler.load_state_dict(state["scheduler"])
     _apply_new_peak_lr(session)
-    restore_rng_state(state["rng"], session.data_rng, session.sample_rng)
+    restore_rng_state(rank_rng_state(checkpoint, state, procs), session.data_rng, session.sample_rng)
     session.stream.seek(checkpoint.data_position)
-    ReplayBuffer.restore(checkpoint.path / BUFFER_FILE, run_dir / BUFFER_FILE)
-    rewind_metrics(run_dir / "metrics.jsonl", checkpoint.step)
+    ReplayBuffer.restore(checkpoint.path / procs.buffer_file, run_dir / procs.buffer_file)
+    if procs.is_main:
+        rewind_metrics(run_dir / "metrics.jsonl", checkpoint.step)
     console.print(f"resuming from {checkpoint.path.name}")
     return checkpoint.step, checkpoint.eval_before
 
@@ -272,7 +282,7 @@ def _apply_new_peak_lr(session: TrainSession) -> None:
 
 
 def _held_out_score(session: TrainSession, role: str, console: Console) -> float | None:
-    if not session.eval_examples:
+    if not session.eval_examples or not session.processes.is_main:
         return None
     score = exact_match(
         session.model, session.tokenizer, session.eval_examples, role,

@@ -12,6 +12,7 @@ from rich.table import Table
 from ..checkpoint import latest_checkpoint
 from ..config import RESUMABLE_KEYS, Config, to_yaml
 from ..config_sources import load_config, parse_override, preset_names, read_preset
+from ..distributed import start_processes
 from ..errors import ConfigError, RunDirError, SapoError
 from .common import app, console, quiet_libraries, reports_errors
 
@@ -63,6 +64,8 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory first")] = False,
 ) -> None:
     """Train a LoRA policy with SAPO: the EMA adapter writes the rejected responses."""
+    processes = start_processes()  # one process, or this rank under `accelerate launch` / `torchrun`
+    console.quiet = not processes.is_main  # rank 0 speaks for all
     if resume is not None:
         cfg, out = resume_config(resume, preset, config, out, overrides or [])
     else:
@@ -74,7 +77,9 @@ def train(
         console.print(describe_plan(cfg, out), highlight=False)
         return
     if resume is None:
-        prepare_run_dir(out, overwrite)
+        with processes.main_first():
+            if processes.is_main:
+                prepare_run_dir(out, overwrite)
     quiet_libraries()
     from ..trainer import train as run_training
 
@@ -82,7 +87,7 @@ def train(
         result = run_training(cfg, out, console, resume=resume is not None)
     except (SapoError, KeyboardInterrupt) as exc:
         started = (out / "metrics.jsonl").exists()
-        if resume is None and not started:
+        if resume is None and not started and processes.is_main:
             shutil.rmtree(out, ignore_errors=True)  # it never started: leave nothing to trip over next time
         if isinstance(exc, KeyboardInterrupt) and started:
             raise SapoError(
@@ -105,6 +110,7 @@ def resume_config(
     if preset or config or (out and out != run_dir):
         raise ConfigError("--resume continues a run with its own config", "drop --preset, --config and --out")
     checkpoint = latest_checkpoint(run_dir)  # fail before loading anything when there is nothing to resume
+    start_processes().check_resumable(checkpoint.processes, run_dir)
     for text in overrides:
         key, _ = parse_override(text)
         if key not in RESUMABLE_KEYS:
