@@ -24,6 +24,8 @@ import hashlib
 import itertools
 import json
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +213,7 @@ def start_processes() -> Processes:
         return SINGLE
     from accelerate import PartialState
 
+    _die_with_launcher()
     state = PartialState(cpu=not torch.cuda.is_available())
     if not state.initialized or state.num_processes <= 1:
         return SINGLE
@@ -219,6 +222,22 @@ def start_processes() -> Processes:
         start_processes._cleanup = True  # type: ignore[attr-defined]
     device = state.device if state.device.type == "cuda" else torch.device("cpu")
     return Processes(state.process_index, state.num_processes, device)
+
+
+def _die_with_launcher() -> None:
+    """Have the kernel kill this worker when its launcher dies (SIGKILL, the OOM killer).
+
+    torchrun, which `accelerate launch` runs, starts each worker in a session of its own, so a
+    signal that kills the launcher never reaches the workers: they would train on without it,
+    into a run directory the user believes stopped. Ctrl-C and SIGTERM are different: the
+    launcher forwards them and every rank stops after the same step.
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
 
 
 class _TrainedForward(torch.nn.Module):
