@@ -108,6 +108,33 @@ def test_two_processes_train_to_the_end_with_identical_adapters_and_a_buffer_eac
     assert rng[0]["data_rng"] != rng[1]["data_rng"]  # each rank draws its own truncation points
 
 
+def test_the_buffer_command_reads_each_ranks_buffer(straight):
+    from typer.testing import CliRunner
+
+    from sapo_lite.cli import app
+
+    run_dir, _ = straight
+    runner = CliRunner()
+    for rank in ("0", "1"):
+        shown = runner.invoke(app, ["buffer", str(run_dir), "--rank", rank])
+        assert shown.exit_code == 0, shown.output
+        assert f"rank {rank} of 2 processes" in shown.output
+        assert "pairs: 64 of 2000" in shown.output
+    missing = runner.invoke(app, ["buffer", str(run_dir), "--rank", "2"])
+    assert missing.exit_code == 1
+    assert "no buffer for rank 2" in missing.output
+
+
+def test_estimate_says_its_figure_is_per_gpu():
+    from typer.testing import CliRunner
+
+    from sapo_lite.cli import app
+
+    shown = CliRunner().invoke(app, ["estimate", "--preset", "llama3-8b-qlora"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "estimated peak per GPU" in shown.output and "the estimate is per GPU" in shown.output
+
+
 def test_sigkill_then_resume_with_two_processes_repeats_the_uninterrupted_run(straight, tmp_path):
     reference, _ = straight
     killed = tmp_path / "run"

@@ -151,7 +151,7 @@ def estimate(
     config: Annotated[Path | None, typer.Option("--config", help="YAML file applied over the preset")] = None,
     gpu_gb: Annotated[float, typer.Option("--gpu-gb", help="Memory of your GPU in GB")] = 24.0,
 ) -> None:
-    """Estimate the GPU memory a run needs, term by term, and whether it fits your card."""
+    """Estimate the memory a run needs on each GPU, term by term, and whether it fits your card."""
     from ..memory import architecture, best_saving
     from ..memory import estimate as estimate_memory
 
@@ -162,13 +162,16 @@ def estimate(
                   f"max_len {cfg.data.max_len}, micro_batch {cfg.train.micro_batch}")
     for name, value in result.rows():
         table.add_row(name, f"{value:.2f}")
-    table.add_row("[bold]estimated peak[/]", f"[bold]{result.total:.2f}[/]")
+    table.add_row("[bold]estimated peak per GPU[/]", f"[bold]{result.total:.2f}[/]")
     console.print(table)
     console.print(
         f"activations without gradient checkpointing would be {result.activations_without_checkpointing:.1f} GB; "
         "generation (KV cache) and backward never overlap, so the peak counts the larger phase",
         highlight=False,
     )
+    console.print("the estimate is per GPU: with N processes (accelerate launch) each GPU holds its own base, "
+                  "adapters and batch, so each needs this much; N cards do not make a model fit that one cannot",
+                  highlight=False)
     fits = result.total <= gpu_gb
     verdict = "fits" if fits else "does not fit"
     console.print(f"[bold]{verdict}[/] a {gpu_gb:g} GB GPU ({gpu_gb - result.total:+.1f} GB to spare)", highlight=False)
