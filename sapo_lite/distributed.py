@@ -201,10 +201,14 @@ class Processes:
 SINGLE = Processes()
 
 
-def _resume_command(count: int, run_dir: Path) -> str:
+def resume_command(count: int, run_dir: Path) -> str:
     if count == 1:
-        return f"resume it in one process: sapo-lite train --resume {run_dir}"
-    return f"resume it with {count}: accelerate launch --num_processes {count} -m sapo_lite train --resume {run_dir}"
+        return f"sapo-lite train --resume {run_dir}"
+    return f"accelerate launch --num_processes {count} -m sapo_lite train --resume {run_dir}"
+
+
+def _resume_command(count: int, run_dir: Path) -> str:
+    return f"resume it with {'one process' if count == 1 else count}: {resume_command(count, run_dir)}"
 
 
 def start_processes() -> Processes:

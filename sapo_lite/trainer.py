@@ -40,6 +40,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config
+from .distributed import resume_command
 from .errors import TrainingDiverged
 from .evaluate import exact_match
 from .losses import LOSSES
@@ -186,7 +187,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
         session.reporter.close()
         buffer.close()
     if stop.requested:
-        console.print(f"stopped after step {step}; resume with: sapo-lite train --resume {run_dir}")
+        console.print(f"stopped after step {step}; resume with: {resume_command(procs.count, run_dir)}")
         return TrainResult(run_dir, step, record.get("loss", math.nan), eval_before, None,
                            time.perf_counter() - started, stopped_early=True)
     if procs.is_main:
