@@ -178,14 +178,14 @@ class Processes:
                 _resume_command(checkpoint_processes, run_dir),
             )
 
-    def log_adapter_sums(self, model: Any, run_dir: Path, step: int) -> None:
+    def log_rank_debug(self, model: Any, run_dir: Path, record: dict[str, Any]) -> None:
         """With SAPO_DEBUG_ADAPTER_SUMS=1, each rank appends the SHA-256 of its policy and EMA adapters
-        after every step to RUN/debug/adapter-sums-rankK.jsonl: identical ranks write identical lines."""
+        after every step, and its own loss, to RUN/debug/adapter-sums-rankK.jsonl (tests read it)."""
         if os.environ.get("SAPO_DEBUG_ADAPTER_SUMS") != "1":
             return
         from .model import EMA, POLICY, adapter_tensors
 
-        sums = {"step": step}
+        sums = {"step": record["step"], "loss": record["loss"]}
         for role in (POLICY, EMA):
             digest = hashlib.sha256()
             for name, tensor in sorted(adapter_tensors(model, role).items()):

@@ -163,8 +163,8 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                     "epoch": session.stream.epoch,
                     "peak_mem_gb": peak_memory_gb(device),
                 }
+                procs.log_rank_debug(model, run_dir, record)
                 record = procs.mean_over_ranks(record)
-                procs.log_adapter_sums(model, run_dir, step)
                 metrics.write(record)
                 session.reporter.log(record)
                 if step % cfg.train.sample_every == 0:

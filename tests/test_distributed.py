@@ -46,9 +46,14 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def adapter_sums(run_dir: Path, rank: int) -> dict[int, dict]:
+def rank_debug(run_dir: Path, rank: int) -> dict[int, dict]:
+    """Per step: this rank's own loss and the SHA-256 of its policy and EMA adapters (SAPO_DEBUG_ADAPTER_SUMS)."""
     lines = (run_dir / "debug" / f"adapter-sums-rank{rank}.jsonl").read_text().splitlines()
     return {record["step"]: record for record in map(json.loads, lines)}  # a resumed step replaces the killed one
+
+
+def adapter_sums(run_dir: Path, rank: int) -> dict[int, tuple[str, str]]:
+    return {step: (r["policy"], r["ema"]) for step, r in rank_debug(run_dir, rank).items()}
 
 
 def alive(pid: str) -> bool:
@@ -90,8 +95,14 @@ def test_two_processes_train_to_the_end_with_identical_adapters_and_a_buffer_eac
     sums = [adapter_sums(run_dir, rank) for rank in (0, 1)]
     assert sums[0] == sums[1]
     assert sorted(sums[0]) == list(range(1, 9))
-    assert len({s["policy"] for s in sums[0].values()}) == 8
-    assert sums[0][8]["ema"] != sums[0][1]["ema"]
+    assert len({policy for policy, _ in sums[0].values()}) == 8
+    assert sums[0][8][1] != sums[0][1][1]  # the EMA moved
+
+    # metrics.jsonl logs the mean of the two ranks' losses, not rank 0's alone.
+    own = [rank_debug(run_dir, rank) for rank in (0, 1)]
+    # (Both start at log 2: DPO with policy = reference; they part once the policy moves.)
+    assert any(own[0][step]["loss"] != own[1][step]["loss"] for step in range(1, 9))
+    assert [r["loss"] for r in metrics(run_dir)] == [(own[0][s]["loss"] + own[1][s]["loss"]) / 2 for s in range(1, 9)]
 
     # One buffer per rank, each sound and holding its own 8 new pairs per step.
     assert not (run_dir / "buffer.sqlite").exists()
