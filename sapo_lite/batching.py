@@ -28,17 +28,18 @@ def right_pad(
 
 def pair_logps(
     model: torch.nn.Module, pairs: Sequence[Pair], pad_id: int, device: torch.device,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS, score=response_token_logps,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed response log-probs and token counts of chosen and rejected, (B,) each.
 
     Chosen and rejected go through one forward as a batch of 2B sequences; the output head
-    sees only response positions, `chunk_tokens` at a time.
+    sees only response positions, `chunk_tokens` at a time. `score` is `response_token_logps`
+    or, with several processes, the same run through DDP (`Processes.data_parallel`).
     """
     sequences = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     prompt_lens = [p.prompt_len for p in pairs] * 2
     ids, attention, response = right_pad(sequences, prompt_lens, pad_id)
     ids, attention, response = ids.to(device), attention.to(device), response.to(device)
-    logps, counts = response_token_logps(model, ids, attention, response, chunk_tokens)
+    logps, counts = score(model, ids, attention, response, chunk_tokens)
     n = len(pairs)
     return logps[:n], logps[n:], counts[:n], counts[n:]

@@ -9,6 +9,10 @@ line of its own step. A manifest of files and sizes is written last: a checkpoin
 not match it (a file deleted or cut short) is skipped with a warning, and resume continues from
 the one before. Old checkpoints are renamed to `.del-step-N/` before they are deleted, so a kill
 during rotation leaves a leftover that `remove_leftovers` clears, never a half-deleted `step-N/`.
+
+With N processes, every rank writes its own buffer snapshot (`buffer-rankK.sqlite`) and RNG
+state (`rng-rankK.pt`) into the same temporary folder; rank 0 writes the rest (adapters,
+optimizer and scheduler are identical on every rank) and publishes the folder once all are in.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 
 from .buffer import ReplayBuffer
+from .distributed import SINGLE, Processes
 from .errors import RunDirError
 from .fileerrors import writing
 from .manifest import has_manifest, manifest_problems, write_manifest
@@ -47,6 +52,7 @@ class CheckpointInfo:
     eval_before: float | None
     record: dict[str, Any] | None = None  # the metrics line of this step
     skipped: tuple[tuple[Path, str], ...] = ()  # newer checkpoints that are incomplete, and why
+    processes: int = 1
 
 
 def save_adapters(model: Any, folder: Path, adapters: tuple[str, ...] = (POLICY, EMA)) -> None:
@@ -101,24 +107,36 @@ def save_checkpoint(
     keep: int,
     eval_before: float | None = None,
     record: dict[str, Any] | None = None,
+    processes: Processes = SINGLE,
 ) -> Path:
-    """Write checkpoints/step-N atomically and keep only the newest `keep`."""
+    """Write checkpoints/step-N atomically and keep only the newest `keep`. Every rank calls it."""
     root = run_dir / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
+    if processes.is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    processes.barrier()
     with writing(tmp, run_dir), removed_on_failure(tmp):
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        save_adapters(model, tmp / "adapters", (POLICY, EMA, REF) if REF in model.peft_config else (POLICY, EMA))
-        pause_point("checkpoint-write")
-        buffer.snapshot(tmp / BUFFER_FILE)
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs},
-            tmp / STATE_FILE,
-        )
-        info = {"step": step, "data_position": data_position, "eval_before": eval_before,
-                "metrics": finite_or_none(record) if record else None}
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+        tmp.mkdir(parents=True, exist_ok=True)
+        buffer.snapshot(tmp / buffer.path.name)
+        if processes.count > 1:
+            torch.save(rngs, tmp / processes.rng_file)
+        if processes.is_main:
+            save_adapters(model, tmp / "adapters", (POLICY, EMA, REF) if REF in model.peft_config else (POLICY, EMA))
+            pause_point("checkpoint-write")
+            torch.save(
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs},
+                tmp / STATE_FILE,
+            )
+            info = {"step": step, "data_position": data_position, "eval_before": eval_before,
+                    "metrics": finite_or_none(record) if record else None}
+            if processes.count > 1:
+                info["processes"] = processes.count
+            (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+    processes.barrier()  # every rank's buffer and RNG state are in before the folder is published
+    if not processes.is_main:
+        return final
+    with writing(tmp, run_dir), removed_on_failure(tmp):
         _fsync_tree(tmp)
         write_manifest(tmp)  # last: its presence says every file above is complete
         if final.exists():
@@ -217,12 +235,19 @@ def latest_checkpoint(run_dir: Path) -> CheckpointInfo:
     skipped = tuple((p, "; ".join(checkpoint_problems(p))) for p in incomplete_checkpoints(run_dir)
                     if _step(p) > info["step"])
     return CheckpointInfo(path, info["step"], info["data_position"], info.get("eval_before"),
-                          info.get("metrics"), skipped)
+                          info.get("metrics"), skipped, info.get("processes", 1))
 
 
 def load_trainer_state(checkpoint: CheckpointInfo) -> dict[str, Any]:
     # weights_only: a checkpoint is data, never code to run.
     return torch.load(checkpoint.path / STATE_FILE, weights_only=True, map_location="cpu")
+
+
+def rank_rng_state(checkpoint: CheckpointInfo, state: dict[str, Any], processes: Processes) -> dict[str, Any]:
+    """This rank's RNG state: from trainer_state.pt for one process, its own file for each of N."""
+    if processes.count == 1:
+        return state["rng"]
+    return torch.load(checkpoint.path / processes.rng_file, weights_only=True, map_location="cpu")
 
 
 def load_adapter_weights(model: Any, checkpoint: CheckpointInfo) -> None:

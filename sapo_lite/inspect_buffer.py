@@ -12,7 +12,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from .buffer import StoredPair, check_schema
-from .errors import RunDirError
+from .errors import ConfigError, RunDirError
 
 
 @dataclass
@@ -34,8 +34,22 @@ class BufferStats:
         ]
 
 
-def open_buffer_readonly(run_dir: Path) -> sqlite3.Connection:
-    path = run_dir / "buffer.sqlite"
+def buffer_path(run_dir: Path, rank: int | None = None) -> tuple[Path, int]:
+    """(the buffer file to read, how many processes keep one): `buffer.sqlite` for a one-process run,
+    `buffer-rankK.sqlite` (rank 0 unless told) for a run trained by N processes."""
+    ranked = sorted(run_dir.glob("buffer-rank*.sqlite"))
+    if (run_dir / "buffer.sqlite").is_file() or not ranked:
+        if rank:
+            raise ConfigError(f"`{run_dir}` was trained by one process: it has one buffer", "drop --rank")
+        return run_dir / "buffer.sqlite", 1
+    path = run_dir / f"buffer-rank{rank or 0}.sqlite"
+    if not path.is_file():
+        raise ConfigError(f"`{run_dir}` has no buffer for rank {rank}", f"choose --rank 0 to {len(ranked) - 1}")
+    return path, len(ranked)
+
+
+def open_buffer_readonly(run_dir: Path, rank: int | None = None) -> sqlite3.Connection:
+    path, _ = buffer_path(run_dir, rank)
     if not path.is_file():
         raise RunDirError(f"`{run_dir}` has no buffer.sqlite", "point at the --out folder of a run that trained")
     try:

@@ -13,13 +13,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class MetricsWriter:
-    """Appends one JSON object per optimizer step to RUN/metrics.jsonl, flushed at once."""
+    """Appends one JSON object per optimizer step to RUN/metrics.jsonl, flushed at once.
 
-    def __init__(self, path: Path) -> None:
+    With several processes only rank 0 writes (`enabled=False` elsewhere), the figures already
+    averaged over ranks.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = path
-        self._file = path.open("a", encoding="utf-8")
+        self._file = path.open("a", encoding="utf-8") if enabled else None
 
     def write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
         from .fileerrors import writing
 
         with writing(self.path, self.path.parent):
@@ -27,7 +33,8 @@ class MetricsWriter:
             self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def finite_or_none(record: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import resource
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,9 @@ from .batching import pair_logps
 from .buffer import StoredPair
 from .config import Config, to_yaml
 from .data import Example, held_out_set, install_chat_template, load_examples, stop_token_ids
+from .distributed import SINGLE, Processes, share_stream, start_processes
 from .errors import ModelError
+from .logps import response_token_logps
 from .losses import PairLogps
 from .memory import architecture_from_config, estimate
 from .metrics import Reporter, make_reporter
@@ -27,7 +29,6 @@ from .model import (
     flash_attention_usable,
     load_base,
     load_tokenizer,
-    pick_device,
     policy_parameters,
 )
 from .preflight import check_init_adapter, check_lora_targets, data_warnings, model_warnings, optimizer_choice
@@ -83,6 +84,8 @@ class TrainSession:
     sample_rng: np.random.Generator
     reporter: Reporter
     eval_source: str = ""
+    processes: Processes = SINGLE
+    score: Callable[..., Any] = response_token_logps  # the training forward (through DDP with several processes)
 
     def decode_pairs(self, pairs: Sequence[Any], count: int = 3) -> list[tuple[str, str, str]]:
         """(prompt, chosen response, rejected response) texts of the first `count` pairs."""
@@ -95,7 +98,7 @@ class TrainSession:
 
     def to_pair_logps(self, batch: Sequence[StoredPair], with_reference: bool) -> PairLogps:
         chosen, rejected, n_chosen, n_rejected = pair_logps(
-            self.model, batch, self.pad_id, self.device, self.cfg.train.logps_chunk_tokens
+            self.model, batch, self.pad_id, self.device, self.cfg.train.logps_chunk_tokens, self.score
         )
         logps = PairLogps(chosen, rejected, n_chosen, n_rejected)
         if with_reference:
@@ -109,8 +112,10 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
     seed_everything(cfg.train.seed)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    device = pick_device()
-    model_name = resolve_model_name(cfg, run_dir)
+    processes = start_processes()
+    device = processes.device
+    with processes.main_first():  # the tiny base is built once, into the run directory
+        model_name = resolve_model_name(cfg, run_dir)
     pause_point("startup")
     tokenizer = load_tokenizer(model_name, cfg.model.trust_remote_code)
     install_chat_template(tokenizer, cfg.data.chat_template)
@@ -120,8 +125,10 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
     for line in ([eval_note] if eval_note else []) + data_warnings(data.unknown_share, tokenizer):
         console.print(line, highlight=False, markup=False)
 
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    reporter = make_reporter(cfg.train.report_to, run_dir, cfg.to_dict())  # fails fast, before the model loads
+    if processes.is_main:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    report_to = cfg.train.report_to if processes.is_main else "none"
+    reporter = make_reporter(report_to, run_dir, cfg.to_dict())  # fails fast, before the model loads
     console.print(f"model: {model_name} ({cfg.model.quant}) on {device.type}")
     if cfg.model.attn_implementation == "flash_attention_2" and not flash_attention_usable(device):
         console.print("warning: flash-attn is not usable here (needs CUDA and `pip install flash-attn`); using sdpa")
@@ -133,12 +140,15 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         console.print(line, highlight=False, markup=False)
     try:
         peak_gb = estimate(cfg, architecture_from_config(base.config.to_dict())).total
-        console.print(f"estimated peak GPU memory: {peak_gb:.1f} GB (term by term: sapo-lite estimate)")
+        console.print(f"estimated peak memory per GPU: {peak_gb:.1f} GB (term by term: sapo-lite estimate)")
     except ModelError:
         pass  # an architecture the estimate does not model: nothing to show, nothing wrong
 
     model = attach_adapters(base, cfg.lora, cfg.model.init_adapter, cfg.model.gradient_checkpointing)
     trainable = policy_parameters(model)
+    processes.reseed_rank(cfg.train.seed)
+    if processes.count > 1:
+        console.print(processes.describe(cfg.train.micro_batch, cfg.train.grad_accum, cfg.sapo.gen_per_step))
     optimizer = build_optimizer(cfg, trainable, device)
     if (note := optimizer_choice(cfg.train.optimizer, device.type)[1]) is not None:
         console.print(note, highlight=False)
@@ -151,14 +161,16 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         trainable=trainable,
         optimizer=optimizer,
         scheduler=scheduler,
-        stream=DataStream(train_examples, cfg.train.seed),
+        stream=share_stream(DataStream(train_examples, cfg.train.seed), processes),
         eval_examples=eval_examples,
         pad_id=tokenizer.pad_token_id,
         stop_ids=stop_token_ids(tokenizer),
-        data_rng=np.random.default_rng(cfg.train.seed + 1),
-        sample_rng=np.random.default_rng(cfg.train.seed + 2),
+        data_rng=np.random.default_rng(processes.rank_seed(cfg.train.seed + 1)),
+        sample_rng=np.random.default_rng(processes.rank_seed(cfg.train.seed + 2)),
         reporter=reporter,
         eval_source=eval_source,
+        processes=processes,
+        score=processes.data_parallel(model, cfg.train.grad_accum),
     )
 
 

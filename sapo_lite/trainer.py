@@ -40,10 +40,10 @@ from .augment import make_pairs
 from .batching import pair_logps
 from .buffer import ReplayBuffer
 from .checkpoint import (
-    BUFFER_FILE,
     latest_checkpoint,
     load_adapter_weights,
     load_trainer_state,
+    rank_rng_state,
     remove_leftovers,
     restore_rng_state,
     rewind_metrics,
@@ -51,6 +51,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config
+from .distributed import resume_command
 from .errors import TrainingDiverged
 from .evaluate import evaluate_role, held_out_metric, held_out_summary, record_held_out
 from .finish import save_final_adapters, write_summary
@@ -83,8 +84,9 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
     else:
         start_step, eval_before = 0, _held_out_score(session, "base", console, run_dir)
     loss_spec = LOSSES[cfg.loss.name]
-    buffer = ReplayBuffer(run_dir / BUFFER_FILE, cfg.sapo.buffer_size)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    procs = session.processes  # one process, or this rank of N (distributed.py)
+    buffer = ReplayBuffer(run_dir / procs.buffer_file, cfg.sapo.buffer_size)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=procs.is_main)
     model, device = session.model, session.device
     sampling = {"temperature": cfg.sapo.temperature, "top_k": cfg.sapo.top_k, "top_p": cfg.sapo.top_p}
     bad_in_a_row = bad_total = 0
@@ -94,11 +96,12 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
         save_checkpoint(
             run_dir, at_step, model, session.optimizer, session.scheduler,
             rng_state(session.data_rng, session.sample_rng), session.stream.position(), buffer,
-            keep=cfg.train.keep_checkpoints, eval_before=eval_before, record=record,
+            keep=cfg.train.keep_checkpoints, eval_before=eval_before, record=record, processes=procs,
         )
 
     try:
-        with StopRequest() as stop, TrainProgress(console, cfg.train.max_steps, start_step) as progress:
+        stopper = procs.agreed_stop(StopRequest())  # every rank stops after the same step
+        with stopper as stop, TrainProgress(console, cfg.train.max_steps, start_step) as progress:
             for step in range(start_step + 1, cfg.train.max_steps + 1):
                 step_start = time.perf_counter()
                 if step > 1 and (step - 1) % cfg.sapo.ema_every == 0:
@@ -153,6 +156,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                 clip = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
                 grad_norm = torch.nn.utils.clip_grad_norm_(session.trainable, clip).item()
                 finite = math.isfinite(grad_norm) and math.isfinite(totals.means()["loss"])
+                finite = procs.all(finite)  # skip on every rank or on none
                 if finite:
                     session.optimizer.step()
                     session.scheduler.step()
@@ -180,6 +184,8 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                     "epoch": session.stream.epoch,
                     "peak_mem_gb": peak_memory_gb(device),
                 }
+                procs.log_rank_debug(model, run_dir, record)
+                record = procs.mean_over_ranks(record)
                 metrics.write(record)
                 session.reporter.log(record)
                 if step % cfg.train.sample_every == 0 and pairs:
@@ -203,17 +209,19 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
         session.reporter.close()
         buffer.close()
     if stop.requested:
-        console.print(f"stopped after step {step}; resume with: sapo-lite train --resume {run_dir}")
+        console.print(f"stopped after step {step}; resume with: {resume_command(procs.count, run_dir)}")
         return TrainResult(run_dir, step, record.get("loss", math.nan), eval_before, None,
                            time.perf_counter() - started, stopped_early=True)
-    save_final_adapters(model, run_dir)
+    if procs.is_main:
+        save_final_adapters(model, run_dir)
     pause_point("final-eval")
     eval_after = _held_out_score(session, "policy", console, run_dir)
     result = TrainResult(
         run_dir, step, record.get("loss", math.nan), eval_before, eval_after, time.perf_counter() - started,
         eval_metric=held_out_metric(session.eval_examples),
     )
-    _write_summary(run_dir, result)
+    if procs.is_main:
+        _write_summary(run_dir, result)
     return result
 
 
@@ -273,15 +281,18 @@ def _restore(session: TrainSession, run_dir: Path, console: Console) -> tuple[in
     checkpoint = latest_checkpoint(run_dir)
     for path, problem in checkpoint.skipped:
         console.print(f"warning: skipping incomplete checkpoint {path} ({problem})", highlight=False)
+    procs = session.processes
+    procs.check_resumable(checkpoint.processes, run_dir)
     state = load_trainer_state(checkpoint)
     load_adapter_weights(session.model, checkpoint)
     session.optimizer.load_state_dict(state["optimizer"])
     session.scheduler.load_state_dict(state["scheduler"])
     _apply_new_peak_lr(session)
-    restore_rng_state(state["rng"], session.data_rng, session.sample_rng)
+    restore_rng_state(rank_rng_state(checkpoint, state, procs), session.data_rng, session.sample_rng)
     session.stream.seek(checkpoint.data_position)
-    ReplayBuffer.restore(checkpoint.path / BUFFER_FILE, run_dir / BUFFER_FILE)
-    rewind_metrics(run_dir / "metrics.jsonl", checkpoint.step, checkpoint.record)
+    ReplayBuffer.restore(checkpoint.path / procs.buffer_file, run_dir / procs.buffer_file)
+    if procs.is_main:
+        rewind_metrics(run_dir / "metrics.jsonl", checkpoint.step, checkpoint.record)
     left = "" if checkpoint.step < session.cfg.train.max_steps else " to finish the run (no steps left to train)"
     console.print(f"resuming from {checkpoint.path.name}{left}")
     return checkpoint.step, checkpoint.eval_before, checkpoint.record or {}
@@ -300,7 +311,7 @@ def _apply_new_peak_lr(session: TrainSession) -> None:
 
 
 def _held_out_score(session: TrainSession, role: str, console: Console, run_dir: Path) -> float | None:
-    if not session.eval_examples:
+    if not session.eval_examples or not session.processes.is_main:
         return None
     score = evaluate_role(
         session.model, session.tokenizer, session.eval_examples, role,

@@ -42,15 +42,20 @@ def buffer(
     run: Annotated[Path, typer.Argument(help="Run directory")],
     show: Annotated[int, typer.Option(help="Render the N newest pairs, the EMA's rewrite in red")] = 0,
     stats: Annotated[bool, typer.Option("--stats", help="Pair count, draw counts and ages (default)")] = False,
+    rank: Annotated[int | None, typer.Option(help="A run trained by N processes keeps a buffer per rank: "
+                                                  "which one (default 0)")] = None,
 ) -> None:
     """What the replay buffer holds: statistics, and pairs with the rewritten segment highlighted."""
-    from ..inspect_buffer import buffer_stats, newest_pairs, open_buffer_readonly, render_pair
+    from ..inspect_buffer import buffer_path, buffer_stats, newest_pairs, open_buffer_readonly, render_pair
     from ..runs import base_model_name, run_config
 
     if show < 0:
         raise ConfigError("--show must be >= 0")
     cfg = run_config(run)
-    db = open_buffer_readonly(run)
+    db = open_buffer_readonly(run, rank)
+    _, processes = buffer_path(run, rank)
+    if processes > 1:
+        console.print(f"rank {rank or 0} of {processes} processes (each keeps its own buffer)", highlight=False)
     try:
         if stats or not show:
             for line in buffer_stats(db, cfg.sapo.buffer_size).lines():

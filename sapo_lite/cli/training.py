@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from pathlib import Path
 from typing import Annotated
@@ -106,9 +107,13 @@ def train(
     if resume is not None and overwrite:
         raise ConfigError("--resume continues a run and --overwrite would delete it: pick one",
                           f"drop --overwrite to continue `{resume}`, or drop --resume to start it again")
+    from ..distributed import start_processes
+
+    processes = start_processes()  # one process, or this rank under `accelerate launch` / `torchrun`
+    console.quiet = not processes.is_main  # rank 0 speaks for all
     lock = created = None
     if resume is not None:
-        lock = None if dry_run else lock_existing_run(resume)
+        lock = None if dry_run or not processes.is_main else lock_existing_run(resume)
         try:
             cfg, out = resume_config(resume, preset, config, out, overrides or [])
         except BaseException:
@@ -125,9 +130,11 @@ def train(
         console.print(describe_plan(cfg, out), highlight=False)
         return
     if resume is None:
-        lock, created = prepare_run_dir(out, overwrite)
+        with processes.main_first():
+            if processes.is_main:  # rank 0 alone holds the run's lock and writes its folder
+                lock, created = prepare_run_dir(out, overwrite)
     try:
-        with lock, TerminateAsInterrupt():
+        with lock or contextlib.nullcontext(), TerminateAsInterrupt():
             quiet_libraries()
             from ..trainer import train as run_training
 
@@ -135,7 +142,7 @@ def train(
     except BaseException as exc:
         metrics = out / "metrics.jsonl"
         started = resume is not None or (metrics.is_file() and metrics.stat().st_size > 0)
-        if not started:
+        if not started and processes.is_main:
             remove_unstarted_run(out, created)  # it never trained: leave nothing to trip over next time
         if not isinstance(exc, (SapoError, KeyboardInterrupt, OSError, sqlite3.Error, RuntimeError)):
             raise
@@ -166,6 +173,9 @@ def resume_config(
     from ..finish import run_is_finished
 
     checkpoint = latest_checkpoint(run_dir)  # fail before loading anything when there is nothing to resume
+    from ..distributed import start_processes
+
+    start_processes().check_resumable(checkpoint.processes, run_dir)
     for text in overrides:
         key, _ = parse_override(text)
         if key not in RESUMABLE_KEYS:
@@ -208,7 +218,7 @@ def estimate(
     ] = None,
     gpu_gb: Annotated[float, typer.Option("--gpu-gb", help="Memory of your GPU in GB")] = 24.0,
 ) -> None:
-    """Estimate the GPU memory a run needs, term by term, and whether it fits your card."""
+    """Estimate the memory a run needs on each GPU, term by term, and whether it fits your card."""
     from ..memory import architecture, fit_advice
     from ..memory import estimate as estimate_memory
 
@@ -222,12 +232,15 @@ def estimate(
                   f"max_len {cfg.data.max_len}, micro_batch {cfg.train.micro_batch}")
     for name, value in result.rows():
         table.add_row(name, f"{value:.2f}")
-    table.add_row("[bold]estimated peak[/]", f"[bold]{result.total:.2f}[/]")
+    table.add_row("[bold]estimated peak per GPU[/]", f"[bold]{result.total:.2f}[/]")
     console.print(table)
     if cfg.model.gradient_checkpointing:
         console.print(f"activations without gradient checkpointing would be "
                       f"{result.activations_without_checkpointing:.1f} GB", highlight=False)
     console.print("generation (KV cache) and backward never overlap, so the peak counts the larger phase")
+    console.print("the estimate is per GPU: with N processes (accelerate launch) each GPU holds its own base, "
+                  "adapters and batch, so each needs this much; N cards do not make a model fit that one cannot",
+                  highlight=False)
     if result.total <= gpu_gb:
         console.print(f"[bold]fits[/] a {gpu_gb:g} GB GPU ({gpu_gb - result.total:.1f} GB to spare)", highlight=False)
     else:
