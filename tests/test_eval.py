@@ -22,9 +22,12 @@ HELD_OUT = 8
 def run(tmp_path_factory):
     """A two-step tiny run whose held-out data is the bundled instruction set."""
     out = tmp_path_factory.mktemp("runs") / "run"
+    # A user's own eval file (a bundled eval set would follow its own bundled training data).
+    eval_file = tmp_path_factory.mktemp("data") / "instruct-eval.jsonl"
+    eval_file.write_text((ASSETS / "instruct-eval.jsonl").read_text())
     result = runner.invoke(app, [
         "train", "--out", str(out), "train.max_steps=2", "sapo.gen_per_step=4", "train.micro_batch=4",
-        "data.eval_path=bundled:instruct-eval", f"data.eval_size={HELD_OUT}",
+        f"data.eval_path={eval_file}", f"data.eval_size={HELD_OUT}",
     ])
     assert result.exit_code == 0, result.output
     return out, result.output

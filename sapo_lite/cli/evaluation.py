@@ -56,10 +56,10 @@ def evaluate_run(
     if not data_path:
         raise ConfigError(f"`{run}` has no data.eval_path", "pass --data FILE.jsonl or --data bundled:NAME")
     quiet_libraries()
-    rows = load_rows(data_path, "test")
+    rows = load_rows(data_path, None, key="--data")  # a single file whole, else its test split
     # Data without prompts, or with an unknown constraint kind, fails before the model loads.
-    detect_column(list(rows.column_names), cfg.data.column)
-    for row in rows:
+    detect_column(rows.columns, cfg.data.column, rows.rows)
+    for row in rows.rows:
         row_metadata(row)
     import torch
 
@@ -71,7 +71,7 @@ def evaluate_run(
     started = time.perf_counter()
     loaded = open_run(run, roles)
     data_cfg = dataclasses.replace(cfg.data, max_examples=limit)
-    tokenized = tokenize_dataset(rows, loaded.tokenizer, data_cfg, data_path)
+    tokenized = tokenize_dataset(rows, loaded.tokenizer, data_cfg)
     examples = tokenized.examples
     new_tokens = max_new_tokens or cfg.data.eval_max_new_tokens
     dropped = f" ({tokenized.dropped_long_prompt} dropped: prompt > {cfg.data.max_prompt_len} tokens)"
