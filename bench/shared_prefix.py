@@ -1,6 +1,6 @@
 """Shared-prefix pairs against chosen and rejected as separate sequences, by shared fraction.
 
-    python bench/shared_prefix.py [--rounds 3] [--threads 1] [--seq-len 512] [--pairs 2]
+    python bench/shared_prefix.py [--rounds 2] [--threads 1] [--seq-len 384] [--pairs 2]
 
 The CPU model of bench/train_step.py (Llama hidden 512 x 8 layers, vocab 32000, LoRA r=16 on
 every linear layer, fp32, sdpa). Each pair: a 128-token prompt and a response; chosen and
@@ -49,11 +49,11 @@ def make_pairs(count: int, seq_len: int, fraction: float, rng: np.random.Generat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--seq-len", type=int, default=384)
     parser.add_argument("--pairs", type=int, default=2)
-    parser.add_argument("--fractions", default="0.25,0.5,0.75,0.9")
+    parser.add_argument("--fractions", default="0.33,0.5,0.75,0.9")
     args = parser.parse_args()
     threads = fix_threads(args.threads)
     device = torch.device("cpu")
@@ -69,13 +69,13 @@ def main() -> None:
     for fraction in (float(f) for f in args.fractions.split(",")):
         pairs = make_pairs(args.pairs, args.seq_len, fraction, rng)
 
-        def train(shared_prefix: bool) -> None:
+        def train(shared_prefix: bool, pairs: list[Pair] = pairs) -> None:
             model.train()
             chosen, rejected, _, _ = pair_logps(model, pairs, 0, device, shared_prefix=shared_prefix)
             (chosen - rejected).sum().backward()
             model.zero_grad(set_to_none=True)
 
-        def ref(shared_prefix: bool) -> None:
+        def ref(shared_prefix: bool, pairs: list[Pair] = pairs) -> None:
             with reference(model):
                 pair_logps(model, pairs, 0, device, shared_prefix=shared_prefix)
 
