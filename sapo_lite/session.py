@@ -30,6 +30,7 @@ from .model import (
     pick_device,
     policy_parameters,
 )
+from .threads import apply_threads
 from .tiny import TINY_NAME, build_tiny_base
 
 
@@ -104,9 +105,9 @@ class TrainSession:
 def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
     """Load model, data and optimizer; write RUN/config.yaml. Raises SapoError on bad input."""
     seed_everything(cfg.train.seed)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
     device = pick_device()
+    if threads_line := apply_threads(cfg.train.num_threads, device):
+        console.print(threads_line)
     model_name = resolve_model_name(cfg, run_dir)
     tokenizer = load_tokenizer(model_name, cfg.model.trust_remote_code)
     install_chat_template(tokenizer, cfg.data.chat_template)
