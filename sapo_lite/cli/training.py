@@ -160,7 +160,7 @@ def estimate(
     console.print(table)
     console.print(
         f"activations without gradient checkpointing would be {result.activations_without_checkpointing:.1f} GB; "
-        "generation (KV cache) and backward never overlap, so the peak counts the larger phase",
+        "generation (KV cache), the reference forward and backward never overlap, so the peak counts the largest",
         highlight=False,
     )
     fits = result.total <= gpu_gb
