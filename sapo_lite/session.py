@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from .batching import pair_logps
+from .batching import packable, pair_logps
 from .buffer import StoredPair
 from .config import Config, to_yaml
 from .data import Example, install_chat_template, load_examples, stop_token_ids
@@ -135,6 +135,8 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         pass  # an architecture the estimate does not model: nothing to show, nothing wrong
 
     model = attach_adapters(base, cfg.lora, cfg.model.init_adapter, cfg.model.gradient_checkpointing)
+    if not packable(model):
+        console.print("pairs run as separate sequences: this attention kernel takes no shared-prefix mask")
     trainable = policy_parameters(model)
     optimizer = build_optimizer(cfg, trainable, device)
     scheduler = build_scheduler(cfg, optimizer)
