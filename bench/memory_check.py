@@ -6,12 +6,14 @@ The llama3-8b-qlora preset's training forward (2 pairs a micro-batch, chosen and
 separate sequences: the estimate's worst case, no shared prefix), LoRA r=16 all-linear with
 dropout 0.05, gradient checkpointing, bf16 weights (NF4 changes the weights, not the
 activations), CPU sdpa. Built with 1 and then 2 decoder layers; the difference is the cost of
-one more layer. Peak resident memory is sampled every 2 ms per phase, above the level before
-the phase:
+one more layer. Measured:
 
-- reference forward (no grad) of the pairs, as for new pairs entering the buffer;
-- training forward: what is kept for backward (checkpointed layer inputs, head inputs);
-- backward, head part (until the first layer is recomputed) and layer part (recompute + backward).
+- reference forward (no grad) of the pairs, as for new pairs entering the buffer: peak RSS;
+- training forward: the bytes autograd keeps for backward (checkpointed layer inputs, head
+  inputs), counted exactly with saved-tensor hooks; the 2-layer minus 1-layer figure is the
+  cost of one more layer;
+- one recomputed layer: the same forward without checkpointing, its extra saved bytes;
+- backward (the head's chunks, then the layer recompute and its backward): peak RSS.
 
 Each figure is printed next to the `sapo_lite/memory.py` term it checks, for the same tokens.
 The preset has 2 x 2048-token sequences a pair; the default here is 512 tokens a sequence so a
@@ -102,6 +104,33 @@ def build(layers: int):
                            gradient_checkpointing=True)
 
 
+class SavedBytes:
+    """Bytes autograd saves for backward while active (storage counted once), exact and allocator-independent."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.storages: dict[int, int] = {}
+        # weights saved for the input gradient are not activations: they exist anyway
+        self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def __enter__(self):
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in self.weights:
+                self.storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
 def measure(layers: int, pairs: list[Pair], sampler: PeakSampler) -> dict[str, float]:
     model = build(layers)
     device = torch.device("cpu")
@@ -112,28 +141,20 @@ def measure(layers: int, pairs: list[Pair], sampler: PeakSampler) -> dict[str, f
         sampler.stop()
     gc.collect()
     model.train()
-    recompute_started = {}
-    body = model.get_base_model().model
-
-    def mark_recompute(module, args):
-        if "after_forward" in recompute_started and "at" not in recompute_started:
-            recompute_started["at"] = rss()
-            sampler.start("backward: layer recompute + backward", base=recompute_started["base"])
-
-    hook = body.layers[-1].register_forward_pre_hook(mark_recompute)
-    before = rss()
-    sampler.start("training forward (kept for backward)")
-    chosen, rejected, _, _ = pair_logps(model, pairs, 0, device, shared_prefix=False)
-    loss = (chosen - rejected).sum()
-    sampler.stop()
-    kept = rss() - before
-    recompute_started.update(after_forward=True, base=rss())
-    sampler.start("backward: head", base=rss())
+    with SavedBytes(model) as kept:
+        chosen, rejected, _, _ = pair_logps(model, pairs, 0, device, shared_prefix=False)
+        loss = (chosen - rejected).sum()
+    sampler.start("backward (head, then layer recompute + backward)")
     loss.backward()
     sampler.stop()
-    hook.remove()
     peaks = {k: v / MB for k, v in sampler.peaks.items()}
-    peaks["training forward (kept for backward)"] = kept / MB
+    peaks["training forward (kept for backward)"] = kept.total / MB
+    if layers == 1:  # one layer's saved tensors as recomputation makes them: the same forward without checkpointing
+        model.get_base_model().gradient_checkpointing_disable()
+        model.zero_grad(set_to_none=True)
+        with SavedBytes(model) as full:
+            chosen, rejected, _, _ = pair_logps(model, pairs, 0, device, shared_prefix=False)
+        peaks["recomputed layer (saved tensors)"] = (full.total - kept.total) / MB
     del model, loss, chosen, rejected
     gc.collect()
     return peaks
@@ -177,16 +198,19 @@ def main() -> None:
     expected = {
         "reference forward": terms["reference_forward"],
         "training forward (kept for backward)": terms["kept_per_layer"],
-        "backward: head": terms["logits"],
-        "backward: layer recompute + backward": terms["recomputed_layer"],
+        "recomputed layer (saved tensors)": terms["recomputed_layer"],
+        "backward (head, then layer recompute + backward)": max(terms["logits"], terms["backward_transient"]),
     }
     for phase, term in expected.items():
         one, two = results[1].get(phase, float("nan")), results[2].get(phase, float("nan"))
         print(f"| {phase} | {one:.0f} | {two:.0f} | {two - one:.0f} | {term / MB:.0f} |")
     one = results[1]
-    print(f"per token, 1 layer: kept {one['training forward (kept for backward)'] * MB / tokens / 1e3:.1f} KB, "
-          f"recompute + backward {one['backward: layer recompute + backward'] * MB / tokens / 1e3:.1f} KB, "
-          f"reference forward {one['reference forward'] * MB / (tokens / 1e3) / 1e6:.1f} KB")
+    saved_kb = one["recomputed layer (saved tensors)"] * MB / tokens / 1e3
+    term_kb = terms["recomputed_layer"] / tokens / 1e3
+    print(f"per token, 1 layer: recomputed layer saves {saved_kb:.1f} KB (memory.py, CUDA: {term_kb:.1f} KB; "
+          f"CPU adds fp32 dropout masks); reference forward peak {one['reference forward'] * MB / tokens / 1e3:.1f} KB")
+    print("saved tensors are counted exactly (autograd hooks); the two peaks are resident memory sampled every 2 ms"
+          " above the level before the phase, which the allocator's reuse of freed memory can lower")
 
 
 if __name__ == "__main__":

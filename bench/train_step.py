@@ -1,12 +1,13 @@
 """One DPO training step: sapo-lite against TRL's DPOTrainer (PEFT), same model, LoRA, batch, lengths.
 
     pip install trl      # the only extra this benchmark needs
-    python bench/train_step.py [--steps 3] [--pairs 2] [--seq-len 512] [--threads 1]
+    python bench/train_step.py [--steps 3] [--pairs 2] [--seq-len 512] [--threads 1] [--rewrite 64]
 
 A Llama built locally (hidden 512, 8 layers, vocab 32000; random weights) with LoRA r=16 on
 every linear layer, fp32 on the CPU, no gradient checkpointing, 2 pairs a step, 512 tokens a
-sequence (half prompt, half response; SAPO pairs share the prompt and the response up to
-the rewrite point, here only the prompt, the least a SAPO pair shares). The contenders are
+sequence (half prompt, half response). By default chosen and rejected share only the prompt,
+the least a SAPO pair shares; `--rewrite 64` makes pairs as SAPO does (the rejected response is
+the chosen one with 64 tokens rewritten from a random point), which only sapo-lite exploits. The contenders are
 measured in one run, one step each per round in rotated order, with a fixed thread count; the
 figures are median [min-max] over `--steps` rounds after a warm-up round, ratios taken within a round.
 
@@ -68,12 +69,22 @@ def build_model(seed: int = 0):
     return LlamaForCausalLM(config)
 
 
-def make_rows(count: int, half_len: int, rng: np.random.Generator) -> list[dict[str, str]]:
+def make_rows(count: int, half_len: int, rng: np.random.Generator, rewrite: int = 0) -> list[dict[str, str]]:
+    """Prompt and two responses of `half_len` - 1 digit tokens each; with `rewrite`, the rejected
+    response is the chosen one with `rewrite` tokens from a random point replaced, as SAPO makes them."""
     def words(n):
-        return " ".join(str(d) for d in rng.integers(0, 10, n))
+        return [str(d) for d in rng.integers(0, 10, n)]
 
-    return [{"prompt": words(half_len), "chosen": " " + words(half_len - 1), "rejected": " " + words(half_len - 1)}
-            for _ in range(count)]
+    rows = []
+    for _ in range(count):
+        chosen = words(half_len - 1)
+        rejected = words(half_len - 1)
+        if rewrite:
+            t = int(rng.integers(0, half_len - 1 - rewrite + 1))
+            rejected = chosen[:t] + [str((int(chosen[t]) + 1) % 10)] + words(rewrite - 1) + chosen[t + rewrite :]
+        rows.append({"prompt": " ".join(words(half_len)), "chosen": " " + " ".join(chosen),
+                     "rejected": " " + " ".join(rejected)})
+    return rows
 
 
 class SapoLiteStep:
@@ -178,6 +189,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--rewrite", type=int, default=0,
+                        help="SAPO-shaped pairs: rejected = chosen with this many tokens rewritten (0: independent)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     try:
@@ -187,7 +200,7 @@ def main() -> None:
     threads = fix_threads(args.threads)
 
     tokenizer = build_tokenizer()
-    rows = make_rows(args.pairs * (args.steps + 2), args.seq_len // 2, np.random.default_rng(0))
+    rows = make_rows(args.pairs * (args.steps + 2), args.seq_len // 2, np.random.default_rng(0), args.rewrite)
     ours = "sapo-lite (cached reference, shared prefix)"
     trl_names = ("TRL DPOTrainer + PEFT, defaults", "TRL, precompute_ref_log_probs=True",
                  "TRL, precomputed reference + completion-only head")
@@ -202,7 +215,9 @@ def main() -> None:
 
     print(f"DPO step on CPU ({threads} threads), torch {torch.__version__}, trl {trl.__version__}: "
           f"Llama hidden 512 x 8 layers, vocab 32000, LoRA r={LORA.r} all-linear, {args.pairs} pairs/step, "
-          f"{args.seq_len} tokens/sequence, median [min-max] of {args.steps} interleaved rounds")
+          f"{args.seq_len} tokens/sequence, "
+          f"{f'rejected = chosen with {args.rewrite} tokens rewritten' if args.rewrite else 'independent responses'}"
+          f", median [min-max] of {args.steps} interleaved rounds")
     print("| trainer | step (s) | pairs/s | this / sapo-lite |")
     print("|---|---|---|---|")
     for name, values in times.items():
