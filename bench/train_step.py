@@ -1,19 +1,26 @@
 """One DPO training step: sapo-lite against TRL's DPOTrainer (PEFT), same model, LoRA, batch, lengths.
 
     pip install trl      # the only extra this benchmark needs
-    python bench/train_step.py [--steps 5] [--pairs 2] [--seq-len 512]
+    python bench/train_step.py [--steps 3] [--pairs 2] [--seq-len 512] [--threads 1] [--rewrite 64]
 
 A Llama built locally (hidden 512, 8 layers, vocab 32000; random weights) with LoRA r=16 on
 every linear layer, fp32 on the CPU, no gradient checkpointing, 2 pairs a step, 512 tokens a
-sequence (half prompt, half response). The three contenders are measured in one run,
-round-robin, one step each per round; the figure is the median over `--steps` rounds after a
-warm-up round.
+sequence (half prompt, half response). By default chosen and rejected share only the prompt,
+the least a SAPO pair shares; `--rewrite 64` makes pairs as SAPO does (the rejected response is
+the chosen one with 64 tokens rewritten from a random point), which only sapo-lite exploits. The contenders are
+measured in one run, one step each per round in rotated order, with a fixed thread count; the
+figures are median [min-max] over `--steps` rounds after a warm-up round, ratios taken within a round.
 
 - sapo-lite: pairs drawn from the SQLite buffer with their cached reference log-probs, one
   policy forward+backward over chosen and rejected, DPO loss, optimizer step.
 - TRL DPOTrainer: the same step through `trainer.training_step` + optimizer step; by default it
   runs a reference forward (adapters disabled) every step.
 - TRL with `precompute_ref_log_probs=True`: reference log-probs computed before training.
+- TRL with precomputed reference and its fused head scoring completion positions only: what
+  TRL does on CUDA/XPU with Triton; on CPU its head scores every position (prompt and padding)
+  and no DPOConfig option changes that (`padding_free` is disabled in TRL 1.16), so this
+  configuration is forced by patching `trl.trainer.utils._use_triton` during its steps. It is
+  the best TRL configuration for this case; `speedup_vs_trl` is against it.
 
 The step time excludes SAPO's generation (TRL's DPO has none); bench/sapo_step.py breaks a full
 SAPO step down.
@@ -22,11 +29,11 @@ SAPO step down.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -46,6 +53,9 @@ from sapo_lite.losses import dpo_loss  # noqa: E402
 from sapo_lite.model import attach_adapters, policy_parameters, reference  # noqa: E402
 from sapo_lite.tiny import build_tokenizer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import fix_threads, interleaved, ratio_text, spread  # noqa: E402
+
 LORA = LoraSettings(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
 
 
@@ -59,12 +69,22 @@ def build_model(seed: int = 0):
     return LlamaForCausalLM(config)
 
 
-def make_rows(count: int, half_len: int, rng: np.random.Generator) -> list[dict[str, str]]:
+def make_rows(count: int, half_len: int, rng: np.random.Generator, rewrite: int = 0) -> list[dict[str, str]]:
+    """Prompt and two responses of `half_len` - 1 digit tokens each; with `rewrite`, the rejected
+    response is the chosen one with `rewrite` tokens from a random point replaced, as SAPO makes them."""
     def words(n):
-        return " ".join(str(d) for d in rng.integers(0, 10, n))
+        return [str(d) for d in rng.integers(0, 10, n)]
 
-    return [{"prompt": words(half_len), "chosen": " " + words(half_len - 1), "rejected": " " + words(half_len - 1)}
-            for _ in range(count)]
+    rows = []
+    for _ in range(count):
+        chosen = words(half_len - 1)
+        rejected = words(half_len - 1)
+        if rewrite:
+            t = int(rng.integers(0, half_len - 1 - rewrite + 1))
+            rejected = chosen[:t] + [str((int(chosen[t]) + 1) % 10)] + words(rewrite - 1) + chosen[t + rewrite :]
+        rows.append({"prompt": " ".join(words(half_len)), "chosen": " " + " ".join(chosen),
+                     "rejected": " " + " ".join(rejected)})
+    return rows
 
 
 class SapoLiteStep:
@@ -106,13 +126,15 @@ class SapoLiteStep:
 
 
 class TrlStep:
-    def __init__(self, rows, tokenizer, pairs_per_step: int, folder: Path, precompute: bool):
+    def __init__(self, rows, tokenizer, pairs_per_step: int, folder: Path, precompute: bool,
+                 completion_only_head: bool = False):
         from datasets import Dataset
         from peft import LoraConfig
         from trl import DPOConfig, DPOTrainer
 
         args = DPOConfig(
-            output_dir=str(folder / f"trl-{precompute}"), per_device_train_batch_size=pairs_per_step,
+            output_dir=str(folder / f"trl-{precompute}-{completion_only_head}"),
+            per_device_train_batch_size=pairs_per_step,
             max_length=2048, bf16=False, use_cpu=True, gradient_checkpointing=False, report_to=[],
             learning_rate=1e-5, precompute_ref_log_probs=precompute, logging_steps=10_000, save_strategy="no",
             max_grad_norm=1.0, dataloader_num_workers=0,
@@ -126,8 +148,29 @@ class TrlStep:
         self.trainer.create_optimizer()
         self.trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which we step around
         self.model = self.trainer.model
+        self.completion_only_head = completion_only_head
+
+    def head_mode(self):
+        if not self.completion_only_head:
+            return contextlib.nullcontext()
+        import trl.trainer.utils as trl_utils
+
+        @contextlib.contextmanager
+        def compact():
+            original = trl_utils._use_triton
+            trl_utils._use_triton = lambda device: True  # TRL's completion-only path, taken on CUDA with Triton
+            try:
+                yield
+            finally:
+                trl_utils._use_triton = original
+
+        return compact()
 
     def step(self) -> float:
+        with self.head_mode():
+            return self._step()
+
+    def _step(self) -> float:
         self.model.train()
         try:
             inputs = next(self.batches)
@@ -143,42 +186,47 @@ class TrlStep:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--rewrite", type=int, default=0,
+                        help="SAPO-shaped pairs: rejected = chosen with this many tokens rewritten (0: independent)")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     try:
         import trl
     except ImportError:
         sys.exit("bench/train_step.py compares against TRL: pip install trl")
+    threads = fix_threads(args.threads)
 
     tokenizer = build_tokenizer()
-    rows = make_rows(args.pairs * (args.steps + 2), args.seq_len // 2, np.random.default_rng(0))
+    rows = make_rows(args.pairs * (args.steps + 2), args.seq_len // 2, np.random.default_rng(0), args.rewrite)
+    ours = "sapo-lite (cached reference, shared prefix)"
+    trl_names = ("TRL DPOTrainer + PEFT, defaults", "TRL, precompute_ref_log_probs=True",
+                 "TRL, precomputed reference + completion-only head")
     with tempfile.TemporaryDirectory() as tmp:
         contenders = {
-            "sapo-lite (cached reference)": SapoLiteStep(rows, tokenizer, args.pairs, Path(tmp)),
-            "TRL DPOTrainer + PEFT": TrlStep(rows, tokenizer, args.pairs, Path(tmp), precompute=False),
-            "TRL, precompute_ref_log_probs=True": TrlStep(rows, tokenizer, args.pairs, Path(tmp), precompute=True),
+            ours: SapoLiteStep(rows, tokenizer, args.pairs, Path(tmp)),
+            trl_names[0]: TrlStep(rows, tokenizer, args.pairs, Path(tmp), precompute=False),
+            trl_names[1]: TrlStep(rows, tokenizer, args.pairs, Path(tmp), precompute=True),
+            trl_names[2]: TrlStep(rows, tokenizer, args.pairs, Path(tmp), precompute=True, completion_only_head=True),
         }
-        times: dict[str, list[float]] = {name: [] for name in contenders}
-        for round_index in range(args.steps + 1):  # round 0 is the warm-up
-            for name, contender in contenders.items():
-                start = time.perf_counter()
-                contender.step()
-                if round_index:
-                    times[name].append(time.perf_counter() - start)
+        times = interleaved({name: contender.step for name, contender in contenders.items()}, args.steps)
 
-    print(f"DPO step on CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, trl {trl.__version__}: "
+    print(f"DPO step on CPU ({threads} threads), torch {torch.__version__}, trl {trl.__version__}: "
           f"Llama hidden 512 x 8 layers, vocab 32000, LoRA r={LORA.r} all-linear, {args.pairs} pairs/step, "
-          f"{args.seq_len} tokens/sequence, median of {args.steps} steps")
-    print("| trainer | step (s) | pairs/s |")
-    print("|---|---|---|")
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    for name, seconds in medians.items():
-        print(f"| {name} | {seconds:.3f} | {args.pairs / seconds:.2f} |")
-    ours = medians["sapo-lite (cached reference)"]
-    print(f"speedup_vs_trl_precomputed_ref: {medians['TRL, precompute_ref_log_probs=True'] / ours:.2f}")
-    print(f"speedup_vs_trl: {medians['TRL DPOTrainer + PEFT'] / ours:.2f}")
+          f"{args.seq_len} tokens/sequence, "
+          f"{f'rejected = chosen with {args.rewrite} tokens rewritten' if args.rewrite else 'independent responses'}"
+          f", median [min-max] of {args.steps} interleaved rounds")
+    print("| trainer | step (s) | pairs/s | this / sapo-lite |")
+    print("|---|---|---|---|")
+    for name, values in times.items():
+        versus = "-" if name == ours else f"{ratio_text(values, times[ours])}x"
+        print(f"| {name} | {spread(values)} | {args.pairs / statistics.median(values):.2f} | {versus} |")
+    best = min(trl_names, key=lambda name: statistics.median(times[name]))
+    print(f"speedup_vs_trl_defaults: {ratio_text(times[trl_names[0]], times[ours])}")
+    print(f"speedup_vs_trl_precomputed_ref: {ratio_text(times[trl_names[1]], times[ours])}")
+    print(f"speedup_vs_trl: {ratio_text(times[best], times[ours])} (against the best TRL configuration: {best})")
 
 
 if __name__ == "__main__":

@@ -146,22 +146,29 @@ def make_pairs(
     sampling: dict,
     static_cache: bool = False,
 ) -> list[Pair]:
-    """Turn examples into (chosen, rejected) pairs; `model` must already be the EMA generator."""
-    pairs: list[Pair] = []
-    for start in range(0, len(examples), gen_batch_size):
-        batch = examples[start : start + gen_batch_size]
-        cuts = [
-            choose_truncation(len(ex.response_ids), len(ex.prompt_ids), segment_len, max_len, rng)
-            for ex in batch
-        ]
-        contexts = [
-            [*ex.prompt_ids.tolist(), *ex.response_ids[:t].tolist()] for ex, (t, _) in zip(batch, cuts)
-        ]
-        segments = generate_segments(
-            model, contexts, max(g for _, g in cuts), pad_id, stop_ids, **sampling, static_cache=static_cache
+    """Turn examples into (chosen, rejected) pairs; `model` must already be the EMA generator.
+
+    Every truncation point is drawn first, in the order of `examples` (so a seed or a resumed
+    run gives each example the same point whatever the batching); the generation batches then
+    take the contexts sorted by length, so a batch left-pads little and stops together.
+    """
+    cuts = [
+        choose_truncation(len(ex.response_ids), len(ex.prompt_ids), segment_len, max_len, rng) for ex in examples
+    ]
+    contexts = [[*ex.prompt_ids.tolist(), *ex.response_ids[:t].tolist()] for ex, (t, _) in zip(examples, cuts)]
+    order = sorted(range(len(examples)), key=lambda i: len(contexts[i]))
+    segments: list[list[int]] = [[] for _ in examples]
+    for start in range(0, len(order), gen_batch_size):
+        batch = order[start : start + gen_batch_size]
+        generated = generate_segments(
+            model, [contexts[i] for i in batch], max(cuts[i][1] for i in batch), pad_id, stop_ids, **sampling,
+            static_cache=static_cache,
         )
-        for ex, (t, g), segment in zip(batch, cuts, segments):
-            chosen = np.concatenate([ex.prompt_ids, ex.response_ids]).astype(np.int32)
-            rejected = splice_rejected(ex.prompt_ids, ex.response_ids, t, g, segment, stop_ids)
-            pairs.append(Pair(chosen, rejected, len(ex.prompt_ids), t, g))
+        for i, segment in zip(batch, generated):
+            segments[i] = segment
+    pairs: list[Pair] = []
+    for ex, (t, g), segment in zip(examples, cuts, segments):
+        chosen = np.concatenate([ex.prompt_ids, ex.response_ids]).astype(np.int32)
+        rejected = splice_rejected(ex.prompt_ids, ex.response_ids, t, g, segment, stop_ids)
+        pairs.append(Pair(chosen, rejected, len(ex.prompt_ids), t, g))
     return pairs

@@ -157,7 +157,7 @@ class TrainConfig:
     seed: int = 42
     """Seed for data order, generation sampling and buffer sampling."""
     num_threads: int | None = None
-    """CPU threads for torch; unset keeps torch's default."""
+    """CPU threads for torch; unset: 1 on machines with <= 2 cores, else the idle physical cores (printed)."""
 
 
 @dataclass

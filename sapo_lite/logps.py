@@ -37,6 +37,22 @@ def _chunk_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: tor
     return -F.cross_entropy(logits, targets, reduction="none")
 
 
+def score_positions(
+    head: torch.nn.Module, picked: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> torch.Tensor:
+    """Log-prob of each target token from its hidden state, (N,); the head sees `chunk_tokens` rows at a time."""
+    score = functools.partial(_chunk_token_logps, head)
+    pieces = []
+    for start in range(0, picked.shape[0], chunk_tokens):
+        chunk, chunk_targets = picked[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        if torch.is_grad_enabled() and chunk.requires_grad:
+            pieces.append(checkpoint(score, chunk, chunk_targets, use_reentrant=False))
+        else:
+            pieces.append(score(chunk, chunk_targets))
+    # No scored position at all (every sequence is prompt only): an empty result that still backprops.
+    return torch.cat(pieces) if pieces else picked.sum(-1).float()
+
+
 def response_token_logps(
     model: Any,
     input_ids: torch.Tensor,
@@ -51,18 +67,8 @@ def response_token_logps(
     body, head = causal_lm_parts(model)
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     rows, cols = response_mask[:, 1:].nonzero(as_tuple=True)  # positions whose next token is scored
-    picked = hidden[rows, cols]  # (N, H)
     targets = input_ids[rows, cols + 1]  # (N,)
-    score = functools.partial(_chunk_token_logps, head)
-    pieces = []
-    for start in range(0, picked.shape[0], chunk_tokens):
-        chunk, chunk_targets = picked[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        if torch.is_grad_enabled() and chunk.requires_grad:
-            pieces.append(checkpoint(score, chunk, chunk_targets, use_reentrant=False))
-        else:
-            pieces.append(score(chunk, chunk_targets))
-    # No scored position at all (every sequence is prompt only): an empty sum that still backprops.
-    token_logps = torch.cat(pieces) if pieces else picked.sum(-1).float()
+    token_logps = score_positions(head, hidden[rows, cols], targets, chunk_tokens)
     batch = input_ids.shape[0]
     sums = torch.zeros(batch, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)
     counts = torch.bincount(rows, minlength=batch).to(torch.float32)

@@ -10,14 +10,25 @@ Formulas (bytes; b = compute-dtype bytes, 2 for bf16; T = tokens in one training
 - adapters: r x (in + out) parameters per adapted linear, kept in fp32 by peft: 4 bytes each,
   for `policy`, `ema` (and `ref` with an init adapter). Gradients: 4 bytes a policy parameter.
 - optimizer: AdamW 8 bytes a trainable parameter (two fp32 moments); 8-bit paged AdamW 2 bytes.
-- activations of one decoder layer (Korthikanti et al. 2022, adapted to Llama's gated MLP and
-  grouped-query attention): T x b x (10 H + 4 I + 2 KV), plus LoRA-dropout copies of each adapted
-  layer's input T x b x (6 H + I). With gradient checkpointing only each layer's input
+- activations of one decoder layer, per token, what autograd saves with frozen base weights
+  (checked on CPU by bench/memory_check.py at Llama-3-8B geometry): LoRA-A inputs cast to fp32
+  by peft, 4 x (6 H + I); LoRA-dropout masks, 1 byte each on CUDA, (6 H + I) when dropout > 0;
+  the MLP's gate, up and activation outputs, 3 I b; RMSNorm inputs in fp32, 2 H x 4; attention
+  (q, k, v after RoPE, output), b x (2 H + 2 KV). Backward adds transient gradients of the MLP
+  and of one fp32 LoRA input, 2 I b + 4 I. With gradient checkpointing only each layer's input
   (T x H x b) is kept, plus one layer recomputed in backward.
 - log-probs: sapo-lite scores `logps_chunk_tokens` positions at a time: logits, log-softmax and
-  their gradient in fp32, 3 x chunk x V x 4 bytes (the plain path would hold 3 x T x V x 4).
+  their gradient in fp32, 3 x chunk x V x 4 bytes (the plain path would hold 3 x T x V x 4), plus
+  the final hidden states T x H x b. The head's backward ends before the first layer is
+  recomputed, so the training peak takes the larger of the two, not their sum.
+- reference forward of the new pairs (no gradients, 2 x gen_per_step x max_len tokens in one
+  forward): the largest live set of one layer, the MLP's gate and up outputs and peft's fp32
+  copy of the down projection's input, 2 I b + 4 I a token, plus one chunk of logits.
+- shared-prefix pairs (the default layout) put fewer tokens through the model; the estimate
+  counts chosen and rejected in full, its upper bound.
 - generation KV cache (transformers' dynamic cache): gen_batch_size x max_len x layers x 2 x KV x b.
-  Generation and the backward pass never overlap: the peak takes the larger of the two phases.
+  Generation, the reference forward and the backward pass never overlap: the peak takes the
+  largest of the three phases.
 - CUDA overhead: 0.5 GB context (cuBLAS workspaces, kernels) plus 10% allocator fragmentation.
 """
 
@@ -117,6 +128,7 @@ class Estimate:
     activations: float
     activations_without_checkpointing: float
     logits: float
+    reference_forward: float
     kv_cache: float
     cuda_overhead: float
     total: float
@@ -129,6 +141,7 @@ class Estimate:
             ("optimizer state", self.optimizer),
             ("activations (training forward)", self.activations),
             ("log-prob logits (chunked)", self.logits),
+            ("reference forward (new pairs)", self.reference_forward),
             ("generation KV cache", self.kv_cache),
             ("CUDA context + fragmentation", self.cuda_overhead),
         ]
@@ -157,25 +170,57 @@ def estimate(cfg: Config, arch: Architecture | None = None) -> Estimate:
     optimizer_bytes = 2 if _optimizer(cfg) == "paged_adamw_8bit" else 8
     optimizer = lora_params * optimizer_bytes
 
-    tokens = 2 * cfg.train.micro_batch * cfg.data.max_len
-    h, i, kv = arch.hidden, arch.intermediate, arch.kv_dim
-    per_layer = tokens * b * (10 * h + 4 * i + 2 * kv)
-    if cfg.lora.dropout > 0:
-        per_layer += tokens * b * sum(shapes[m][0] for m in targets)
-    without_checkpointing = arch.layers * per_layer
-    with_checkpointing = arch.layers * tokens * h * b + per_layer
-    activations = with_checkpointing if cfg.model.gradient_checkpointing else without_checkpointing
-    logits = 3 * min(cfg.train.logps_chunk_tokens, tokens) * arch.vocab * 4 + tokens * h * b
-    kv_cache = cfg.sapo.gen_batch_size * cfg.data.max_len * arch.layers * 2 * kv * b
+    terms = activation_terms(cfg, arch)
+    activations = terms["kept"] + (terms["recomputed_layer"] if cfg.model.gradient_checkpointing else 0.0)
+    training = gradients + terms["kept"] + max(terms["logits"], terms["backward_transient"])
+    kv_cache = cfg.sapo.gen_batch_size * cfg.data.max_len * arch.layers * 2 * arch.kv_dim * b
 
     resident = base + adapters + optimizer
-    peak = resident + max(gradients + activations + logits, kv_cache)
+    peak = resident + max(training, terms["reference_forward"], kv_cache)
     overhead = 0.5 * GB + 0.1 * peak
     return Estimate(
         base_weights=base / GB, adapters=adapters / GB, gradients=gradients / GB, optimizer=optimizer / GB,
-        activations=activations / GB, activations_without_checkpointing=without_checkpointing / GB,
-        logits=logits / GB, kv_cache=kv_cache / GB, cuda_overhead=overhead / GB, total=(peak + overhead) / GB,
+        activations=activations / GB, activations_without_checkpointing=terms["without_checkpointing"] / GB,
+        logits=terms["logits"] / GB, reference_forward=terms["reference_forward"] / GB, kv_cache=kv_cache / GB,
+        cuda_overhead=overhead / GB, total=(peak + overhead) / GB,
     )
+
+
+def activation_terms(cfg: Config, arch: Architecture) -> dict[str, float]:
+    """Bytes of the activation terms in the module docstring, for this config's token counts.
+
+    kept: what stays from the training forward until backward; recomputed_layer: one layer's
+    saved tensors when checkpointing recomputes it; backward_transient: the larger of that
+    layer's recompute + backward and (without checkpointing) one layer's backward buffers.
+    """
+    b = 4 if cfg.model.dtype == "fp32" else 2
+    h, i, kv = arch.hidden, arch.intermediate, arch.kv_dim
+    shapes = arch.linear_shapes()
+    adapted_in = sum(shapes[m][0] for m in _adapted_modules(cfg.lora.target_modules, shapes))
+    tokens = 2 * cfg.train.micro_batch * cfg.data.max_len
+    saved = 4 * adapted_in + 3 * i * b + 2 * h * 4 + b * (2 * h + 2 * kv)
+    if cfg.lora.dropout > 0:
+        saved += adapted_in  # 1-byte masks on CUDA
+    backward_buffers = 2 * i * b + 4 * i
+    without_checkpointing = arch.layers * tokens * saved
+    if cfg.model.gradient_checkpointing:
+        kept = arch.layers * tokens * h * b
+        backward_transient = tokens * (saved + backward_buffers)
+    else:
+        kept = without_checkpointing
+        backward_transient = tokens * backward_buffers
+    chunk = 3 * min(cfg.train.logps_chunk_tokens, tokens) * arch.vocab * 4
+    ref_tokens = 2 * cfg.sapo.gen_per_step * cfg.data.max_len
+    return {
+        "kept": float(kept),
+        "kept_per_layer": float(tokens * h * b),
+        "recomputed_layer": float(tokens * saved),
+        "backward_transient": float(backward_transient),
+        "without_checkpointing": float(without_checkpointing),
+        "logits": float(chunk + tokens * h * b),
+        "reference_forward": float(ref_tokens * (2 * i * b + 4 * i) + min(cfg.train.logps_chunk_tokens, ref_tokens)
+                                   * arch.vocab * 4),
+    }
 
 
 def _adapted_modules(target_modules: list[str] | str, shapes: dict[str, tuple[int, int]]) -> list[str]:

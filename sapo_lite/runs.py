@@ -6,12 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from .config import Config
 from .config_sources import load_config
 from .data import install_chat_template, render_prompt_ids, stop_token_ids
 from .errors import RunDirError
 from .export import run_adapter_dir
 from .model import POLICY, load_base, load_tokenizer, pick_device
+from .threads import apply_threads
 from .tiny import TINY_NAME
 
 
@@ -41,6 +44,8 @@ def open_run(run_dir: Path, adapters: list[str]) -> RunModel:
     from peft import PeftModel
 
     cfg = run_config(run_dir)
+    if threads_line := apply_threads(cfg.train.num_threads, pick_device()):
+        Console(stderr=True).print(threads_line, highlight=False)  # stdout stays the answers
     name = base_model_name(cfg, run_dir)
     tokenizer = load_tokenizer(name, cfg.model.trust_remote_code)
     install_chat_template(tokenizer, cfg.data.chat_template)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from .batching import pair_logps
+from .batching import packable, pair_logps
 from .buffer import StoredPair
 from .config import Config, to_yaml
 from .data import Example, held_out_set, install_chat_template, load_examples, stop_token_ids
@@ -33,6 +33,7 @@ from .model import (
 )
 from .preflight import check_init_adapter, check_lora_targets, data_warnings, model_warnings, optimizer_choice
 from .testhook import pause_point
+from .threads import apply_threads
 from .tiny import TINY_NAME, build_tiny_base
 
 
@@ -110,10 +111,10 @@ class TrainSession:
 def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
     """Load model, data and optimizer; write RUN/config.yaml. Raises SapoError on bad input."""
     seed_everything(cfg.train.seed)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
     processes = start_processes()
     device = processes.device
+    if threads_line := apply_threads(cfg.train.num_threads, device):
+        console.print(threads_line)
     with processes.main_first():  # the tiny base is built once, into the run directory
         model_name = resolve_model_name(cfg, run_dir)
     pause_point("startup")
@@ -145,6 +146,10 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         pass  # an architecture the estimate does not model: nothing to show, nothing wrong
 
     model = attach_adapters(base, cfg.lora, cfg.model.init_adapter, cfg.model.gradient_checkpointing)
+    if not packable(model):
+        console.print("pairs run as separate sequences: this attention kernel takes no shared-prefix mask")
+    elif processes.count > 1:
+        console.print("pairs run as separate sequences: DDP averages gradients through its own forward only")
     trainable = policy_parameters(model)
     processes.reseed_rank(cfg.train.seed)
     if processes.count > 1:

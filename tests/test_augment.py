@@ -1,8 +1,10 @@
 """The truncation rule and the splicing of the EMA's segment into the rejected response."""
 
 import numpy as np
+import torch
 
-from sapo_lite.augment import choose_truncation, left_pad, splice_rejected
+from sapo_lite.augment import choose_truncation, left_pad, make_pairs, splice_rejected
+from sapo_lite.data import Example
 
 EOS = 99
 
@@ -47,3 +49,35 @@ def test_left_pad_aligns_sequences_to_the_right():
     ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+class _EchoGenerator(torch.nn.Module):
+    """Stands in for the EMA: its segment repeats the context's last token + 100, so a segment
+    that lands on the wrong pair shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.batches: list[list[int]] = []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+        self.batches.append(attention_mask.sum(1).tolist())
+        new = (input_ids[:, -1:] + 100).repeat(1, max_new_tokens)
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_generation_batches_sorted_by_context_length_keep_each_pairs_draw():
+    lengths = np.random.default_rng(1).integers(4, 30, 7)
+    examples = [Example(np.arange(3, dtype=np.int32), np.arange(10, 10 + n, dtype=np.int32), "") for n in lengths]
+    sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    results = []
+    for batch_size in (1, 3, 8):
+        model = _EchoGenerator()
+        pairs = make_pairs(model, examples, 4, 64, 0, [EOS], np.random.default_rng(5), batch_size, sampling)
+        results.append([(p.trunc_point, p.rejected_ids.tolist()) for p in pairs])
+        for pair in pairs:  # each rejected carries the segment generated from its own context
+            context_end = pair.prompt_len + pair.trunc_point
+            assert pair.rejected_ids[context_end] == pair.chosen_ids[context_end - 1] + 100
+        flat = [n for batch in model.batches for n in batch]
+        assert flat == sorted(flat)  # shortest contexts first: little left padding in a batch
+    assert results[0] == results[1] == results[2]

@@ -62,3 +62,19 @@ def test_an_architecture_the_estimate_does_not_model_is_a_clear_error():
 
     with pytest.raises(ModelError, match="Llama-like models only; this config has no `hidden_size`"):
         architecture_from_config({"vocab_size": 50257, "n_embd": 768, "n_layer": 12})
+
+
+def test_reference_forward_of_new_pairs_becomes_the_peak_when_many_pairs_are_generated():
+    few = estimate(load_config("llama3-8b-qlora", overrides=["sapo.gen_per_step=2"]))
+    usual = estimate(load_config("llama3-8b-qlora"))
+    many = estimate(load_config("llama3-8b-qlora", overrides=["sapo.gen_per_step=32"]))
+    assert few.total == pytest.approx(usual.total)  # the backward pass is the peak at 8 new pairs
+    assert many.reference_forward == pytest.approx(4 * usual.reference_forward, rel=0.05)
+    assert many.total > usual.total + 5
+
+
+def test_the_head_and_the_recomputed_layer_do_not_add_up():
+    cfg = load_config("llama3-8b-qlora")
+    small_chunk = estimate(load_config("llama3-8b-qlora", overrides=["train.logps_chunk_tokens=64"]))
+    assert small_chunk.logits < estimate(cfg).logits
+    assert small_chunk.total == pytest.approx(estimate(cfg).total)  # the recomputed layer is the larger phase

@@ -237,7 +237,8 @@ def estimate(
     if cfg.model.gradient_checkpointing:
         console.print(f"activations without gradient checkpointing would be "
                       f"{result.activations_without_checkpointing:.1f} GB", highlight=False)
-    console.print("generation (KV cache) and backward never overlap, so the peak counts the larger phase")
+    console.print("generation (KV cache), the reference forward and backward never overlap, "
+                  "so the peak counts the largest")
     console.print("the estimate is per GPU: with N processes (accelerate launch) each GPU holds its own base, "
                   "adapters and batch, so each needs this much; N cards do not make a model fit that one cannot",
                   highlight=False)
