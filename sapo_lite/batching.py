@@ -32,13 +32,18 @@ def pair_logps(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed response log-probs and token counts of chosen and rejected, (B,) each.
 
-    Chosen and rejected go through one forward as a batch of 2B sequences; the output head
+    Chosen and rejected go through one forward as a batch of 2B sequences (B when no pair has a
+    rejected response); the output head
     sees only response positions, `chunk_tokens` at a time.
     """
-    sequences = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-    prompt_lens = [p.prompt_len for p in pairs] * 2
+    # Pairs without rejected responses (SFT) send the chosen ones alone; rejected values are zeros.
+    with_rejected = any(len(p.rejected_ids) for p in pairs)
+    sequences = [p.chosen_ids for p in pairs] + ([p.rejected_ids for p in pairs] if with_rejected else [])
+    prompt_lens = [p.prompt_len for p in pairs] * (2 if with_rejected else 1)
     ids, attention, response = right_pad(sequences, prompt_lens, pad_id)
     ids, attention, response = ids.to(device), attention.to(device), response.to(device)
     logps, counts = response_token_logps(model, ids, attention, response, chunk_tokens)
     n = len(pairs)
+    if not with_rejected:
+        return logps, torch.zeros_like(logps), counts, torch.zeros_like(counts)
     return logps[:n], logps[n:], counts[:n], counts[n:]

@@ -19,6 +19,7 @@ from .buffer import StoredPair
 from .config import Config, to_yaml
 from .data import Example, install_chat_template, load_examples, stop_token_ids
 from .errors import ModelError
+from .gguf import gguf_base, is_gguf_base
 from .losses import PairLogps
 from .memory import architecture_from_config, estimate
 from .metrics import Reporter, make_reporter
@@ -162,9 +163,11 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_model_name(cfg: Config, run_dir: Path) -> str:
-    """`tiny` is built into RUN/base_model so the run's adapters load with plain peft."""
+    """`tiny` and GGUF bases are built into RUN/base_model so the run's adapters load with plain peft."""
     if cfg.model.name == TINY_NAME:
         return str(build_tiny_base(run_dir / "base_model"))
+    if is_gguf_base(cfg.model.name):
+        return str(gguf_base(cfg.model.name, run_dir / "base_model"))
     return cfg.model.name
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from .augment import make_pairs
+from .augment import chosen_only_pairs, make_pairs
 from .batching import pair_logps
 from .buffer import ReplayBuffer
 from .checkpoint import (
@@ -96,14 +96,18 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
 
                 # 1. Self-augmentation: the EMA rewrites a segment of each new good response.
                 examples = session.stream.take(cfg.sapo.gen_per_step)
-                with acting_as(model, EMA):
-                    pairs = make_pairs(
-                        model, examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id,
-                        session.stop_ids, session.data_rng, cfg.sapo.gen_batch_size, sampling, cfg.sapo.static_cache,
-                    )
+                if not loss_spec.needs_rejected:  # SFT: the chosen responses alone, nothing generated
+                    pairs = chosen_only_pairs(examples)
+                else:
+                    with acting_as(model, EMA):
+                        pairs = make_pairs(
+                            model, examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id, session.stop_ids,
+                            session.data_rng, cfg.sapo.gen_batch_size, sampling, cfg.sapo.static_cache,
+                        )
                 gen_s = time.perf_counter() - step_start
                 # Once the EMA reproduces a segment exactly, the pair teaches nothing: worth watching.
-                identical = sum(np.array_equal(p.chosen_ids, p.rejected_ids) for p in pairs) / len(pairs)
+                identical = (sum(np.array_equal(p.chosen_ids, p.rejected_ids) for p in pairs) / len(pairs)
+                             if loss_spec.needs_rejected else None)
 
                 # 2. Reference log-probs once per pair, stored with it in the buffer.
                 ref_start = time.perf_counter()
@@ -204,27 +208,32 @@ class _Totals:
 
     def __init__(self) -> None:
         self.sums: torch.Tensor | None = None
+        self.keys = self.KEYS
         self.count = 0
         self.tokens = 0
         self._means: dict[str, float] | None = None
 
     def add(self, out, logps, batch) -> None:
-        values = torch.stack([
-            out.loss.detach().float().sum(),
-            out.chosen_rewards.float().sum(),
-            out.rejected_rewards.float().sum(),
-            (out.chosen_rewards - out.rejected_rewards).float().sum(),
-            (out.chosen_rewards > out.rejected_rewards).float().sum(),
-            logps.policy_chosen.detach().float().sum(),
-            logps.policy_rejected.detach().float().sum(),
-        ])
+        if out.chosen_rewards is None:  # a loss without rejected responses (SFT): loss and chosen log-prob only
+            self.keys = ("loss", "logps/chosen")
+            values = torch.stack([out.loss.detach().float().sum(), logps.policy_chosen.detach().float().sum()])
+        else:
+            values = torch.stack([
+                out.loss.detach().float().sum(),
+                out.chosen_rewards.float().sum(),
+                out.rejected_rewards.float().sum(),
+                (out.chosen_rewards - out.rejected_rewards).float().sum(),
+                (out.chosen_rewards > out.rejected_rewards).float().sum(),
+                logps.policy_chosen.detach().float().sum(),
+                logps.policy_rejected.detach().float().sum(),
+            ])
         self.sums = values if self.sums is None else self.sums + values
         self.count += len(batch)
         self.tokens += sum(len(p.chosen_ids) + len(p.rejected_ids) for p in batch)
 
     def means(self) -> dict[str, float]:
         if self._means is None:
-            self._means = dict(zip(self.KEYS, (self.sums / self.count).tolist()))
+            self._means = dict(zip(self.keys, (self.sums / self.count).tolist()))
         return self._means
 
 
