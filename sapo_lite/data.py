@@ -53,6 +53,8 @@ class Example:
     prompt_ids: np.ndarray
     response_ids: np.ndarray
     response_text: str
+    constraints: list[dict] | None = None  # checkable instructions (sapo_lite/constraints.py), when the data has them
+    answer: str | None = None  # the reference answer, when the data has one
 
 
 @dataclass
@@ -164,6 +166,19 @@ def to_conversation(row: dict[str, Any], column: str) -> tuple[list[dict[str, st
     return messages[:-1], messages[-1]["content"]
 
 
+def row_metadata(row: dict[str, Any]) -> tuple[list[dict] | None, str | None]:
+    """(constraints, answer) of a row, None where the column is missing or empty.
+
+    `datasets` stores a column of differently shaped dicts as one struct: keys a constraint
+    does not have come back as None and are dropped here.
+    """
+    constraints = row.get("constraints")
+    if constraints:
+        constraints = [{k: v for k, v in c.items() if v is not None} for c in constraints]
+    answer = row.get("answer")
+    return constraints or None, None if answer is None else str(answer)
+
+
 def _normalise_message(message: dict[str, Any]) -> dict[str, str]:
     # ShareGPT-style rows use from/value and human/gpt.
     role = message.get("role", message.get("from"))
@@ -254,9 +269,10 @@ def tokenize_dataset(rows: Any, tokenizer: Any, cfg: DataConfig, source: str) ->
         if len(response_ids) > room:
             response_ids = response_ids[:room]
             truncated += 1
-        examples.append(
-            Example(np.asarray(prompt_ids, np.int32), np.asarray(response_ids, np.int32), response.strip())
-        )
+        examples.append(Example(
+            np.asarray(prompt_ids, np.int32), np.asarray(response_ids, np.int32), response.strip(),
+            *row_metadata(row),
+        ))
         if cfg.max_examples is not None and len(examples) >= cfg.max_examples:
             break
     if not examples:
