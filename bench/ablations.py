@@ -196,7 +196,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="run only these rows")
     parser.add_argument("--override", nargs="*", default=[], help="key=value applied to every run")
     parser.add_argument("--eval-size", type=int, default=200)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--table", action="store_true", help="only print the table")
     parser.add_argument("--score-run", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--roles", default="policy,ema", help=argparse.SUPPRESS)
