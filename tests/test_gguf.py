@@ -1,8 +1,6 @@
 """GGUF bases: the real SmolLM2 file dequantised into a run's base folder, and one-line errors."""
 
 import importlib.util
-import json
-import sys
 
 import numpy as np
 import pytest
