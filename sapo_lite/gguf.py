@@ -64,8 +64,12 @@ def check_gguf_file(path: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ModelError(f"reading `{path.name}` needs the `gguf` package, which is not installed", "pip install gguf")
     from gguf import GGMLQuantizationType, GGUFReader
-    from gguf.quants import _type_traits
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    from gguf.quants import _type_traits  # the types gguf can dequantise, which is what transformers calls
+
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    except ImportError:  # moved in another transformers version: its own loading error still applies
+        GGUF_SUPPORTED_ARCHITECTURES = None
 
     try:
         reader = GGUFReader(path)
@@ -74,7 +78,7 @@ def check_gguf_file(path: Path) -> None:
                          "download it again") from exc
     field = reader.fields.get("general.architecture")
     arch = field.contents() if field is not None else "unknown"
-    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+    if GGUF_SUPPORTED_ARCHITECTURES is not None and arch not in GGUF_SUPPORTED_ARCHITECTURES:
         raise ModelError(
             f"`{path.name}` is a `{arch}` model, an architecture transformers cannot load from GGUF",
             f"supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}; or convert the model to a "
