@@ -6,6 +6,9 @@ Accepted shapes, auto-detected or chosen with `data.column`:
 - a `messages` column of the same form;
 - `prompt` and `response` text columns.
 
+Optional `constraints` (a list of checkable instructions, see constraints.py) and `answer`
+columns travel with each example, for evaluation.
+
 The response keeps its end-of-turn token (EOS): SAPO's EMA may end a rewritten segment
 early by emitting it, and the trained policy must learn where answers stop.
 """
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .config import DataConfig
+from .constraints import check
 from .errors import DataError
 
 BUNDLED_PREFIX = "bundled:"
@@ -169,12 +173,18 @@ def to_conversation(row: dict[str, Any], column: str) -> tuple[list[dict[str, st
 def row_metadata(row: dict[str, Any]) -> tuple[list[dict] | None, str | None]:
     """(constraints, answer) of a row, None where the column is missing or empty.
 
-    `datasets` stores a column of differently shaped dicts as one struct: keys a constraint
-    does not have come back as None and are dropped here.
+    `datasets` may store a column of differently shaped dicts as one struct: keys a constraint
+    does not have then come back as None and are dropped here. An unknown kind or wrong
+    parameters fail here, at load time, rather than after generating answers.
     """
     constraints = row.get("constraints")
     if constraints:
+        if isinstance(constraints, str) or not all(isinstance(c, dict) for c in constraints):
+            raise DataError("`constraints` must be a list of objects such as {\"kind\": \"no_commas\"}",
+                            "see sapo_lite/constraints.py for the kinds and their parameters")
         constraints = [{k: v for k, v in c.items() if v is not None} for c in constraints]
+        for constraint in constraints:
+            check("", constraint)
     answer = row.get("answer")
     return constraints or None, None if answer is None else str(answer)
 

@@ -41,7 +41,7 @@ from .checkpoint import (
 )
 from .config import Config
 from .errors import TrainingDiverged
-from .evaluate import exact_match
+from .evaluate import evaluate_role, held_out_metric, held_out_summary, record_held_out
 from .losses import LOSSES
 from .metrics import MetricsWriter, TrainProgress
 from .model import EMA, acting_as, ema_update, reference, refresh_reference
@@ -58,6 +58,7 @@ class TrainResult:
     eval_after: float | None
     wall_s: float
     stopped_early: bool = False
+    eval_metric: str = "exact match"
 
 
 def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) -> TrainResult:
@@ -66,7 +67,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
     if resume:
         start_step, eval_before = _restore(session, run_dir, console)
     else:
-        start_step, eval_before = 0, _held_out_score(session, "base", console)
+        start_step, eval_before = 0, _held_out_score(session, "base", console, run_dir)
     loss_spec = LOSSES[cfg.loss.name]
     buffer = ReplayBuffer(run_dir / BUFFER_FILE, cfg.sapo.buffer_size)
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
@@ -189,9 +190,10 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
         return TrainResult(run_dir, step, record.get("loss", math.nan), eval_before, None,
                            time.perf_counter() - started, stopped_early=True)
     save_adapters(model, run_dir / "adapters")
-    eval_after = _held_out_score(session, "policy", console)
+    eval_after = _held_out_score(session, "policy", console, run_dir)
     result = TrainResult(
-        run_dir, step, record.get("loss", math.nan), eval_before, eval_after, time.perf_counter() - started
+        run_dir, step, record.get("loss", math.nan), eval_before, eval_after, time.perf_counter() - started,
+        eval_metric=held_out_metric(session.eval_examples),
     )
     _write_summary(run_dir, result)
     return result
@@ -280,24 +282,25 @@ def _apply_new_peak_lr(session: TrainSession) -> None:
     scheduler._last_lr = [group["lr"] for group in session.optimizer.param_groups]
 
 
-def _held_out_score(session: TrainSession, role: str, console: Console) -> float | None:
+def _held_out_score(session: TrainSession, role: str, console: Console, run_dir: Path) -> float | None:
     if not session.eval_examples:
         return None
-    score = exact_match(
+    score = evaluate_role(
         session.model, session.tokenizer, session.eval_examples, role,
         session.cfg.data.eval_max_new_tokens, session.stop_ids,
     )
-    label = "base (adapters off)" if role == "base" else "trained policy"
-    console.print(f"held-out exact match, {label}: [bold]{score:.1%}[/] of {len(session.eval_examples)}")
-    return score
+    console.print(score.describe())
+    record_held_out(run_dir, score)
+    return score.headline
 
 
 def _write_summary(run_dir: Path, result: TrainResult) -> None:
     summary = {
         "steps": result.steps,
         "final_loss": result.final_loss,
-        "eval_exact_match_base": result.eval_before,
-        "eval_exact_match_policy": result.eval_after,
+        # constraint data: overall and per-kind figures; otherwise exact match
+        **(held_out_summary(run_dir) or {"eval_exact_match_base": result.eval_before,
+                                         "eval_exact_match_policy": result.eval_after}),
         "wall_s": round(result.wall_s, 2),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -286,8 +286,8 @@ PHRASES = {
          "Respond using precisely {n} markdown bullets."],
     ),
     "sentence_count": (
-        ["Answer in exactly {n} sentences.", "Use exactly {n} sentences.", "Write exactly {n} sentences."],
-        ["Your reply should be {nw} sentences long.", "Respond in precisely {n} full sentences."],
+        ["Answer in exactly {n} sentence{s}.", "Use exactly {n} sentence{s}.", "Write exactly {n} sentence{s}."],
+        ["Your reply should be {nw} sentence{s} long.", "Respond in precisely {n} full sentence{s}."],
     ),
     "json_key": (
         ['Reply only with a JSON object with the key "{key}".', 'Answer with a JSON object that has a "{key}" key.',
@@ -327,7 +327,7 @@ def phrase(constraint: dict, held_out: bool, rng) -> str:
     template = rng.choice(PHRASES[constraint["kind"]][1 if held_out else 0])
     n = constraint.get("n")
     return template.format(n=n, nw=NUMBER_WORDS[n] if n is not None and n <= 10 else n,
-                           word=constraint.get("word"), key=constraint.get("key"))
+                           word=constraint.get("word"), key=constraint.get("key"), s="" if n == 1 else "s")
 
 
 def respond(item: Item, shape: str | None, style: str | None, constraints: list[dict]) -> str:

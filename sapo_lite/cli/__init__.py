@@ -1,7 +1,7 @@
 """The `sapo-lite` command. Thin: each command parses, calls the library, and lets the shared
 error boundary in `common.py` turn a SapoError into one line and exit code 1."""
 
-from . import inspection, results, training  # noqa: F401  (each module registers its commands)
+from . import evaluation, inspection, results, training  # noqa: F401  (each module registers its commands)
 from .common import app
 
 __all__ = ["app"]

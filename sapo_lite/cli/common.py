@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import SapoError
+from ..errors import ConfigError, SapoError
 
 app = typer.Typer(
     help="Self-Augmented Preference Optimization (SAPO) with LoRA on a 4-bit base.",
@@ -44,6 +44,18 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+ROLES = ("base", "policy", "ema")
+
+
+def parse_roles(adapter: str) -> list[str]:
+    """`base,policy,ema` (any subset, in the user's order) from an --adapter option."""
+    roles = [r.strip() for r in adapter.split(",") if r.strip()]
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown or not roles:
+        raise ConfigError(f"unknown role `{', '.join(unknown) or adapter}`", "--adapter takes base, policy and ema")
+    return roles
 
 
 def quiet_libraries() -> None:

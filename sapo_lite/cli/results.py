@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import ConfigError, RunDirError
-from .common import app, console, quiet_libraries, reports_errors
+from .common import app, console, parse_roles, quiet_libraries, reports_errors
 
 
 @app.command()
@@ -74,10 +74,7 @@ def generate(
         prompts += [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("no prompt given", "pass --prompt TEXT or --prompts-file FILE")
-    roles = [r.strip() for r in adapter.split(",") if r.strip()]
-    unknown = [r for r in roles if r not in ("base", "policy", "ema")]
-    if unknown or not roles:
-        raise ConfigError(f"unknown role `{', '.join(unknown) or adapter}`", "--adapter takes base, policy and ema")
+    roles = parse_roles(adapter)
     if max_new_tokens < 1 or temperature < 0:
         raise ConfigError("--max-new-tokens must be >= 1 and --temperature >= 0")
     quiet_libraries()

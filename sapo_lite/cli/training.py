@@ -94,7 +94,7 @@ def train(
     console.print(f"done in {result.wall_s:.0f}s: adapters in {out / 'adapters'}/policy and /ema")
     if result.eval_before is not None and result.eval_after is not None:
         console.print(
-            f"[bold]held-out exact match: base {result.eval_before:.1%} -> policy {result.eval_after:.1%}[/]"
+            f"[bold]held-out {result.eval_metric}: base {result.eval_before:.1%} -> policy {result.eval_after:.1%}[/]"
         )
 
 
