@@ -15,6 +15,7 @@ llama.cpp build that sapo-lite does not need).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import shutil
 from pathlib import Path
@@ -117,7 +118,12 @@ def gguf_base(name: str, folder: Path) -> Path:
     except (ValueError, NotImplementedError, OSError) as exc:
         raise ModelError(f"cannot load GGUF file `{path}`: {str(exc).splitlines()[0]}",
                          "use a Hugging Face model folder instead") from exc
-    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    # The dequantised weights are plain tensors: a leftover `quantization_config` (quant_method gguf)
+    # would make every later load refuse other quantisation, NF4 included.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = GenerationConfig.from_model_config(loaded.config)
     partial = folder.with_name(folder.name + ".partial")

@@ -1,6 +1,7 @@
 """GGUF bases: the real SmolLM2 file dequantised into a run's base folder, and one-line errors."""
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ def test_the_gguf_becomes_a_plain_model_folder_with_the_chat_template(smollm2_ba
 
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
             "generation_config.json"} <= {p.name for p in smollm2_base_dir.iterdir()}
+    assert "quantization_config" not in json.loads((smollm2_base_dir / "config.json").read_text())  # NF4 can apply
     tokenizer = load_tokenizer(str(smollm2_base_dir))
     assert "<|im_start|>" in tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
     model = AutoModelForCausalLM.from_pretrained(smollm2_base_dir, dtype=torch.float32)
