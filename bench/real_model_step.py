@@ -6,7 +6,8 @@
 RUN/base_model). Each round trains the preset for `--steps` steps with `model.quant=none` and
 then `nf4` (order alternating by round), one thread, and reads RUN/metrics.jsonl; the first
 step of each run (warm-up) is left out. Prints medians per quantisation and the nf4/none ratio
-per round, so that a busy machine affects both sides alike.
+per round, so that a busy machine affects both sides alike, and the CPU seconds of each whole
+run (one thread, so on a quiet core about its wall time).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -23,7 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def one_run(base: Path, quant: str, steps: int, extra: list[str]) -> list[dict]:
+def child_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def one_run(base: Path, quant: str, steps: int, extra: list[str]) -> tuple[list[dict], float]:
+    """Metrics of steps 2.. and the CPU seconds of the whole run (start-up and model load included)."""
+    cpu_before = child_cpu_s()
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         subprocess.run(
@@ -33,7 +42,8 @@ def one_run(base: Path, quant: str, steps: int, extra: list[str]) -> list[dict]:
             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
         )
-        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
+    return records, child_cpu_s() - cpu_before
 
 
 def main() -> None:
@@ -44,23 +54,26 @@ def main() -> None:
     parser.add_argument("--override", nargs="*", default=[])
     args = parser.parse_args()
     records: dict[str, list[dict]] = {"none": [], "nf4": []}
+    cpu: dict[str, list[float]] = {"none": [], "nf4": []}
     ratios = []
     for round_index in range(args.rounds):
         order = ("none", "nf4") if round_index % 2 == 0 else ("nf4", "none")
         medians = {}
         for quant in order:
-            steps = one_run(args.base, quant, args.steps, args.override)
+            steps, cpu_s = one_run(args.base, quant, args.steps, args.override)
             records[quant] += steps
+            cpu[quant].append(cpu_s)
             medians[quant] = statistics.median(r["step_s"] for r in steps)
         ratios.append(medians["nf4"] / medians["none"])
         none_s, nf4_s = medians["none"], medians["nf4"]
         print(f"round {round_index + 1}: none {none_s:.1f} s/step, nf4 {nf4_s:.1f} s/step", flush=True)
     header = f"{'quant':<6}{'steps':>6}{'step s':>9}{'gen s':>8}{'ref s':>8}{'train s':>9}{'gen share':>11}"
-    print(f"\n{header}{'peak GB':>9}")
+    print(f"\n{header}{'peak GB':>9}{'run CPU s':>11}")
     for quant, rows in records.items():
         med = {k: statistics.median(r[k] for r in rows) for k in ("step_s", "gen_s", "ref_s", "train_s", "gen_share")}
         print(f"{quant:<6}{len(rows):>6}{med['step_s']:>9.1f}{med['gen_s']:>8.1f}{med['ref_s']:>8.2f}"
-              f"{med['train_s']:>9.1f}{med['gen_share']:>11.0%}{max(r['peak_mem_gb'] for r in rows):>9.2f}")
+              f"{med['train_s']:>9.1f}{med['gen_share']:>11.0%}{max(r['peak_mem_gb'] for r in rows):>9.2f}"
+              f"{statistics.median(cpu[quant]):>11.0f}")
     print(f"nf4 / none step time per round: {', '.join(f'{r:.2f}' for r in ratios)}")
 
 
