@@ -172,3 +172,13 @@ def make_pairs(
         rejected = splice_rejected(ex.prompt_ids, ex.response_ids, t, g, segment, stop_ids)
         pairs.append(Pair(chosen, rejected, len(ex.prompt_ids), t, g))
     return pairs
+
+
+def chosen_only_pairs(examples: Sequence) -> list[Pair]:
+    """Pairs with an empty rejected response, for a loss that trains on the chosen one alone (SFT):
+    they go through the same buffer, so SFT sees the same examples in the same order as SAPO."""
+    return [
+        Pair(np.concatenate([ex.prompt_ids, ex.response_ids]).astype(np.int32), np.empty(0, np.int32),
+             len(ex.prompt_ids), 0, 0)
+        for ex in examples
+    ]

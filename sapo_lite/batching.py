@@ -174,13 +174,18 @@ def separate_pair_logps(
     model: torch.nn.Module, pairs: Sequence[Pair], pad_id: int, device: torch.device,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS, score=response_token_logps,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`pair_logps` with chosen and rejected as one right-padded batch of 2B sequences."""
-    sequences = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-    prompt_lens = [p.prompt_len for p in pairs] * 2
+    """`pair_logps` with chosen and rejected as one right-padded batch of 2B sequences (B when no
+    pair has a rejected response)."""
+    # Pairs without rejected responses (SFT) send the chosen ones alone; rejected values are zeros.
+    with_rejected = any(len(p.rejected_ids) for p in pairs)
+    sequences = [p.chosen_ids for p in pairs] + ([p.rejected_ids for p in pairs] if with_rejected else [])
+    prompt_lens = [p.prompt_len for p in pairs] * (2 if with_rejected else 1)
     ids, attention, response = right_pad(sequences, prompt_lens, pad_id)
     ids, attention, response = ids.to(device), attention.to(device), response.to(device)
     logps, counts = score(model, ids, attention, response, chunk_tokens)
     n = len(pairs)
+    if not with_rejected:
+        return logps, torch.zeros_like(logps), counts, torch.zeros_like(counts)
     return logps[:n], logps[n:], counts[:n], counts[n:]
 
 

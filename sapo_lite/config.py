@@ -116,10 +116,11 @@ class SapoConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["dpo", "orpo"] = "dpo"
-    """`dpo` (sigmoid, against the frozen reference) or `orpo` (reference-free)."""
+    name: Literal["dpo", "orpo", "sft"] = "dpo"
+    """`dpo` (sigmoid, against the frozen reference), `orpo` (reference-free), or `sft` (NLL of the
+    chosen responses only: no generation; the baseline SAPO should beat, or a warm start)."""
     beta: float = 0.1
-    """DPO beta (0.1 in the paper); for ORPO the weight lambda of the odds-ratio term (0.05)."""
+    """DPO beta (0.1 in the paper); for ORPO the weight lambda of the odds-ratio term (0.05); unused by SFT."""
 
 
 @dataclass

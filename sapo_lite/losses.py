@@ -3,7 +3,8 @@
 Each loss takes (B,) tensors of summed response log-probs (and token counts, for ORPO's
 per-token means) and returns the (B,) loss plus the figures worth logging. `LOSSES` is the
 registry the trainer reads; `needs_reference` tells it whether reference log-probs must be
-computed when a pair enters the buffer.
+computed when a pair enters the buffer, `needs_rejected` whether the EMA must write rejected
+responses at all (`sft`, the baseline, trains on the chosen responses alone).
 
 The DPO formula (sigmoid, summed response log-probs) and the odds-ratio term are the official
 code's. Departure, on purpose: ORPO's NLL.
@@ -30,8 +31,8 @@ import torch.nn.functional as F
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # (B,)
-    chosen_rewards: torch.Tensor  # (B,), detached
-    rejected_rewards: torch.Tensor  # (B,), detached
+    chosen_rewards: torch.Tensor | None  # (B,), detached; None for a loss without rejected responses
+    rejected_rewards: torch.Tensor | None  # (B,), detached
 
 
 @dataclass
@@ -86,11 +87,18 @@ def orpo_loss(
     return LossOutput(loss, (beta * mean_chosen).detach(), (beta * mean_rejected).detach())
 
 
+def sft_loss(policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> LossOutput:
+    """Supervised fine-tuning: NLL of the chosen response, token mean per sequence (ORPO without
+    its odds-ratio term). No rejected response, no reference, hence no rewards."""
+    return LossOutput(-policy_chosen / chosen_tokens.clamp(min=1), None, None)
+
+
 @dataclass(frozen=True)
 class LossSpec:
     fn: Callable[[PairLogps, float], LossOutput]
     needs_reference: bool
     description: str
+    needs_rejected: bool = True
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -105,6 +113,12 @@ LOSSES: dict[str, LossSpec] = {
         ),
         needs_reference=False,
         description="odds-ratio preference loss plus NLL, reference-free (lambda 0.05)",
+    ),
+    "sft": LossSpec(
+        lambda lp, beta: sft_loss(lp.policy_chosen, lp.chosen_tokens),
+        needs_reference=False,
+        needs_rejected=False,
+        description="plain SFT on the chosen responses: no generation, no rejected responses (a baseline)",
     ),
 }
 

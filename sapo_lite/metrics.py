@@ -77,10 +77,10 @@ class TrainProgress:
         self._progress.stop()
 
     def update(self, record: dict[str, Any]) -> None:
-        stats = (
-            f"loss {record['loss']:.4f}  margin {record['rewards/margins']:+.3f}  "
-            f"acc {record['rewards/accuracies']:.2f}  {record['step_s']:.2f}s/step"
-        )
+        stats = f"loss {record['loss']:.4f}  "
+        if "rewards/margins" in record:  # absent for losses without rejected responses (SFT)
+            stats += f"margin {record['rewards/margins']:+.3f}  acc {record['rewards/accuracies']:.2f}  "
+        stats += f"{record['step_s']:.2f}s/step"
         self._progress.update(self._task, completed=record["step"], stats=stats)
         now = time.monotonic()
         if not self._console.is_terminal and (now - self._last_line >= self._log_every_s

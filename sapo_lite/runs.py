@@ -13,6 +13,7 @@ from .config_sources import load_config
 from .data import install_chat_template, render_prompt_ids, stop_token_ids
 from .errors import RunDirError
 from .export import run_adapter_dir
+from .gguf import is_gguf_base
 from .model import POLICY, load_base, load_tokenizer, pick_device
 from .threads import apply_threads
 from .tiny import TINY_NAME
@@ -25,8 +26,9 @@ def run_config(run_dir: Path) -> Config:
 
 
 def base_model_name(cfg: Config, run_dir: Path) -> str:
-    """The base a run trained on; the tiny base lives inside the run."""
-    return str(run_dir / "base_model") if cfg.model.name == TINY_NAME else cfg.model.name
+    """The base a run trained on; the tiny base and dequantised GGUF bases live inside the run."""
+    inside = cfg.model.name == TINY_NAME or is_gguf_base(cfg.model.name)
+    return str(run_dir / "base_model") if inside else cfg.model.name
 
 
 @dataclass

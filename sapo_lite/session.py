@@ -20,6 +20,7 @@ from .config import Config, to_yaml
 from .data import Example, held_out_set, install_chat_template, load_examples, stop_token_ids
 from .distributed import SINGLE, Processes, share_stream, start_processes
 from .errors import ModelError
+from .gguf import gguf_base, is_gguf_base
 from .logps import response_token_logps
 from .losses import PairLogps
 from .memory import architecture_from_config, estimate
@@ -186,9 +187,11 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_model_name(cfg: Config, run_dir: Path) -> str:
-    """`tiny` is built into RUN/base_model so the run's adapters load with plain peft."""
+    """`tiny` and GGUF bases are built into RUN/base_model so the run's adapters load with plain peft."""
     if cfg.model.name == TINY_NAME:
         return str(build_tiny_base(run_dir / "base_model"))
+    if is_gguf_base(cfg.model.name):
+        return str(gguf_base(cfg.model.name, run_dir / "base_model"))
     return cfg.model.name
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from .augment import make_pairs
+from .augment import chosen_only_pairs, make_pairs
 from .batching import pair_logps
 from .buffer import ReplayBuffer
 from .checkpoint import (
@@ -55,7 +55,7 @@ from .distributed import resume_command
 from .errors import TrainingDiverged
 from .evaluate import evaluate_role, held_out_metric, held_out_summary, record_held_out
 from .finish import save_final_adapters, write_summary
-from .losses import LOSSES
+from .losses import LOSSES, LossSpec
 from .metrics import MetricsWriter, TrainProgress
 from .model import EMA, acting_as, ema_update, reference, refresh_reference
 from .session import TrainSession, peak_memory_gb, setup_session
@@ -88,7 +88,6 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
     buffer = ReplayBuffer(run_dir / procs.buffer_file, cfg.sapo.buffer_size)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=procs.is_main)
     model, device = session.model, session.device
-    sampling = {"temperature": cfg.sapo.temperature, "top_k": cfg.sapo.top_k, "top_p": cfg.sapo.top_p}
     bad_in_a_row = bad_total = 0
     step = start_step
 
@@ -114,31 +113,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                 # Steps between generations (`sapo.generate_every`) train from the buffer alone.
                 pairs, gen_s, ref_s, identical = [], 0.0, 0.0, math.nan
                 if (step - 1) % cfg.sapo.generate_every == 0:
-                    pause_point("generation")
-                    # 1. Self-augmentation: the EMA rewrites a segment of each new good response.
-                    examples = session.stream.take(cfg.sapo.gen_per_step)
-                    with acting_as(model, EMA):
-                        pairs = make_pairs(
-                            model, examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id, session.stop_ids,
-                            session.data_rng, cfg.sapo.gen_batch_size, sampling, cfg.sapo.static_cache,
-                        )
-                    gen_s = time.perf_counter() - step_start
-                    # Once the EMA reproduces a segment exactly, the pair teaches nothing: worth watching.
-                    identical = sum(np.array_equal(p.chosen_ids, p.rejected_ids) for p in pairs) / len(pairs)
-
-                    pause_point("reference")
-                    # 2. Reference log-probs once per pair, stored with it in the buffer.
-                    ref_start = time.perf_counter()
-                    ref_logps = None
-                    if loss_spec.needs_reference:
-                        with reference(model):
-                            ref_c, ref_r, _, _ = pair_logps(
-                                model, pairs, session.pad_id, device, cfg.train.logps_chunk_tokens
-                            )
-                        ref_logps = list(zip(ref_c.tolist(), ref_r.tolist()))
-                    ref_s = time.perf_counter() - ref_start
-                    pause_point("buffer-write")
-                    buffer.add(pairs, step, ref_logps)
+                    pairs, gen_s, ref_s, identical = _add_new_pairs(session, buffer, loss_spec, step)
 
                 # 3. Policy update on pairs drawn from the buffer.
                 pause_point("training")
@@ -225,6 +200,46 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
     return result
 
 
+def _add_new_pairs(
+    session: TrainSession, buffer: ReplayBuffer, loss_spec: LossSpec, step: int
+) -> tuple[list, float, float, float]:
+    """Steps 1 and 2: new pairs, their reference log-probs, into the buffer.
+
+    Returns the pairs, the seconds spent generating and on the reference pass, and the share of
+    pairs whose rewrite came out identical to the good response.
+    """
+    cfg, model = session.cfg, session.model
+    pause_point("generation")
+    started = time.perf_counter()
+    examples = session.stream.take(cfg.sapo.gen_per_step)
+    if not loss_spec.needs_rejected:  # SFT: the chosen responses alone, nothing generated
+        pairs = chosen_only_pairs(examples)
+    else:  # the EMA rewrites a segment of each new good response
+        sampling = {"temperature": cfg.sapo.temperature, "top_k": cfg.sapo.top_k, "top_p": cfg.sapo.top_p}
+        with acting_as(model, EMA):
+            pairs = make_pairs(
+                model, examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id, session.stop_ids,
+                session.data_rng, cfg.sapo.gen_batch_size, sampling, cfg.sapo.static_cache,
+            )
+    gen_s = time.perf_counter() - started
+    # Once the EMA reproduces a segment exactly, the pair teaches nothing: worth watching.
+    identical = math.nan
+    if loss_spec.needs_rejected:
+        identical = sum(np.array_equal(p.chosen_ids, p.rejected_ids) for p in pairs) / len(pairs)
+
+    pause_point("reference")  # reference log-probs once per pair, stored with it in the buffer
+    ref_start = time.perf_counter()
+    ref_logps = None
+    if loss_spec.needs_reference:
+        with reference(model):
+            ref_c, ref_r, _, _ = pair_logps(model, pairs, session.pad_id, session.device, cfg.train.logps_chunk_tokens)
+        ref_logps = list(zip(ref_c.tolist(), ref_r.tolist()))
+    ref_s = time.perf_counter() - ref_start
+    pause_point("buffer-write")
+    buffer.add(pairs, step, ref_logps)
+    return pairs, gen_s, ref_s, identical
+
+
 class _Totals:
     """Sums over the micro-batches of one optimizer step, reported as means.
 
@@ -236,27 +251,32 @@ class _Totals:
 
     def __init__(self) -> None:
         self.sums: torch.Tensor | None = None
+        self.keys = self.KEYS
         self.count = 0
         self.tokens = 0
         self._means: dict[str, float] | None = None
 
     def add(self, out, logps, batch) -> None:
-        values = torch.stack([
-            out.loss.detach().float().sum(),
-            out.chosen_rewards.float().sum(),
-            out.rejected_rewards.float().sum(),
-            (out.chosen_rewards - out.rejected_rewards).float().sum(),
-            (out.chosen_rewards > out.rejected_rewards).float().sum(),
-            logps.policy_chosen.detach().float().sum(),
-            logps.policy_rejected.detach().float().sum(),
-        ])
+        if out.chosen_rewards is None:  # a loss without rejected responses (SFT): loss and chosen log-prob only
+            self.keys = ("loss", "logps/chosen")
+            values = torch.stack([out.loss.detach().float().sum(), logps.policy_chosen.detach().float().sum()])
+        else:
+            values = torch.stack([
+                out.loss.detach().float().sum(),
+                out.chosen_rewards.float().sum(),
+                out.rejected_rewards.float().sum(),
+                (out.chosen_rewards - out.rejected_rewards).float().sum(),
+                (out.chosen_rewards > out.rejected_rewards).float().sum(),
+                logps.policy_chosen.detach().float().sum(),
+                logps.policy_rejected.detach().float().sum(),
+            ])
         self.sums = values if self.sums is None else self.sums + values
         self.count += len(batch)
         self.tokens += sum(len(p.chosen_ids) + len(p.rejected_ids) for p in batch)
 
     def means(self) -> dict[str, float]:
         if self._means is None:
-            self._means = dict(zip(self.KEYS, (self.sums / self.count).tolist()))
+            self._means = dict(zip(self.keys, (self.sums / self.count).tolist()))
         return self._means
 
 

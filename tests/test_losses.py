@@ -47,3 +47,15 @@ def test_response_logps_sums_only_masked_tokens():
     logp = logits.log_softmax(-1)
     assert total.item() == pytest.approx((logp[0, 1, 2] + logp[0, 2, 3]).item(), rel=1e-5)
     assert count.item() == 2
+
+
+def test_sft_is_the_token_mean_nll_of_the_chosen_response_and_needs_no_pair():
+    from sapo_lite.losses import sft_loss
+
+    # 3 tokens summing to -6 (mean -2) and 4 tokens summing to -2 (mean -0.5)
+    out = sft_loss(torch.tensor([-6.0, -2.0]), torch.tensor([3.0, 4.0]))
+    assert out.loss.tolist() == pytest.approx([2.0, 0.5])
+    assert out.chosen_rewards is None and out.rejected_rewards is None
+    spec = LOSSES["sft"]
+    assert not spec.needs_rejected and not spec.needs_reference
+    assert all(LOSSES[name].needs_rejected for name in ("dpo", "orpo"))
