@@ -7,7 +7,8 @@ One uninterrupted run of the tiny preset is the reference. Then chains of 1-4 ki
 checkpoint-write, checkpoint-rotate, final-save, final-eval, summary; the n-th time it is
 reached, n random) through the SAPO_TEST_PAUSE_AT hook, let go, and SIGKILLed 0-50 ms later,
 so the kill lands at a random moment inside that phase or just after it. Each kill after the
-first hits a `train --resume` (or, after a kill at startup, the `--overwrite` restart). Then the run is taken to its end by doing what the errors say:
+first hits a `train --resume` (or, after a kill at startup, the `--overwrite` restart).
+Then the run is taken to its end by doing what the errors say:
 `--resume`, or `--overwrite` when the hint names it (a run killed before its first checkpoint).
 
 Printed: kills delivered (and by phase), runs finished, runs whose metrics.jsonl has the
