@@ -46,15 +46,17 @@ def open_run(run_dir: Path, adapters: list[str]) -> RunModel:
     from peft import PeftModel
 
     cfg = run_config(run_dir)
+    names = [a for a in adapters if a != "base"] or [POLICY]  # peft needs one adapter to wrap the base
+    # Checked before anything is printed or loaded, so a damaged adapter is the only line a user sees.
+    adapter_dirs = {adapter: str(run_adapter_dir(run_dir, adapter)) for adapter in names}
     if threads_line := apply_threads(cfg.train.num_threads, pick_device()):
         Console(stderr=True).print(threads_line, highlight=False)  # stdout stays the answers
     name = base_model_name(cfg, run_dir)
     tokenizer = load_tokenizer(name, cfg.model.trust_remote_code)
     install_chat_template(tokenizer, cfg.data.chat_template)
     base = load_base(cfg.model, name, pick_device())
-    names = [a for a in adapters if a != "base"] or [POLICY]  # peft needs one adapter to wrap the base
-    model = PeftModel.from_pretrained(base, str(run_adapter_dir(run_dir, names[0])), adapter_name=names[0])
+    model = PeftModel.from_pretrained(base, adapter_dirs[names[0]], adapter_name=names[0])
     for adapter in names[1:]:
-        model.load_adapter(str(run_adapter_dir(run_dir, adapter)), adapter_name=adapter)
+        model.load_adapter(adapter_dirs[adapter], adapter_name=adapter)
     model.eval()
     return RunModel(model, tokenizer, stop_token_ids(tokenizer))
