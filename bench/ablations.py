@@ -2,6 +2,7 @@
 
     python bench/ablations.py --out /tmp/ablations --jobs 2 --seeds 0 1    # main comparison, 2 seeds
     python bench/ablations.py --out /tmp/ablations --jobs 2 --ablations     # + the ablation rows, seed 0
+    python bench/ablations.py --out /tmp/ablations --jobs 2 --seeds 0 1 --pair-rules  # + pair rules, every seed
     python bench/ablations.py --out /tmp/ablations --table                  # print the table of what is done
 
 Every run is the `smollm2-135m` preset (same steps, same examples per step) with one change.
@@ -17,6 +18,9 @@ Rows:
     whole-response                   sapo.segment_len=64 >= every response: rewrite it all (paper: 52.00 vs 50.39)
     small-buffer                     sapo.buffer_size=4 (the last two steps' pairs) instead of 2000
     dpo-ref-refresh                  DPO with the reference refreshed from the EMA every 10 steps (official code)
+    short-free                       sapo.short_rewrite=free: short responses rewritten with up to segment_len tokens
+    identical-drop / -resample       sapo.identical=drop / resample: rewrites equal to the chosen response
+    free-drop                        both: short_rewrite=free and identical=drop
 """
 
 from __future__ import annotations
@@ -47,6 +51,12 @@ ABLATIONS = {
     "whole-response": ["sapo.segment_len=64"],
     "small-buffer": ["sapo.buffer_size=4"],
     "dpo-ref-refresh": ["loss.name=dpo", "loss.beta=0.1", "sapo.ref_refresh_steps=10"],
+}
+PAIR_RULES = {
+    "short-free": ["sapo.short_rewrite=free"],
+    "identical-drop": ["sapo.identical=drop"],
+    "identical-resample": ["sapo.identical=resample"],
+    "free-drop": ["sapo.short_rewrite=free", "sapo.identical=drop"],
 }
 EVAL_DATA = ROOT / "sapo_lite" / "assets" / "instruct-eval.jsonl"
 
@@ -146,6 +156,14 @@ def mean_spread(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} ± {100 * (max(values) - min(values)) / 2:.1f}"
 
 
+def pair_share(records: list[dict], key: str, weight_key: str | None = None) -> float | None:
+    """A per-step share averaged over the run (weighted by `weight_key`, e.g. the step's buffered
+    pairs); None where it was not logged."""
+    weighted = [(r[key], r.get(weight_key, 1) if weight_key else 1) for r in records if r.get(key) is not None]
+    total = sum(weight for _, weight in weighted)
+    return sum(share * weight for share, weight in weighted) / total if total else None
+
+
 def table(out: Path) -> None:
     base_file = out / "_base" / "heldout.json"
     base = json.loads(base_file.read_text())["base"] if base_file.is_file() else None
@@ -160,24 +178,30 @@ def table(out: Path) -> None:
                 "step_s": statistics.median(r["step_s"] for r in records),
                 "gen_share": statistics.median(r["gen_share"] for r in records),
                 "wall_s": json.loads((run / "wall.json").read_text())["train_wall_s"],
+                # shares over all new pairs of the run (first rewrites identical; buffered pairs cut off)
+                "identical": pair_share(records, "pairs/identical"),
+                "cut_off": pair_share(records, "pairs/cut_off", "pairs/added"),
             })
     n = base["prompts"] if base else "?"
     print(f"held-out: bundled:instruct-eval, {n} prompts, greedy; prompt = every constraint met, constraint = each"
           " one; mean ± half-range over seeds")
     print(f"{'run':<18}{'seeds':>6}{'steps':>6}  {'policy prompt':>15}{'policy constr.':>16}"
-          f"{'EMA prompt':>15}{'EMA constr.':>15}{'step s':>8}{'gen':>6}")
+          f"{'EMA prompt':>15}{'EMA constr.':>15}{'step s':>8}{'gen':>6}{'ident.':>8}{'cut':>6}")
     if base:
         print(f"{'base (no adapter)':<18}{'':>6}{'':>6}  {mean_spread([base['prompt_level']]):>15}"
               f"{mean_spread([base['constraint_level']]):>16}")
-    order = [*MAIN, *ABLATIONS]
+    order = [*MAIN, *ABLATIONS, *PAIR_RULES]
     for name in sorted(groups, key=lambda g: order.index(g) if g in order else 99):
         runs = groups[name]
         cells = [mean_spread([r["heldout"][role][key] for r in runs if role in r["heldout"]])
                  for role in ("policy", "ema") for key in ("prompt_level", "constraint_level")]
         step_s = statistics.median(r["step_s"] for r in runs)
         gen_share = statistics.median(r["gen_share"] for r in runs)
+        shares = [statistics.mean(r[key] for r in runs) if runs[0][key] is not None else None
+                  for key in ("identical", "cut_off")]
+        ident, cut = (f"{share:.0%}" if share is not None else "-" for share in shares)
         print(f"{name:<18}{len(runs):>6}{runs[0]['steps']:>6}  {cells[0]:>15}{cells[1]:>16}{cells[2]:>15}{cells[3]:>15}"
-              f"{step_s:>8.1f}{gen_share:>6.0%}")
+              f"{step_s:>8.1f}{gen_share:>6.0%}{ident:>8}{cut:>6}")
     kinds = sorted(base["per_kind"]) if base else []
     if kinds:
         print("\nper kind, policy (base first), % of constraints met (count):")
@@ -194,6 +218,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--ablations", action="store_true", help="also the ablation rows (first seed only)")
+    parser.add_argument("--pair-rules", action="store_true", help="also the pair-rule rows (every seed)")
     parser.add_argument("--only", nargs="+", help="run only these rows")
     parser.add_argument("--override", nargs="*", default=[], help="key=value applied to every run")
     parser.add_argument("--eval-size", type=int, default=100)
@@ -214,6 +239,8 @@ def main() -> None:
     jobs = [(name, seed, overrides) for seed in args.seeds for name, overrides in MAIN.items()]
     if args.ablations:
         jobs += [(name, args.seeds[0], overrides) for name, overrides in ABLATIONS.items()]
+    if args.pair_rules:
+        jobs += [(name, seed, overrides) for seed in args.seeds for name, overrides in PAIR_RULES.items()]
     if args.only:
         jobs = [job for job in jobs if job[0] in args.only]
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -95,6 +95,13 @@ class SapoConfig:
     the buffer alone in between; the examples wait for the next generation, none is skipped."""
     segment_len: int = 256
     """Tokens of the chosen response the EMA rewrites."""
+    short_rewrite: Literal["official", "free"] = "official"
+    """A response too short to keep a tail after the segment is rewritten from its start: `official` lets
+    the EMA write at most as many tokens as the response has (and cuts it there), `free` up to segment_len,
+    so it can end its answer with its own stop token."""
+    identical: Literal["keep", "drop", "resample"] = "keep"
+    """A rewrite identical to the chosen response (no preference signal): `keep` it (official), `drop` it
+    before the buffer, or `resample` it once from a new cut point."""
     buffer_size: int = 2000
     """Capacity of the FIFO replay buffer in pairs (the paper's 2000)."""
     gen_per_step: int = 8

@@ -11,7 +11,8 @@ from rich.console import Group
 from rich.panel import Panel
 from rich.text import Text
 
-from .buffer import StoredPair, check_schema
+from .augment import CUT_OFF, STOPPED, TAIL_KEPT, pair_ending
+from .buffer import JOINED, PAIR_COLUMNS, StoredPair, _row_to_pair, check_schema
 from .errors import ConfigError, RunDirError
 
 
@@ -22,15 +23,21 @@ class BufferStats:
     newest_step: int
     times_drawn: np.ndarray
     ages: np.ndarray
+    endings: dict[str, int]
+    """How the rejected responses end (TAIL_KEPT / STOPPED / CUT_OFF): pair counts."""
+    identical: int
 
     def lines(self) -> list[str]:
         drawn, ages = self.times_drawn, self.ages
+        share = {ending: self.endings.get(ending, 0) / self.pairs for ending in (TAIL_KEPT, STOPPED, CUT_OFF)}
         return [
             f"pairs: {self.pairs} of {self.capacity} ({self.pairs / self.capacity:.0%} full)",
             f"times drawn: mean {drawn.mean():.2f}, median {np.median(drawn):.0f}, max {drawn.max()}, "
             f"never drawn {np.mean(drawn == 0):.0%}",
             f"age in steps (newest step {self.newest_step}): min {ages.min()}, median {np.median(ages):.0f}, "
             f"p90 {np.percentile(ages, 90):.0f}, max {ages.max()}",
+            f"rewrites: identical to the chosen {self.identical / self.pairs:.0%}, "
+            + ", ".join(f"{ending} {value:.0%}" for ending, value in share.items()),
         ]
 
 
@@ -61,17 +68,22 @@ def open_buffer_readonly(run_dir: Path, rank: int | None = None) -> sqlite3.Conn
     return db
 
 
-def buffer_stats(db: sqlite3.Connection, capacity: int) -> BufferStats:
-    rows = np.array(db.execute("SELECT times_drawn, step_added FROM pairs").fetchall(), dtype=np.int64)
-    if len(rows) == 0:
+def buffer_stats(db: sqlite3.Connection, capacity: int, stop_ids: list[int]) -> BufferStats:
+    pairs = [_row_to_pair(row) for row in db.execute(f"SELECT {PAIR_COLUMNS} FROM {JOINED}")]
+    if not pairs:
         raise RunDirError("the buffer is empty", "wait for the first training step")
-    newest = int(rows[:, 1].max())
-    return BufferStats(len(rows), capacity, newest, rows[:, 0], newest - rows[:, 1])
+    drawn = np.array([p.times_drawn for p in pairs], dtype=np.int64)
+    added = np.array([p.step_added for p in pairs], dtype=np.int64)
+    endings: dict[str, int] = {}
+    for pair in pairs:
+        ending = pair_ending(pair.rejected_ids, pair.prompt_len, pair.trunc_point, pair.segment_len, stop_ids)
+        endings[ending] = endings.get(ending, 0) + 1
+    identical = sum(np.array_equal(p.chosen_ids, p.rejected_ids) for p in pairs)
+    newest = int(added.max())
+    return BufferStats(len(pairs), capacity, newest, drawn, newest - added, endings, identical)
 
 
 def newest_pairs(db: sqlite3.Connection, count: int) -> list[StoredPair]:
-    from .buffer import JOINED, PAIR_COLUMNS, _row_to_pair
-
     rows = db.execute(f"SELECT {PAIR_COLUMNS} FROM {JOINED} ORDER BY p.id DESC LIMIT ?", (count,)).fetchall()
     return [_row_to_pair(row) for row in rows]
 
@@ -85,15 +97,15 @@ def decode_pieces(decode, ids: np.ndarray, bounds: list[int]) -> list[str]:
     return [later[len(earlier):] for earlier, later in zip(texts, texts[1:])]
 
 
-def render_pair(pair: StoredPair, decode) -> Panel:
+def render_pair(pair: StoredPair, decode, stop_ids: list[int]) -> Panel:
     """Prompt, shared prefix, then the chosen segment (green) against the EMA's rewrite (red)."""
     p, t, g = pair.prompt_len, pair.trunc_point, pair.segment_len
     chosen, rejected = pair.chosen_ids, pair.rejected_ids
-    cut = p + t + g
-    # Either the rewrite kept the chosen tail R[t+g:] (same length, same tail), or it ended the answer early.
-    kept_tail = len(rejected) == len(chosen) and np.array_equal(rejected[cut:], chosen[cut:])
+    ending = pair_ending(rejected, p, t, g, stop_ids)
+    kept_tail = ending == TAIL_KEPT  # the rejected response goes on with the chosen R[t+g:]
+    cut = min(p + t + g, len(chosen))  # under sapo.short_rewrite=free the segment may outrun the chosen response
     prompt, prefix, chosen_segment, tail = decode_pieces(decode, chosen, [0, p, p + t, cut, len(chosen)])
-    rewrite_end = cut if kept_tail else len(rejected)
+    rewrite_end = p + t + g if kept_tail else len(rejected)
     (rejected_segment,) = decode_pieces(decode, rejected, [p + t, rewrite_end])
     chosen_text = Text.assemble((prefix, "dim"), (chosen_segment, "bold green"), (tail, "dim"))
     rejected_text = Text.assemble((prefix, "dim"), (rejected_segment, "bold red"), (tail if kept_tail else "", "dim"))
@@ -102,7 +114,7 @@ def render_pair(pair: StoredPair, decode) -> Panel:
         Text.assemble(("chosen:   ", "bold green"), chosen_text),
         Text.assemble(("rejected: ", "bold red"), rejected_text),
     )
-    ending = "keeps the tail" if kept_tail else "ends the answer"
+    same = ", identical to the chosen" if np.array_equal(chosen, rejected) else ""
     title = (f"pair {pair.pair_id}, step {pair.step_added}, drawn {pair.times_drawn}x, "
-             f"tokens {t}-{t + g}: rewrite {ending}")
+             f"tokens {t}-{t + g}: rewrite {ending}{same}")
     return Panel(body, title=title, title_align="left")

@@ -21,10 +21,11 @@ PANELS = (
     ("learning rate", ["lr"], "lr"),
     ("generation share of the step", ["gen_share"], "share of step time"),
     ("buffer fill", ["buffer_fill"], "pairs / capacity"),
-    ("identical pairs", ["pairs/identical"], "share of new pairs the EMA did not change"),
+    ("pairs without a signal", ["pairs/identical", "pairs/cut_off"],
+     "share of new pairs"),
 )
 NOISY = {"loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "gen_share",
-         "pairs/identical"}
+         "pairs/identical", "pairs/cut_off"}
 
 
 def read_records(run_dir: Path) -> list[dict]:

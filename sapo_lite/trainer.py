@@ -32,11 +32,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 
-from .augment import chosen_only_pairs, make_pairs
+from .augment import CUT_OFF, chosen_only_pairs, pair_ending, self_augment
 from .batching import pair_logps
 from .buffer import ReplayBuffer
 from .checkpoint import (
@@ -111,9 +110,10 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                     buffer.invalidate_reference()
 
                 # Steps between generations (`sapo.generate_every`) train from the buffer alone.
-                pairs, gen_s, ref_s, identical = [], 0.0, 0.0, math.nan
+                pairs, gen_s, ref_s = [], 0.0, 0.0
+                pair_figures = {"pairs/identical": math.nan, "pairs/cut_off": math.nan, "pairs/added": 0.0}
                 if (step - 1) % cfg.sapo.generate_every == 0:
-                    pairs, gen_s, ref_s, identical = _add_new_pairs(session, buffer, loss_spec, step)
+                    pairs, gen_s, ref_s, pair_figures = _add_new_pairs(session, buffer, loss_spec, step)
 
                 # 3. Policy update on pairs drawn from the buffer.
                 pause_point("training")
@@ -154,7 +154,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                     "gen_share": gen_s / step_s,
                     "tokens_per_s": totals.tokens / train_s,
                     "buffer_size": len(buffer),
-                    "pairs/identical": identical,
+                    **pair_figures,
                     "skipped_steps": bad_total,
                     "epoch": session.stream.epoch,
                     "peak_mem_gb": peak_memory_gb(device),
@@ -202,11 +202,11 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
 
 def _add_new_pairs(
     session: TrainSession, buffer: ReplayBuffer, loss_spec: LossSpec, step: int
-) -> tuple[list, float, float, float]:
+) -> tuple[list, float, float, dict[str, float]]:
     """Steps 1 and 2: new pairs, their reference log-probs, into the buffer.
 
-    Returns the pairs, the seconds spent generating and on the reference pass, and the share of
-    pairs whose rewrite came out identical to the good response.
+    Returns the pairs, the seconds spent generating and on the reference pass, and the figures
+    of the new pairs for the metrics (see `_pair_figures`).
     """
     cfg, model = session.cfg, session.model
     pause_point("generation")
@@ -214,18 +214,18 @@ def _add_new_pairs(
     examples = session.stream.take(cfg.sapo.gen_per_step)
     if not loss_spec.needs_rejected:  # SFT: the chosen responses alone, nothing generated
         pairs = chosen_only_pairs(examples)
+        figures = {"pairs/identical": math.nan, "pairs/cut_off": math.nan, "pairs/added": float(len(pairs))}
     else:  # the EMA rewrites a segment of each new good response
         sampling = {"temperature": cfg.sapo.temperature, "top_k": cfg.sapo.top_k, "top_p": cfg.sapo.top_p}
         with acting_as(model, EMA):
-            pairs = make_pairs(
+            new = self_augment(
                 model, examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id, session.stop_ids,
                 session.data_rng, cfg.sapo.gen_batch_size, sampling, cfg.sapo.static_cache,
+                short_rewrite=cfg.sapo.short_rewrite, identical=cfg.sapo.identical, buffer_empty=len(buffer) == 0,
             )
+        pairs = new.pairs
+        figures = _pair_figures(new, len(examples), session.stop_ids)
     gen_s = time.perf_counter() - started
-    # Once the EMA reproduces a segment exactly, the pair teaches nothing: worth watching.
-    identical = math.nan
-    if loss_spec.needs_rejected:
-        identical = sum(np.array_equal(p.chosen_ids, p.rejected_ids) for p in pairs) / len(pairs)
 
     pause_point("reference")  # reference log-probs once per pair, stored with it in the buffer
     ref_start = time.perf_counter()
@@ -237,7 +237,20 @@ def _add_new_pairs(
     ref_s = time.perf_counter() - ref_start
     pause_point("buffer-write")
     buffer.add(pairs, step, ref_logps)
-    return pairs, gen_s, ref_s, identical
+    return pairs, gen_s, ref_s, figures
+
+
+def _pair_figures(new, examples: int, stop_ids) -> dict[str, float]:
+    """pairs/identical: share of first rewrites equal to the chosen response (the EMA has learned it);
+    pairs/cut_off: share of the buffered pairs whose rewrite was cut at the length limit (often
+    mid-sentence); pairs/added: pairs written to the buffer (fewer than examples when identical ones drop)."""
+    cut = sum(pair_ending(p.rejected_ids, p.prompt_len, p.trunc_point, p.segment_len, stop_ids) == CUT_OFF
+              for p in new.pairs)
+    return {
+        "pairs/identical": new.identical / examples,
+        "pairs/cut_off": cut / len(new.pairs) if new.pairs else math.nan,
+        "pairs/added": float(len(new.pairs)),
+    }
 
 
 class _Totals:

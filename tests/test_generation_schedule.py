@@ -18,13 +18,13 @@ TINY = ["--preset", "tiny", "data.eval_path=null", "train.max_steps=10", "sapo.g
 def train_counting_generations(tmp_path, monkeypatch, *overrides):
     """Train the tiny model; return the metrics records and how many examples each generation call got."""
     calls = []
-    real = sapo_lite.trainer.make_pairs
+    real = sapo_lite.trainer.self_augment
 
     def counting(model, examples, *args, **kwargs):
         calls.append(len(examples))
         return real(model, examples, *args, **kwargs)
 
-    monkeypatch.setattr(sapo_lite.trainer, "make_pairs", counting)
+    monkeypatch.setattr(sapo_lite.trainer, "self_augment", counting)
     out = tmp_path / "run"
     result = runner.invoke(app, ["train", *TINY, "--out", str(out), *overrides])
     assert result.exit_code == 0, result.output

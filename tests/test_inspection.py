@@ -1,5 +1,6 @@
 """Seeing what training does: plot, buffer inspection, TensorBoard, env."""
 
+import re
 import shutil
 import sys
 
@@ -54,6 +55,10 @@ def test_buffer_stats(run):
     assert "pairs: 1280 of 2000 (64% full)" in result.output  # 40 steps x 32 new pairs
     assert "times drawn: mean 1.00" in result.output  # 40 steps x 32 draws over 1280 pairs
     assert "age in steps (newest step 40)" in result.output
+    shares = re.search(r"rewrites: identical to the chosen (\d+)%, tail kept (\d+)%, ended by the EMA's stop token "
+                       r"(\d+)%, cut at the length limit (\d+)%", result.output)
+    assert shares, result.output
+    assert 98 <= sum(int(share) for share in shares.groups()[1:]) <= 102  # every pair ends one of three ways
 
 
 def test_buffer_show_prints_pairs(run):
@@ -68,10 +73,11 @@ def test_rewritten_segment_is_highlighted(run):
     pair = next(p for p in reversed(buffer.all_pairs()) if p.trunc_point > 0 and
                 p.chosen_ids.tolist() != p.rejected_ids.tolist())
     buffer.close()
+    from sapo_lite.data import stop_token_ids
     from sapo_lite.model import load_tokenizer
 
     tokenizer = load_tokenizer(str(run / "base_model"))
-    panel = render_pair(pair, lambda ids: tokenizer.decode([int(i) for i in ids]))
+    panel = render_pair(pair, lambda ids: tokenizer.decode([int(i) for i in ids]), stop_token_ids(tokenizer))
     prompt_line, chosen_line, rejected_line = panel.renderable.renderables
     styled = {str(span.style): chosen_line.plain[span.start : span.end] for span in chosen_line.spans}
     rewritten = {str(span.style): rejected_line.plain[span.start : span.end] for span in rejected_line.spans}

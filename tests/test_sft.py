@@ -15,7 +15,7 @@ def test_sft_learns_the_held_out_task_without_generating(tmp_path, monkeypatch):
     def no_generation(*args, **kwargs):
         pytest.fail("SFT asked the EMA to generate")
 
-    monkeypatch.setattr(trainer, "make_pairs", no_generation)
+    monkeypatch.setattr(trainer, "self_augment", no_generation)
     cfg = load_config("tiny", overrides=["loss.name=sft", "train.max_steps=150", "train.save_every=0",
                                          "data.eval_size=50"])
     result = trainer.train(cfg, tmp_path, Console(quiet=True))

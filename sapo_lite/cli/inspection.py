@@ -41,7 +41,8 @@ def plot(
 def buffer(
     run: Annotated[Path, typer.Argument(help="Run directory")],
     show: Annotated[int, typer.Option(help="Render the N newest pairs, the EMA's rewrite in red")] = 0,
-    stats: Annotated[bool, typer.Option("--stats", help="Pair count, draw counts and ages (default)")] = False,
+    stats: Annotated[bool, typer.Option("--stats", help="Pair count, draw counts, ages and how the rewrites end "
+                                                        "(default)")] = False,
     rank: Annotated[int | None, typer.Option(help="A run trained by N processes keeps a buffer per rank: "
                                                   "which one (default 0)")] = None,
 ) -> None:
@@ -57,19 +58,21 @@ def buffer(
     if processes > 1:
         console.print(f"rank {rank or 0} of {processes} processes (each keeps its own buffer)", highlight=False)
     try:
+        from ..data import install_chat_template, stop_token_ids
+        from ..model import load_tokenizer
+
+        tokenizer = load_tokenizer(base_model_name(cfg, run), cfg.model.trust_remote_code)
+        install_chat_template(tokenizer, cfg.data.chat_template)
+        stop_ids = stop_token_ids(tokenizer)  # to tell a rewrite the EMA ended from one cut at its length limit
         if stats or not show:
-            for line in buffer_stats(db, cfg.sapo.buffer_size).lines():
+            for line in buffer_stats(db, cfg.sapo.buffer_size, stop_ids).lines():
                 console.print(line, highlight=False)
         if show:
-            from ..model import load_tokenizer
-
-            tokenizer = load_tokenizer(base_model_name(cfg, run), cfg.model.trust_remote_code)
-
             def decode(ids) -> str:
                 return tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
             for pair in newest_pairs(db, show):
-                console.print(render_pair(pair, decode))
+                console.print(render_pair(pair, decode, stop_ids))
     finally:
         db.close()
 
