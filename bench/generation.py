@@ -7,7 +7,7 @@ every linear layer, fp32), T 0.7 / top-k 50 / top-p 0.95, 4 sequences a generati
 
 - sapo-lite: the contexts P + R[:t] of 8 examples (128-token prompt, 256-token response, t
   drawn as in training) through `generate_segments` with the EMA adapter active (policy and EMA
-  loaded), in batches of 4 sorted by context length as `make_pairs` does; "unsorted" takes the
+  loaded), in batches of 4 sorted by context length as `self_augment` does; "unsorted" takes the
   same contexts in example order, as before sorting.
 - TRL: `OnlineDPOTrainer._generate` (2 prompts of 128 tokens, two completions each).
 

@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sapo_lite.augment import make_pairs  # noqa: E402
+from sapo_lite.augment import self_augment  # noqa: E402
 from sapo_lite.batching import pair_logps  # noqa: E402
 from sapo_lite.buffer import ReplayBuffer  # noqa: E402
 from sapo_lite.config_sources import load_config  # noqa: E402
@@ -124,8 +124,8 @@ def main() -> None:
             ema_update(model, cfg.sapo.ema_decay)
             marks.append(sync())
             with acting_as(model, EMA):
-                pairs = make_pairs(model, [example() for _ in range(cfg.sapo.gen_per_step)], cfg.sapo.segment_len,
-                                   cfg.data.max_len, 0, [2], rng, cfg.sapo.gen_batch_size, sampling)
+                pairs = self_augment(model, [example() for _ in range(cfg.sapo.gen_per_step)], cfg.sapo.segment_len,
+                                     cfg.data.max_len, 0, [2], rng, cfg.sapo.gen_batch_size, sampling).pairs
             marks.append(sync())
             ref = None
             if loss_spec.needs_reference:

@@ -33,7 +33,7 @@ warnings.filterwarnings("ignore")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sapo_lite.augment import make_pairs  # noqa: E402
+from sapo_lite.augment import self_augment  # noqa: E402
 from sapo_lite.batching import pair_logps  # noqa: E402
 from sapo_lite.buffer import ReplayBuffer  # noqa: E402
 from sapo_lite.data import Example  # noqa: E402
@@ -73,8 +73,8 @@ class SapoStep:
         ema_update(model, 0.5)
         marks.append(time.perf_counter())
         with acting_as(model, EMA):
-            pairs = make_pairs(model, [self.example() for _ in range(self.gen_per_step)], self.segment_len, 2048,
-                               pad_id, [4], self.rng, self.gen_per_step, SAMPLING)
+            pairs = self_augment(model, [self.example() for _ in range(self.gen_per_step)], self.segment_len, 2048,
+                                 pad_id, [4], self.rng, self.gen_per_step, SAMPLING).pairs
         marks.append(time.perf_counter())
         with reference(model):
             ref_c, ref_r, _, _ = pair_logps(model, pairs, pad_id, device)

@@ -178,24 +178,6 @@ class NewPairs:
     resampled: int
 
 
-def make_pairs(
-    model: torch.nn.Module,
-    examples: Sequence,
-    segment_len: int,
-    max_len: int,
-    pad_id: int,
-    stop_ids: Sequence[int],
-    rng: np.random.Generator,
-    gen_batch_size: int,
-    sampling: dict,
-    static_cache: bool = False,
-) -> list[Pair]:
-    """Pairs under the official rules (every rewrite kept); see `self_augment`."""
-    return self_augment(
-        model, examples, segment_len, max_len, pad_id, stop_ids, rng, gen_batch_size, sampling, static_cache
-    ).pairs
-
-
 def self_augment(
     model: torch.nn.Module,
     examples: Sequence,

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from sapo_lite.augment import choose_truncation, left_pad, make_pairs, splice_rejected
+from sapo_lite.augment import choose_truncation, left_pad, self_augment, splice_rejected
 from sapo_lite.data import Example
 
 EOS = 99
@@ -73,7 +73,7 @@ def test_generation_batches_sorted_by_context_length_keep_each_pairs_draw():
     results = []
     for batch_size in (1, 3, 8):
         model = _EchoGenerator()
-        pairs = make_pairs(model, examples, 4, 64, 0, [EOS], np.random.default_rng(5), batch_size, sampling)
+        pairs = self_augment(model, examples, 4, 64, 0, [EOS], np.random.default_rng(5), batch_size, sampling).pairs
         results.append([(p.trunc_point, p.rejected_ids.tolist()) for p in pairs])
         for pair in pairs:  # each rejected carries the segment generated from its own context
             context_end = pair.prompt_len + pair.trunc_point
