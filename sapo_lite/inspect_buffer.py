@@ -116,5 +116,5 @@ def render_pair(pair: StoredPair, decode, stop_ids: list[int]) -> Panel:
     )
     same = ", identical to the chosen" if np.array_equal(chosen, rejected) else ""
     title = (f"pair {pair.pair_id}, step {pair.step_added}, drawn {pair.times_drawn}x, "
-             f"tokens {t}-{t + g}: rewrite {ending}{same}")
+             f"tokens {t}-{t + g} rewritten: {ending}{same}")
     return Panel(body, title=title, title_align="left")

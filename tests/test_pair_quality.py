@@ -172,3 +172,18 @@ def test_a_run_logs_what_happened_to_its_pairs(tmp_path, rule):
         assert min(added) < 32 and not any(is_identical(p) for p in stored if p.step_added > 1)
     else:
         assert added == [32] * len(records)
+
+
+def test_buffer_show_titles_name_how_the_rewrite_ends():
+    from sapo_lite.buffer import StoredPair
+    from sapo_lite.inspect_buffer import render_pair
+
+    def title(rejected, t, g):
+        chosen = np.array([1, 2, 10, 11, 12, EOS], dtype=np.int32)
+        pair = StoredPair(chosen, np.array(rejected, dtype=np.int32), 2, t, g, pair_id=7, step_added=3)
+        return render_pair(pair, lambda ids: " ".join(str(int(i)) for i in ids), [EOS]).title
+
+    assert title([1, 2, 10, 50, 12, EOS], 1, 1).endswith("tokens 1-2 rewritten: tail kept")
+    assert title([1, 2, 10, 50, 51, 52, 53, EOS], 1, 8).endswith("rewritten: ended by the EMA's stop token")
+    assert title([1, 2, 50, 51, 52, 53], 0, 4).endswith("tokens 0-4 rewritten: cut at the length limit")
+    assert title([1, 2, 10, 11, 12, EOS], 0, 4).endswith("ended by the EMA's stop token, identical to the chosen")
