@@ -185,10 +185,10 @@ def table(out: Path) -> None:
     n = base["prompts"] if base else "?"
     print(f"held-out: bundled:instruct-eval, {n} prompts, greedy; prompt = every constraint met, constraint = each"
           " one; mean ± half-range over seeds")
-    print(f"{'run':<18}{'seeds':>6}{'steps':>6}  {'policy prompt':>15}{'policy constr.':>16}"
+    print(f"{'run':<20}{'seeds':>6}{'steps':>6}  {'policy prompt':>15}{'policy constr.':>16}"
           f"{'EMA prompt':>15}{'EMA constr.':>15}{'step s':>8}{'gen':>6}{'ident.':>8}{'cut':>6}")
     if base:
-        print(f"{'base (no adapter)':<18}{'':>6}{'':>6}  {mean_spread([base['prompt_level']]):>15}"
+        print(f"{'base (no adapter)':<20}{'':>6}{'':>6}  {mean_spread([base['prompt_level']]):>15}"
               f"{mean_spread([base['constraint_level']]):>16}")
     order = [*MAIN, *ABLATIONS, *PAIR_RULES]
     for name in sorted(groups, key=lambda g: order.index(g) if g in order else 99):
@@ -200,16 +200,17 @@ def table(out: Path) -> None:
         shares = [statistics.mean(r[key] for r in runs) if runs[0][key] is not None else None
                   for key in ("identical", "cut_off")]
         ident, cut = (f"{share:.0%}" if share is not None else "-" for share in shares)
-        print(f"{name:<18}{len(runs):>6}{runs[0]['steps']:>6}  {cells[0]:>15}{cells[1]:>16}{cells[2]:>15}{cells[3]:>15}"
+        print(f"{name:<20}{len(runs):>6}{runs[0]['steps']:>6}  {cells[0]:>15}{cells[1]:>16}{cells[2]:>15}{cells[3]:>15}"
               f"{step_s:>8.1f}{gen_share:>6.0%}{ident:>8}{cut:>6}")
     kinds = sorted(base["per_kind"]) if base else []
     if kinds:
         print("\nper kind, policy (base first), % of constraints met (count):")
-        print(f"{'kind':<16}{'base':>8}" + "".join(f"{name:>18}" for name in groups))
+        width = max(18, *(len(name) + 2 for name in groups))
+        print(f"{'kind':<18}{'base':>8}" + "".join(f"{name:>{width}}" for name in groups))
         for kind in kinds:
             cells = [mean_spread([r["heldout"]["policy"]["per_kind"][kind] for r in groups[name]]) for name in groups]
-            print(f"{kind + ' (' + str(base['per_kind_n'][kind]) + ')':<16}{100 * base['per_kind'][kind]:>8.1f}"
-                  + "".join(f"{c:>18}" for c in cells))
+            print(f"{kind + ' (' + str(base['per_kind_n'][kind]) + ')':<18}{100 * base['per_kind'][kind]:>8.1f}"
+                  + "".join(f"{c:>{width}}" for c in cells))
 
 
 def main() -> None:
