@@ -62,8 +62,6 @@ class Pair:
     segment_len: int
 
 
-SHORT_REWRITE_RULES = ("official", "free")
-IDENTICAL_RULES = ("keep", "drop", "resample")
 TAIL_KEPT, STOPPED, CUT_OFF = "tail kept", "ended by the EMA's stop token", "cut at the length limit"
 
 

@@ -11,7 +11,7 @@ from rich.console import Group
 from rich.panel import Panel
 from rich.text import Text
 
-from .augment import CUT_OFF, STOPPED, TAIL_KEPT, pair_ending
+from .augment import CUT_OFF, STOPPED, TAIL_KEPT, is_identical, pair_ending
 from .buffer import JOINED, PAIR_COLUMNS, StoredPair, _row_to_pair, check_schema
 from .errors import ConfigError, RunDirError
 
@@ -78,7 +78,7 @@ def buffer_stats(db: sqlite3.Connection, capacity: int, stop_ids: list[int]) -> 
     for pair in pairs:
         ending = pair_ending(pair.rejected_ids, pair.prompt_len, pair.trunc_point, pair.segment_len, stop_ids)
         endings[ending] = endings.get(ending, 0) + 1
-    identical = sum(np.array_equal(p.chosen_ids, p.rejected_ids) for p in pairs)
+    identical = sum(is_identical(p) for p in pairs)
     newest = int(added.max())
     return BufferStats(len(pairs), capacity, newest, drawn, newest - added, endings, identical)
 
@@ -114,7 +114,7 @@ def render_pair(pair: StoredPair, decode, stop_ids: list[int]) -> Panel:
         Text.assemble(("chosen:   ", "bold green"), chosen_text),
         Text.assemble(("rejected: ", "bold red"), rejected_text),
     )
-    same = ", identical to the chosen" if np.array_equal(chosen, rejected) else ""
+    same = ", identical to the chosen" if is_identical(pair) else ""
     title = (f"pair {pair.pair_id}, step {pair.step_added}, drawn {pair.times_drawn}x, "
              f"tokens {t}-{t + g} rewritten: {ending}{same}")
     return Panel(body, title=title, title_align="left")
