@@ -76,10 +76,10 @@ def score(run: Path, roles: list[str], eval_size: int, max_new_tokens: int) -> d
     """Held-out constraint satisfaction of each role of a finished run (in this process)."""
     import torch
 
-    from sapo_lite.constraints import check
-    from sapo_lite.evaluate import generate_answers
-    from sapo_lite.model import acting_as
-    from sapo_lite.runs import open_run
+    from sapo_lite.data.constraints import check
+    from sapo_lite.models.generation import generate_answers
+    from sapo_lite.models.roles import acting_as
+    from sapo_lite.tools.open_run import open_run
 
     torch.set_num_threads(1)
     rows = [json.loads(line) for line in EVAL_DATA.read_text().splitlines() if line.strip()][:eval_size]

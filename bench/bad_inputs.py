@@ -4,7 +4,7 @@
 
 Not a timing: a review list. Every input runs through the real CLI (in this process, the tiny
 preset, nothing trained past the checks), in a fresh temporary folder. The tests assert the
-same messages (tests/test_input_*.py, tests/test_errors.py); this prints them side by side.
+same messages (tests/test_input_*.py, tests/cli/test_errors.py); this prints them side by side.
 """
 
 from __future__ import annotations

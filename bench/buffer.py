@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sapo_lite.augment import Pair
-from sapo_lite.buffer import ReplayBuffer
+from sapo_lite.sapo.augment import Pair
+from sapo_lite.sapo.buffer import ReplayBuffer
 
 
 def rss_mb() -> float:
@@ -62,7 +62,7 @@ def training_step_s() -> float:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_step import SapoLiteStep, make_rows
 
-    from sapo_lite.tiny import build_tokenizer
+    from sapo_lite.models.tiny import build_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         step = SapoLiteStep(make_rows(4, 256, np.random.default_rng(0)), build_tokenizer(), 2, Path(tmp))

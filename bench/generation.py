@@ -32,9 +32,9 @@ warnings.filterwarnings("ignore")
 
 import numpy as np  # noqa: E402
 
-from sapo_lite.augment import choose_truncation, generate_segments  # noqa: E402
-from sapo_lite.data import Example  # noqa: E402
-from sapo_lite.model import EMA, acting_as, attach_adapters  # noqa: E402
+from sapo_lite.data.examples import Example  # noqa: E402
+from sapo_lite.models.roles import EMA, acting_as, attach_adapters  # noqa: E402
+from sapo_lite.sapo.augment import choose_truncation, generate_segments  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from online_dpo import OnlineDpoStep  # noqa: E402

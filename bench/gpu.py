@@ -28,15 +28,15 @@ warnings.filterwarnings("ignore")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sapo_lite.augment import self_augment  # noqa: E402
-from sapo_lite.batching import pair_logps  # noqa: E402
-from sapo_lite.buffer import ReplayBuffer  # noqa: E402
-from sapo_lite.config_sources import load_config  # noqa: E402
-from sapo_lite.data import Example  # noqa: E402
-from sapo_lite.losses import LOSSES, PairLogps  # noqa: E402
-from sapo_lite.memory import architecture_from_config, estimate  # noqa: E402
-from sapo_lite.model import EMA, acting_as, attach_adapters, ema_update, load_base, reference  # noqa: E402
-from sapo_lite.session import build_optimizer  # noqa: E402
+from sapo_lite.config.sources import load_config  # noqa: E402
+from sapo_lite.data.examples import Example  # noqa: E402
+from sapo_lite.models.memory_estimate import architecture_from_config, estimate  # noqa: E402
+from sapo_lite.models.roles import EMA, acting_as, attach_adapters, ema_update, load_base, reference  # noqa: E402
+from sapo_lite.sapo.augment import self_augment  # noqa: E402
+from sapo_lite.sapo.buffer import ReplayBuffer  # noqa: E402
+from sapo_lite.sapo.losses import LOSSES, PairLogps  # noqa: E402
+from sapo_lite.sapo.pair_logps import pair_logps  # noqa: E402
+from sapo_lite.train.session import build_optimizer  # noqa: E402
 
 ARCHS = {
     "llama3-8b": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,

@@ -18,7 +18,7 @@ import sys
 CHILD = r"""
 import json, sys, time, torch
 import torch.nn.functional as F
-from sapo_lite.logps import response_token_logps
+from sapo_lite.sapo.logps import response_token_logps
 
 mode, tokens, vocab, hidden_size, chunk_tokens = sys.argv[1], *map(int, sys.argv[2:6])
 torch.manual_seed(0)

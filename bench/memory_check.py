@@ -15,7 +15,7 @@ one more layer. Measured:
 - one recomputed layer: the same forward without checkpointing, its extra saved bytes;
 - backward (the head's chunks, then the layer recompute and its backward): peak RSS.
 
-Each figure is printed next to the `sapo_lite/memory.py` term it checks, for the same tokens.
+Each figure is printed next to the `sapo_lite/models/memory_estimate.py` term it checks, for the same tokens.
 The preset has 2 x 2048-token sequences a pair; the default here is 512 tokens a sequence so a
 run fits ~8 GB of RAM and minutes of a shared CPU; every term is linear in tokens (checked by
 `--seq-len 256` against 512), so the estimate is compared at the measured length.
@@ -38,12 +38,12 @@ warnings.filterwarnings("ignore")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sapo_lite.augment import Pair  # noqa: E402
-from sapo_lite.batching import pair_logps  # noqa: E402
-from sapo_lite.config import LoraSettings  # noqa: E402
-from sapo_lite.config_sources import load_config  # noqa: E402
-from sapo_lite.memory import LLAMA3_8B, activation_terms, architecture_from_config  # noqa: E402
-from sapo_lite.model import attach_adapters, reference  # noqa: E402
+from sapo_lite.config.schema import LoraSettings  # noqa: E402
+from sapo_lite.config.sources import load_config  # noqa: E402
+from sapo_lite.models.memory_estimate import LLAMA3_8B, activation_terms, architecture_from_config  # noqa: E402
+from sapo_lite.models.roles import attach_adapters, reference  # noqa: E402
+from sapo_lite.sapo.augment import Pair  # noqa: E402
+from sapo_lite.sapo.pair_logps import pair_logps  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import fix_threads  # noqa: E402

@@ -36,7 +36,7 @@ def status_mb(field):
 mode, base, adapter, out, warm_base, warm_adapter = sys.argv[1:7]
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-from sapo_lite.export import merge_adapter
+from sapo_lite.tools.merge import merge_adapter
 
 def merge(base, adapter, out):
     if mode == 'sharded':
@@ -89,11 +89,11 @@ def nf4_parity(folder: Path) -> dict[str, float]:
     from rich.console import Console
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from sapo_lite.config_sources import load_config
-    from sapo_lite.data import load_examples
-    from sapo_lite.export import merge_adapter
-    from sapo_lite.model import load_tokenizer
-    from sapo_lite.trainer import train
+    from sapo_lite.config.sources import load_config
+    from sapo_lite.data.examples import load_examples
+    from sapo_lite.models.roles import load_tokenizer
+    from sapo_lite.tools.merge import merge_adapter
+    from sapo_lite.train.loop import train
 
     run = folder / "nf4-run"
     cfg = load_config("tiny", overrides=["model.quant=nf4", "train.max_steps=60", "data.eval_path=null"])

@@ -33,12 +33,12 @@ warnings.filterwarnings("ignore")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sapo_lite.augment import self_augment  # noqa: E402
-from sapo_lite.batching import pair_logps  # noqa: E402
-from sapo_lite.buffer import ReplayBuffer  # noqa: E402
-from sapo_lite.data import Example  # noqa: E402
-from sapo_lite.losses import dpo_loss  # noqa: E402
-from sapo_lite.model import EMA, acting_as, attach_adapters, ema_update, policy_parameters, reference  # noqa: E402
+from sapo_lite.data.examples import Example  # noqa: E402
+from sapo_lite.models.roles import EMA, acting_as, attach_adapters, ema_update, policy_parameters, reference  # noqa: E402
+from sapo_lite.sapo.augment import self_augment  # noqa: E402
+from sapo_lite.sapo.buffer import ReplayBuffer  # noqa: E402
+from sapo_lite.sapo.losses import dpo_loss  # noqa: E402
+from sapo_lite.sapo.pair_logps import pair_logps  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from online_dpo import OnlineDpoStep  # noqa: E402

@@ -24,9 +24,9 @@ warnings.filterwarnings("ignore")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sapo_lite.augment import Pair  # noqa: E402
-from sapo_lite.batching import pair_logps  # noqa: E402
-from sapo_lite.model import attach_adapters, reference  # noqa: E402
+from sapo_lite.models.roles import attach_adapters, reference  # noqa: E402
+from sapo_lite.sapo.augment import Pair  # noqa: E402
+from sapo_lite.sapo.pair_logps import pair_logps  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import fix_threads, interleaved, ratio_text, spread  # noqa: E402

@@ -45,13 +45,13 @@ warnings.filterwarnings("ignore")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sapo_lite.augment import Pair  # noqa: E402
-from sapo_lite.batching import pair_logps  # noqa: E402
-from sapo_lite.buffer import ReplayBuffer  # noqa: E402
-from sapo_lite.config import LoraSettings  # noqa: E402
-from sapo_lite.losses import dpo_loss  # noqa: E402
-from sapo_lite.model import attach_adapters, policy_parameters, reference  # noqa: E402
-from sapo_lite.tiny import build_tokenizer  # noqa: E402
+from sapo_lite.config.schema import LoraSettings  # noqa: E402
+from sapo_lite.models.roles import attach_adapters, policy_parameters, reference  # noqa: E402
+from sapo_lite.models.tiny import build_tokenizer  # noqa: E402
+from sapo_lite.sapo.augment import Pair  # noqa: E402
+from sapo_lite.sapo.buffer import ReplayBuffer  # noqa: E402
+from sapo_lite.sapo.losses import dpo_loss  # noqa: E402
+from sapo_lite.sapo.pair_logps import pair_logps  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import fix_threads, interleaved, ratio_text, spread  # noqa: E402

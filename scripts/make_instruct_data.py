@@ -7,7 +7,7 @@ Run once from the repository root (the output is committed; the script is determ
 Each row: `{"prompt", "response", "constraints": [{"kind": ..., params}], "answer"}`. Prompts
 are a simple question (a capital, a colour, an animal fact, small arithmetic, a word task)
 followed by one or two checkable constraints, in the spirit of IFEval. Every chosen response
-satisfies its constraints and contains its answer (asserted with `sapo_lite.constraints`).
+satisfies its constraints and contains its answer (asserted with `sapo_lite.data.constraints`).
 
 The held-out split measures generalisation, not recall: its prompts never occur in training,
 it draws content from items kept out of training (countries, words, objects, animals, operand
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sapo_lite.constraints import answer_correct, check  # noqa: E402
+from sapo_lite.data.constraints import answer_correct, check  # noqa: E402
 
 SEED = 20240530
 TRAIN_ROWS = 2000

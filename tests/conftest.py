@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py, importable from every test folder
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from sapo_lite.tiny import build_tiny_base  # noqa: E402
+from sapo_lite.models.tiny import build_tiny_base  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +22,7 @@ def tiny_base_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_base_dir):
-    from sapo_lite.model import load_tokenizer
+    from sapo_lite.models.roles import load_tokenizer
 
     return load_tokenizer(str(tiny_base_dir))
 

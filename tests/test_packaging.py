@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from sapo_lite.config_sources import preset_names
+from sapo_lite.config.sources import preset_names
 
 ROOT = Path(__file__).resolve().parent.parent
 LIST_AND_LOAD = """
 import sapo_lite
-from sapo_lite.config_sources import load_config, preset_names
+from sapo_lite.config.sources import load_config, preset_names
 names = preset_names()
 for name in names:
     load_config(name)

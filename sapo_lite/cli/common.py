@@ -13,8 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from ..errors import ConfigError, SapoError
-from ..fileerrors import storage_error
+from ..errors import ConfigError, SapoError, storage_error
 
 # The order a user needs them in: plan and train, look at the result, ship it, inspect.
 COMMAND_ORDER = ("train", "estimate", "presets", "eval", "generate", "merge", "plot", "buffer", "env")

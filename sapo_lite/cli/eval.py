@@ -1,0 +1,114 @@
+"""`sapo-lite eval`: how well each role of a run follows held-out instructions, as a table or JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ..errors import ConfigError
+from .common import app, console, parse_roles, quiet_libraries, reports_errors
+
+
+@app.command("eval")
+@reports_errors
+def evaluate_run(
+    run: Annotated[Path, typer.Argument(help="Run directory (the --out of `sapo-lite train`)")],
+    adapter: Annotated[str, typer.Option(help="Roles side by side, from base, policy, ema")] = "base,policy,ema",
+    data: Annotated[
+        str | None, typer.Option(help="Evaluation data: a .jsonl/.json/.parquet file or bundled:NAME "
+                                 "(default: the run's data.eval_path)")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N prompts")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Longest answer in tokens (default: the run's data.eval_max_new_tokens)")
+    ] = None,
+) -> None:
+    """Greedy answers of each role to held-out prompts, scored per constraint kind and overall.
+
+    Data whose rows carry `constraints` is scored by the checkers in sapo_lite/data/constraints.py
+    (plus answer correctness where rows carry `answer`); other data by exact match with the
+    reference response.
+    """
+    from ..data.examples import detect_column, load_rows, row_metadata, tokenize_dataset
+    from ..tools.merge import run_adapter_dir
+    from ..tools.open_run import run_config
+
+    roles = parse_roles(adapter)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit} is not a number of prompts", "pass --limit 1 or more, or leave it out")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be >= 1")
+    if json_out is not None and (json_out.is_dir() or not json_out.parent.is_dir()):
+        problem = "is a folder" if json_out.is_dir() else f"is in a folder that does not exist ({json_out.parent})"
+        raise ConfigError(f"--json {json_out} {problem}", "pass a file path in an existing folder")
+    cfg = run_config(run)
+    for role in roles:
+        if role != "base":
+            run_adapter_dir(run, role)  # a missing adapter fails here, before the model loads
+    data_path = data or cfg.data.eval_path
+    if not data_path:
+        raise ConfigError(f"`{run}` has no data.eval_path", "pass --data FILE.jsonl or --data bundled:NAME")
+    quiet_libraries()
+    rows = load_rows(data_path, None, key="--data")  # a single file whole, else its test split
+    # Data without prompts, or with an unknown constraint kind, fails before the model loads.
+    detect_column(rows.columns, cfg.data.column, rows.rows)
+    for row in rows.rows:
+        row_metadata(row)
+    import torch
+
+    from ..models.generation import evaluate_role
+    from ..tools.open_run import open_run
+
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    started = time.perf_counter()
+    loaded = open_run(run, roles)
+    data_cfg = dataclasses.replace(cfg.data, max_examples=limit)
+    tokenized = tokenize_dataset(rows, loaded.tokenizer, data_cfg)
+    examples = tokenized.examples
+    new_tokens = max_new_tokens or cfg.data.eval_max_new_tokens
+    dropped = f" ({tokenized.dropped_long_prompt} dropped: prompt > {cfg.data.max_prompt_len} tokens)"
+    console.print(f"eval: {len(examples)} prompts from {data_path}{dropped if tokenized.dropped_long_prompt else ''},"
+                  f" greedy, at most {new_tokens} new tokens", highlight=False)
+    scores = {}
+    for role in roles:
+        scores[role] = evaluate_role(loaded.model, loaded.tokenizer, examples, role, new_tokens, loaded.stop_ids)
+    wall_s = time.perf_counter() - started
+
+    report = {
+        "run": str(run), "data": data_path, "prompts": len(examples), "max_new_tokens": new_tokens,
+        "wall_s": round(wall_s, 2), "roles": {role: score.to_dict() for role, score in scores.items()},
+    }
+    console.print(results_table(report))
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2))
+        console.print(f"wrote {json_out}", highlight=False)
+    console.print(f"done in {wall_s:.1f}s", highlight=False)
+
+
+def _cell(tally: dict[str, Any] | None) -> str:
+    return "-" if tally is None else f"{tally['rate']:.1%} ({tally['hits']}/{tally['total']})"
+
+
+def results_table(report: dict[str, Any]) -> Table:
+    """Rows: each constraint kind, all constraints, prompts fully satisfied, answers; a column a role."""
+    roles = report["roles"]
+    table = Table("", *roles, title=f"{report['data']}: {report['prompts']} prompts")
+    kinds = sorted({kind for score in roles.values() for kind in score.get("per_kind", {})})
+    for kind in kinds:
+        table.add_row(kind, *(_cell(score["per_kind"].get(kind)) for score in roles.values()))
+    if kinds:
+        table.add_section()
+    rows = [("all constraints", "constraints"), ("prompts fully satisfied", "prompts_all_satisfied"),
+            ("answer accuracy", "answer_accuracy"), ("exact match", "exact_match")]
+    for label, key in rows:
+        if any(key in score for score in roles.values()):
+            table.add_row(f"[bold]{label}[/]", *(_cell(score.get(key)) for score in roles.values()))
+    return table

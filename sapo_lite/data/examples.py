@@ -1,0 +1,283 @@
+"""Tokenize SFT-style data (prompt + good response) through a chat template.
+
+Reading files is `data_files.py`; shapes and unusable rows are `data_rows.py`. Rows become
+`Example`s in one place, `row_to_example`; columns it does not use pass through untouched.
+
+Optional `constraints` (a list of checkable instructions, see constraints.py) and `answer`
+columns travel with each example, for evaluation.
+
+The response keeps its end-of-turn token (EOS): SAPO's EMA may end a rewritten segment
+early by emitting it, and the trained policy must learn where answers stop.
+
+Tokenisation against the official SAPO code:
+- same: every message loses its leading whitespace, as the official preprocessing does.
+- departs: the template's assistant header ends the prompt (official: it opens the response, so
+  it is scored and may be rewritten); the response ends at the template's own end-of-turn token
+  (official: one more EOS after it); the prompt starts with BOS when the tokenizer adds one, so the
+  EMA generates from the same ids the policy is trained on (official: no BOS before the
+  generator's input). Each keeps the scored tokens to the ones the model writes when it answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config.schema import DataConfig
+from ..errors import DataError
+from .constraints import check
+from .files import BUNDLED_PREFIX, Rows, load_rows
+from .rows import RowProblem, RowReport, detect_column, shape_name, to_conversation
+
+# Templates that add no new tokens to the vocabulary: their markers are plain text, so a
+# base model needs no newly trained embeddings to use them.
+BUILTIN_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "zephyr": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+}
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<|endoftext|>")
+
+
+@dataclass
+class Example:
+    """One tokenized example: prompt ids (with BOS where the template wants it) and response ids."""
+
+    prompt_ids: np.ndarray
+    response_ids: np.ndarray
+    response_text: str
+    constraints: list[dict] | None = None  # checkable instructions (data/constraints.py), when the data has them
+    answer: str | None = None  # the reference answer, when the data has one
+
+
+@dataclass
+class TokenizedData:
+    examples: list[Example]
+    dropped_long_prompt: int
+    truncated_response: int
+    source: str
+    column: str = ""
+    report: RowReport = field(default_factory=RowReport)
+    unknown_share: float = 0.0
+    """Share of response tokens the tokenizer maps to its unknown token."""
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self, cfg: DataConfig) -> str:
+        """The `data:` line: what was read, which shape, and what happened to every row."""
+        notes = "".join(f", {note}" for note in self.notes)
+        return (
+            f"data: {len(self.examples)} examples from {self.source}{notes}, column {self.column} "
+            f"({shape_name(self.column)}); {self.report.summary()}; {self.dropped_long_prompt} dropped: "
+            f"prompt > {cfg.max_prompt_len} tokens; {self.truncated_response} responses cut to {cfg.max_len} tokens"
+        )
+
+
+def row_metadata(row: dict[str, Any]) -> tuple[list[dict] | None, str | None]:
+    """(constraints, answer) of a row, None where the column is missing or empty.
+
+    `datasets` may store a column of differently shaped dicts as one struct: keys a constraint
+    does not have then come back as None and are dropped here. An unknown kind or wrong
+    parameters fail here, at load time, rather than after generating answers.
+    """
+    constraints = row.get("constraints")
+    if constraints:
+        if isinstance(constraints, str) or not all(isinstance(c, dict) for c in constraints):
+            raise DataError("`constraints` must be a list of objects such as {\"kind\": \"no_commas\"}",
+                            "see sapo_lite/data/constraints.py for the kinds and their parameters")
+        constraints = [{k: v for k, v in c.items() if v is not None} for c in constraints]
+        for constraint in constraints:
+            check("", constraint)
+    answer = row.get("answer")
+    return constraints or None, None if answer is None else str(answer)
+
+
+# ---------------------------------------------------------------- chat template
+
+
+def install_chat_template(tokenizer: Any, chat_template: str | None) -> None:
+    """Set the tokenizer's template from `data.chat_template`; fail when none is usable."""
+    if chat_template:
+        if chat_template in BUILTIN_TEMPLATES:
+            tokenizer.chat_template = BUILTIN_TEMPLATES[chat_template]
+        elif Path(chat_template).is_dir():
+            raise DataError(f"data.chat_template `{chat_template}` is a folder", "point it at a .jinja file")
+        elif Path(chat_template).is_file():
+            tokenizer.chat_template = Path(chat_template).read_text()
+        else:
+            raise DataError(
+                f"chat template `{chat_template}` is neither built in nor a file",
+                f"use one of {', '.join(BUILTIN_TEMPLATES)} or a path to a .jinja file",
+            )
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "the tokenizer has no chat template",
+            f"set `data.chat_template` to {' or '.join(BUILTIN_TEMPLATES)}, or a .jinja file",
+        )
+    check_template_syntax(tokenizer.chat_template, f"`{chat_template}`" if chat_template else "of the tokenizer")
+
+
+def check_template_syntax(template: Any, source: str) -> None:
+    """A Jinja syntax error as one line with its line number, before any row is rendered."""
+    import jinja2
+
+    try:  # transformers' own environment, with the tags its templates may use (`{% generation %}`)
+        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_template
+    except ImportError:  # a transformers without it: plain Jinja with the loop controls templates use
+        def compile_template(text: str) -> Any:
+            return jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+
+    texts = template.values() if isinstance(template, dict) else [template]  # named templates
+    for text in texts:
+        try:
+            compile_template(text)
+        except jinja2.TemplateSyntaxError as exc:
+            raise DataError(
+                f"chat template {source} has a Jinja syntax error at line {exc.lineno}: {exc.message}",
+                "fix the template, or set `data.chat_template` to chatml or zephyr",
+            ) from None
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an answer: EOS plus the template's end-of-turn marker."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[tok] for tok in END_OF_TURN_TOKENS if tok in vocab)
+    return sorted(ids)
+
+
+def render_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Prompt ids with the generation prompt, and BOS exactly once when the model expects one."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and _adds_bos(tokenizer) and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return ids
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    return tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+
+
+def tokenize_conversation(
+    tokenizer: Any, prompt_messages: list[dict[str, str]], response: str, stops: list[int]
+) -> tuple[list[int], list[int]]:
+    prompt_ids = render_prompt_ids(tokenizer, prompt_messages)
+    prompt_text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(
+        [*prompt_messages, {"role": "assistant", "content": response}], tokenize=False
+    )
+    if full_text.startswith(prompt_text):
+        response_text = full_text[len(prompt_text) :]
+    else:  # a template that rewrites earlier turns: fall back to the raw answer
+        response_text = response
+    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
+    # Keep the answer up to and including its last stop token (drops a trailing "\n").
+    last_stop = max((i for i, tok in enumerate(response_ids) if tok in stops), default=None)
+    if last_stop is None:
+        response_ids = [*response_ids, stops[0]] if stops else response_ids
+    else:
+        response_ids = response_ids[: last_stop + 1]
+    return prompt_ids, response_ids
+
+
+def row_to_example(
+    row: dict[str, Any], column: str, tokenizer: Any, stops: list[int], cfg: DataConfig
+) -> tuple[Example | None, bool]:
+    """One row as an Example (None: prompt too long) and whether its response was cut.
+
+    Raises RowProblem when the row cannot be used. Columns other than the shape's are not read.
+    """
+    prompt_messages, response = to_conversation(row, column)
+    prompt_ids, response_ids = tokenize_conversation(tokenizer, prompt_messages, response, stops)
+    if len(prompt_ids) > cfg.max_prompt_len:
+        return None, False
+    room = cfg.max_len - len(prompt_ids)
+    truncated = len(response_ids) > room
+    response_ids = response_ids[:room]
+    example = Example(
+        np.asarray(prompt_ids, np.int32), np.asarray(response_ids, np.int32), response.strip(), *row_metadata(row)
+    )
+    return example, truncated
+
+
+def tokenize_dataset(rows: Rows, tokenizer: Any, cfg: DataConfig) -> TokenizedData:
+    """Tokenize every row; skip unusable rows, drop long prompts, cut long responses, and count all three."""
+    column = detect_column(list(rows.columns), cfg.column, rows.rows)
+    stops = stop_token_ids(tokenizer)
+    examples: list[Example] = []
+    report = RowReport()
+    dropped = truncated = unknown = response_tokens = 0
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for index, row in enumerate(rows.rows):
+        report.rows += 1
+        try:
+            example, cut = row_to_example(row, column, tokenizer, stops, cfg)
+        except RowProblem as problem:
+            report.skip(rows.place(index), str(problem))
+            continue
+        if example is None:
+            dropped += 1
+            continue
+        truncated += cut
+        examples.append(example)
+        if unk is not None:
+            content = [t for t in example.response_ids.tolist() if t not in stops]
+            unknown += sum(t == unk for t in content)
+            response_tokens += len(content)
+        if cfg.max_examples is not None and len(examples) >= cfg.max_examples:
+            break
+    report.check(cfg.max_bad_share, rows.source)
+    if not examples:
+        raise DataError(
+            f"every one of the {dropped} prompts in `{rows.source}` is longer than "
+            f"data.max_prompt_len={cfg.max_prompt_len} tokens",
+            "raise `data.max_prompt_len` (and `data.max_len`) or use shorter prompts",
+        )
+    return TokenizedData(examples, dropped, truncated, rows.source, column, report,
+                         unknown / response_tokens if response_tokens else 0.0, rows.notes)
+
+
+def load_examples(
+    path: str, split: str | None, tokenizer: Any, cfg: DataConfig, key: str = "data.path"
+) -> TokenizedData:
+    return tokenize_dataset(load_rows(path, split, key), tokenizer, cfg)
+
+
+def held_out_set(
+    cfg: DataConfig, data: TokenizedData, tokenizer: Any, seed: int
+) -> tuple[list[Example], list[Example], str, str | None]:
+    """(training examples, eval examples, where the eval set comes from, a line saying so).
+
+    A bundled eval set (`bundled:NAME-eval`) belongs to its bundled data (`bundled:NAME`): with the
+    user's own data it would score a task the model never trained on, so the eval set is held out
+    from the user's data instead. `holdout` asks for that explicitly.
+    """
+    path = cfg.eval_path
+    if not path:
+        return data.examples, [], "", None
+    belongs_elsewhere = path.startswith(BUNDLED_PREFIX) and path.removesuffix("-eval") != cfg.path
+    if path != "holdout" and not belongs_elsewhere:
+        examples = load_examples(path, None, tokenizer, cfg, key="data.eval_path").examples[: cfg.eval_size]
+        return data.examples, examples, path, None
+    count = min(cfg.eval_size, len(data.examples) // 10)
+    why = f" ({path} belongs to {path.removesuffix('-eval')})" if belongs_elsewhere else ""
+    if count == 0:
+        return data.examples, [], "", f"eval: none: {len(data.examples)} examples are too few to hold 10% out{why}"
+    chosen = set(np.random.default_rng(seed).permutation(len(data.examples))[:count].tolist())
+    train = [e for i, e in enumerate(data.examples) if i not in chosen]
+    held_out = [e for i, e in enumerate(data.examples) if i in chosen]
+    source = f"held out from {cfg.path}"
+    return train, held_out, source, f"eval: {count} examples {source}, not trained on{why}"

@@ -1,0 +1,61 @@
+"""Decoding with any role of a model (base, policy, ema): left-padded batches in, answers out.
+
+`left_pad` lays out contexts of different lengths so every row ends at the last column (what
+batched decoding with a KV cache needs); `generate_answers` decodes prompts greedily or with
+sampling and returns the text; `evaluate_role` answers held-out examples as one role and
+scores the answers (data/scoring.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..data.examples import Example
+from ..data.scoring import RoleScore, score_answers
+from .roles import acting_as
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), left-padded so that every sequence ends at the last column."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int],
+    temperature: float = 0.0, batch_size: int = 32,
+) -> list[str]:
+    """Decoded answers (special tokens dropped, stripped); greedy unless `temperature` > 0."""
+    device = next(model.parameters()).device
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[start : start + batch_size], tokenizer.pad_token_id)
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id, **sampling,
+        )
+        answers += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    return [a.strip() for a in answers]
+
+
+def evaluate_role(
+    model: Any, tokenizer: Any, examples: Sequence[Example], role: str, max_new_tokens: int,
+    stop_ids: Sequence[int], batch_size: int = 32,
+) -> RoleScore:
+    """Greedy answers of `base` or an adapter to every example, scored."""
+    with acting_as(model, role):
+        answers = generate_answers(
+            model, tokenizer, [ex.prompt_ids.tolist() for ex in examples], max_new_tokens, stop_ids,
+            batch_size=batch_size,
+        )
+    return score_answers(role, answers, examples)

@@ -1,0 +1,120 @@
+"""Look inside a run's replay buffer: statistics, and pairs rendered with the rewritten segment in colour."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Group
+from rich.panel import Panel
+from rich.text import Text
+
+from ..errors import ConfigError, RunDirError
+from ..sapo.augment import CUT_OFF, STOPPED, TAIL_KEPT, is_identical, pair_ending
+from ..sapo.buffer import JOINED, PAIR_COLUMNS, StoredPair, _row_to_pair, check_schema
+
+
+@dataclass
+class BufferStats:
+    pairs: int
+    capacity: int
+    newest_step: int
+    times_drawn: np.ndarray
+    ages: np.ndarray
+    endings: dict[str, int]
+    """How the rejected responses end (TAIL_KEPT / STOPPED / CUT_OFF): pair counts."""
+    identical: int
+
+    def lines(self) -> list[str]:
+        drawn, ages = self.times_drawn, self.ages
+        share = {ending: self.endings.get(ending, 0) / self.pairs for ending in (TAIL_KEPT, STOPPED, CUT_OFF)}
+        return [
+            f"pairs: {self.pairs} of {self.capacity} ({self.pairs / self.capacity:.0%} full)",
+            f"times drawn: mean {drawn.mean():.2f}, median {np.median(drawn):.0f}, max {drawn.max()}, "
+            f"never drawn {np.mean(drawn == 0):.0%}",
+            f"age in steps (newest step {self.newest_step}): min {ages.min()}, median {np.median(ages):.0f}, "
+            f"p90 {np.percentile(ages, 90):.0f}, max {ages.max()}",
+            f"rewrites: identical to the chosen {self.identical / self.pairs:.0%}, "
+            + ", ".join(f"{ending} {value:.0%}" for ending, value in share.items()),
+        ]
+
+
+def buffer_path(run_dir: Path, rank: int | None = None) -> tuple[Path, int]:
+    """(the buffer file to read, how many processes keep one): `buffer.sqlite` for a one-process run,
+    `buffer-rankK.sqlite` (rank 0 unless told) for a run trained by N processes."""
+    ranked = sorted(run_dir.glob("buffer-rank*.sqlite"))
+    if (run_dir / "buffer.sqlite").is_file() or not ranked:
+        if rank:
+            raise ConfigError(f"`{run_dir}` was trained by one process: it has one buffer", "drop --rank")
+        return run_dir / "buffer.sqlite", 1
+    path = run_dir / f"buffer-rank{rank or 0}.sqlite"
+    if not path.is_file():
+        raise ConfigError(f"`{run_dir}` has no buffer for rank {rank}", f"choose --rank 0 to {len(ranked) - 1}")
+    return path, len(ranked)
+
+
+def open_buffer_readonly(run_dir: Path, rank: int | None = None) -> sqlite3.Connection:
+    path, _ = buffer_path(run_dir, rank)
+    if not path.is_file():
+        raise RunDirError(f"`{run_dir}` has no buffer.sqlite", "point at the --out folder of a run that trained")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)  # never writes into the run
+        db.execute("SELECT COUNT(*) FROM pairs").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise RunDirError(f"`{path}` cannot be read ({exc})", "resume the run to restore it from a checkpoint") from exc
+    check_schema(db, path)
+    return db
+
+
+def buffer_stats(db: sqlite3.Connection, capacity: int, stop_ids: list[int]) -> BufferStats:
+    pairs = [_row_to_pair(row) for row in db.execute(f"SELECT {PAIR_COLUMNS} FROM {JOINED}")]
+    if not pairs:
+        raise RunDirError("the buffer is empty", "wait for the first training step")
+    drawn = np.array([p.times_drawn for p in pairs], dtype=np.int64)
+    added = np.array([p.step_added for p in pairs], dtype=np.int64)
+    endings: dict[str, int] = {}
+    for pair in pairs:
+        ending = pair_ending(pair.rejected_ids, pair.prompt_len, pair.trunc_point, pair.segment_len, stop_ids)
+        endings[ending] = endings.get(ending, 0) + 1
+    identical = sum(is_identical(p) for p in pairs)
+    newest = int(added.max())
+    return BufferStats(len(pairs), capacity, newest, drawn, newest - added, endings, identical)
+
+
+def newest_pairs(db: sqlite3.Connection, count: int) -> list[StoredPair]:
+    rows = db.execute(f"SELECT {PAIR_COLUMNS} FROM {JOINED} ORDER BY p.id DESC LIMIT ?", (count,)).fetchall()
+    return [_row_to_pair(row) for row in rows]
+
+
+def decode_pieces(decode, ids: np.ndarray, bounds: list[int]) -> list[str]:
+    """Texts of ids[b0:b1], ids[b1:b2], ... as the tokenizer renders them in one piece.
+
+    Decoding each piece alone would drop the spaces a tokenizer puts between tokens.
+    """
+    texts = [decode(ids[:b]) for b in bounds]
+    return [later[len(earlier):] for earlier, later in zip(texts, texts[1:])]
+
+
+def render_pair(pair: StoredPair, decode, stop_ids: list[int]) -> Panel:
+    """Prompt, shared prefix, then the chosen segment (green) against the EMA's rewrite (red)."""
+    p, t, g = pair.prompt_len, pair.trunc_point, pair.segment_len
+    chosen, rejected = pair.chosen_ids, pair.rejected_ids
+    ending = pair_ending(rejected, p, t, g, stop_ids)
+    kept_tail = ending == TAIL_KEPT  # the rejected response goes on with the chosen R[t+g:]
+    cut = min(p + t + g, len(chosen))  # under sapo.short_rewrite=free the segment may outrun the chosen response
+    prompt, prefix, chosen_segment, tail = decode_pieces(decode, chosen, [0, p, p + t, cut, len(chosen)])
+    rewrite_end = p + t + g if kept_tail else len(rejected)
+    (rejected_segment,) = decode_pieces(decode, rejected, [p + t, rewrite_end])
+    chosen_text = Text.assemble((prefix, "dim"), (chosen_segment, "bold green"), (tail, "dim"))
+    rejected_text = Text.assemble((prefix, "dim"), (rejected_segment, "bold red"), (tail if kept_tail else "", "dim"))
+    body = Group(
+        Text.assemble(("prompt: ", "bold"), prompt),
+        Text.assemble(("chosen:   ", "bold green"), chosen_text),
+        Text.assemble(("rejected: ", "bold red"), rejected_text),
+    )
+    same = ", identical to the chosen" if is_identical(pair) else ""
+    title = (f"pair {pair.pair_id}, step {pair.step_added}, drawn {pair.times_drawn}x, "
+             f"tokens {t}-{t + g} rewritten: {ending}{same}")
+    return Panel(body, title=title, title_align="left")

@@ -1,0 +1,214 @@
+"""Fold a LoRA adapter into a full-precision copy of the base, shard by shard.
+
+Never into 4-bit weights: merging into NF4 would re-round every weight. The base is read
+from its safetensors shards one shard at a time, so peak RAM is about two shards (the shard and
+its serialised copy while it is written) plus the adapter: an 8B model in ~5 GB shards merges
+on a 32 GB machine (bench/merge.py measures it). The result is a plain
+Hugging Face folder: config, safetensors shards (+ index), tokenizer with chat template,
+generation config. `AutoModelForCausalLM.from_pretrained(DIR)` loads it without peft.
+
+`nf4_roundtrip=True` merges into dequantize(quantize_nf4(W)) instead of W: the weights the
+adapter was actually trained against. The default merges into the original weights, which
+is what most people want to publish.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError, RunDirError
+from ..run.folders import normal_permissions
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CONFIG_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt",
+)
+NOT_QUANTISED = ("embed_tokens", "lm_head", "wte", "embed_out")  # bitsandbytes leaves these in full precision
+
+
+@dataclass
+class LoraDelta:
+    """B @ A * scale for one base weight, computed on demand."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scale: float
+
+    def weight(self) -> torch.Tensor:
+        return (self.lora_b.float() @ self.lora_a.float()) * self.scale
+
+
+@dataclass
+class MergeReport:
+    out_dir: Path
+    shards: int
+    merged_weights: int
+    largest_shard_bytes: int
+    adapter_bytes: int
+
+
+def read_adapter(adapter_dir: Path) -> dict[str, LoraDelta]:
+    """Base weight name -> LoRA delta, from a PEFT adapter folder."""
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config.get("peft_type") != "LORA":
+        raise ModelError(f"`{adapter_dir}` is not a LoRA adapter", "merge works on LoRA adapters only")
+    if config.get("modules_to_save"):
+        raise ModelError(f"`{adapter_dir}` also trains whole modules", "merge supports LoRA layers only")
+    rank, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    deltas: dict[str, LoraDelta] = {}
+    for key, lora_a in tensors.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        lora_b = tensors[key.replace(".lora_A.", ".lora_B.")]
+        deltas[f"{module}.weight"] = LoraDelta(lora_a, lora_b, scale)
+    if config.get("fan_in_fan_out"):
+        raise ModelError("adapters with fan_in_fan_out (GPT-2 style Conv1D) cannot be merged here")
+    return deltas
+
+
+def nf4_roundtrip(weight: torch.Tensor, double_quant: bool) -> torch.Tensor:
+    """dequantize(quantize_nf4(W)): exactly what a bitsandbytes NF4 layer computes with."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    packed, state = quantize_4bit(weight.contiguous(), quant_type="nf4", compress_statistics=double_quant)
+    return dequantize_4bit(packed, state).to(weight.dtype)
+
+
+def base_shards(base_dir: Path) -> tuple[list[str], dict | None]:
+    """Shard file names of a safetensors base folder, and its index (None when unsharded)."""
+    index_path = base_dir / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        return sorted(set(index["weight_map"].values())), index
+    if (base_dir / "model.safetensors").is_file():
+        return ["model.safetensors"], None
+    raise ModelError(
+        f"`{base_dir}` has no safetensors weights", "merge reads safetensors; convert the base first"
+    )
+
+
+def resolve_base_dir(name: str) -> Path:
+    """A local folder for a hub id (from the local cache) or the folder itself."""
+    if Path(name).is_dir():
+        return Path(name)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+    except Exception as exc:  # offline, gated or missing: all end in the same advice
+        raise ModelError(
+            f"cannot find the base model `{name}` locally: {str(exc).splitlines()[0]}",
+            "download it first (huggingface-cli download), or run with network access",
+        ) from exc
+
+
+def merge_adapter(
+    base_dir: Path,
+    adapter_dir: Path,
+    out_dir: Path,
+    dtype: str = "bf16",
+    roundtrip: bool = False,
+    double_quant: bool = True,
+    on_shard: Callable[[str], None] | None = None,
+) -> MergeReport:
+    """Write base + adapter as a plain HF folder, one shard in memory at a time."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    deltas = read_adapter(adapter_dir)
+    shards, index = base_shards(base_dir)
+    target = DTYPES[dtype]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh hidden sibling, renamed when complete: never a folder of the user's that happens to share a name.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    merged, largest, total_bytes = 0, 0, 0
+    for shard in shards:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(base_dir / shard), framework="pt") as handle:
+            metadata = handle.metadata()
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                weight = handle.get_tensor(key)
+                if roundtrip and weight.dim() == 2 and not any(n in key for n in NOT_QUANTISED):
+                    weight = nf4_roundtrip(weight, double_quant)
+                if key in deltas:
+                    weight = weight.float() + deltas.pop(key).weight()
+                    merged += 1
+                tensors[key] = weight.to(target) if weight.is_floating_point() else weight
+        shard_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        largest, total_bytes = max(largest, shard_bytes), total_bytes + shard_bytes
+        save_file(tensors, str(tmp / shard), metadata=metadata or {"format": "pt"})
+        del tensors
+        if on_shard:
+            on_shard(shard)
+    if deltas:
+        shutil.rmtree(tmp)
+        raise ModelError(
+            f"{len(deltas)} adapter weights have no match in the base (e.g. `{next(iter(deltas))}`)",
+            "merge into the base model the run was trained on",
+        )
+    if index is not None:
+        index["metadata"] = {**index.get("metadata", {}), "total_size": total_bytes}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    _copy_side_files(base_dir, tmp, dtype)
+    normal_permissions(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    adapter_bytes = (adapter_dir / "adapter_model.safetensors").stat().st_size
+    return MergeReport(out_dir, len(shards), merged, largest, adapter_bytes)
+
+
+def _copy_side_files(base_dir: Path, out_dir: Path, dtype: str) -> None:
+    config = json.loads((base_dir / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["dtype"] = CONFIG_DTYPE_NAMES[dtype]
+    config.pop("torch_dtype", None)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("generation_config.json", *TOKENIZER_FILES):
+        if (base_dir / name).is_file():
+            shutil.copy2(base_dir / name, out_dir / name)
+
+
+def run_adapter_dir(run_dir: Path, adapter: str) -> Path:
+    """The run's final adapter, or the newest checkpoint's when the run has not finished."""
+    from ..train.checkpoint import completed_checkpoints
+
+    if not (run_dir / "config.yaml").is_file():
+        raise RunDirError(f"`{run_dir}` is not a sapo-lite run (no config.yaml)", "pass the --out folder of a train")
+    final = run_dir / "adapters" / adapter
+    checkpoints = completed_checkpoints(run_dir)
+    if (final / "adapter_model.safetensors").is_file():
+        return _readable(final, run_dir)
+    if checkpoints:
+        return _readable(checkpoints[-1] / "adapters" / adapter, run_dir)
+    raise RunDirError(f"`{run_dir}` has no `{adapter}` adapter yet", "train it first, or wait for a checkpoint")
+
+
+def _readable(folder: Path, run_dir: Path) -> Path:
+    """`folder` if its adapter can be read; else a one-line error saying what is broken and what to do."""
+    from ..errors import StorageError
+    from ..train.finish import adapter_damage
+
+    problem = adapter_damage(folder)
+    if problem is None:
+        return folder
+    raise StorageError(
+        f"adapter `{folder}` is damaged: {problem}",
+        f"`sapo-lite train --resume {run_dir}` rewrites the final adapters from the last checkpoint"
+        if folder.parent.name == "adapters" and folder.parent.parent == run_dir
+        else "delete that checkpoint folder to use the one before it",
+    )

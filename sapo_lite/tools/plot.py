@@ -1,0 +1,94 @@
+"""One PNG with the curves a preference-tuning user watches, from RUN/metrics.jsonl.
+
+Works on a run that is still going: a half-written last line is skipped. matplotlib is an
+optional extra (`pip install "sapo-lite[plot]"`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import RunDirError, SapoError
+
+PANELS = (
+    ("loss", ["loss"], "loss"),
+    ("reward margin", ["rewards/margins"], "chosen - rejected reward"),
+    ("preference accuracy", ["rewards/accuracies"], "share of pairs with chosen > rejected"),
+    ("log-probs", ["logps/chosen", "logps/rejected"], "summed response log-prob"),
+    ("learning rate", ["lr"], "lr"),
+    ("generation share of the step", ["gen_share"], "share of step time"),
+    ("buffer fill", ["buffer_fill"], "pairs / capacity"),
+    ("pairs without a signal", ["pairs/identical", "pairs/cut_off"],
+     "share of new pairs"),
+)
+NOISY = {"loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "gen_share",
+         "pairs/identical", "pairs/cut_off"}
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise RunDirError(f"`{run_dir}` has no metrics.jsonl yet", "point at a run directory that has trained a step")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the line being written right now
+            continue
+    if not records:
+        raise RunDirError(f"`{path}` has no complete step yet", "wait for the first optimizer step")
+    return records
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over `window` steps (NaN-aware), so the curve stays aligned with its steps."""
+    out = np.empty_like(values)
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1) : i + 1]
+        chunk = chunk[np.isfinite(chunk)]
+        out[i] = chunk.mean() if len(chunk) else np.nan
+    return out
+
+
+def plot_run(run_dir: Path, out: Path, buffer_capacity: int) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SapoError("plotting needs matplotlib, which is not installed",
+                        'pip install "sapo-lite[plot]" (or pip install matplotlib)') from exc
+    records = read_records(run_dir)
+    steps = np.array([r["step"] for r in records])
+    window = max(1, len(records) // 30)
+
+    def series(key: str) -> np.ndarray:
+        if key == "buffer_fill":
+            return np.array([r.get("buffer_size", np.nan) for r in records], dtype=float) / buffer_capacity
+        return np.array([np.nan if r.get(key) is None else r[key] for r in records], dtype=float)
+
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5), constrained_layout=True)
+    for ax, (title, keys, ylabel) in zip(axes.flat, PANELS):
+        for key in keys:
+            values = series(key)
+            label = key.split("/")[-1] if len(keys) > 1 else None
+            if key in NOISY and window > 1:
+                line = ax.plot(steps, values, alpha=0.25, linewidth=0.8)[0]
+                ax.plot(steps, smooth(values, window), color=line.get_color(), linewidth=1.8, label=label)
+            else:
+                ax.plot(steps, values, linewidth=1.8, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend()
+    fig.suptitle(f"{run_dir.name}: {len(records)} steps (faint: raw, solid: mean of {window} steps)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out

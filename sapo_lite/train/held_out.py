@@ -1,0 +1,35 @@
+"""The run's before/after evaluation on held-out data: RUN/held-out.json and summary fields."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..data.scoring import RoleScore
+
+HELD_OUT_FILE = "held-out.json"  # RUN/held-out.json: the end-of-training evaluation, one entry a role
+
+
+def record_held_out(run_dir: Path, score: RoleScore) -> None:
+    """Add one role's figures to RUN/held-out.json (the base's survive a resume there)."""
+    path = run_dir / HELD_OUT_FILE
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    recorded[score.role] = score.to_dict()
+    path.write_text(json.dumps(recorded, indent=2))
+
+
+def held_out_summary(run_dir: Path) -> dict[str, Any]:
+    """summary.json fields for a run evaluated on constraints: overall and per-kind, base and policy."""
+    path = run_dir / HELD_OUT_FILE
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    fields: dict[str, Any] = {}
+    for role in ("base", "policy"):
+        entry = recorded.get(role, {})
+        if "constraints" in entry:
+            fields[f"eval_constraints_{role}"] = entry["constraints"]["rate"]
+            fields[f"eval_prompts_all_satisfied_{role}"] = entry["prompts_all_satisfied"]["rate"]
+            fields[f"eval_per_kind_{role}"] = {kind: t["rate"] for kind, t in entry["per_kind"].items()}
+            if "answer_accuracy" in entry:
+                fields[f"eval_answer_accuracy_{role}"] = entry["answer_accuracy"]["rate"]
+    return fields

@@ -1,0 +1,160 @@
+"""What a run reports: one JSON line per optimizer step and a rich progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class MetricsWriter:
+    """Appends one JSON object per optimizer step to RUN/metrics.jsonl, flushed at once.
+
+    With several processes only rank 0 writes (`enabled=False` elsewhere), the figures already
+    averaged over ranks.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path = path
+        self._file = path.open("a", encoding="utf-8") if enabled else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        from ..errors import writing
+
+        with writing(self.path, self.path.parent):
+            self._file.write(json.dumps(finite_or_none(record)) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN or infinity: such values are written as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class TrainProgress:
+    """A live progress bar with loss, reward margin and step time on a terminal; when the output
+    goes to a file (nohup, a job log) the bar cannot redraw, so a plain line every `log_every_s`."""
+
+    def __init__(self, console: Console, total_steps: int, start_step: int = 0, log_every_s: float = 30.0) -> None:
+        self._console = console
+        self._total = total_steps
+        self._log_every_s = log_every_s
+        self._last_line = time.monotonic()
+        self._progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+            disable=not console.is_terminal,
+        )
+        self._task = self._progress.add_task("train", total=total_steps, completed=start_step, stats="")
+
+    def __enter__(self) -> TrainProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def update(self, record: dict[str, Any]) -> None:
+        stats = f"loss {record['loss']:.4f}  "
+        if "rewards/margins" in record:  # absent for losses without rejected responses (SFT)
+            stats += f"margin {record['rewards/margins']:+.3f}  acc {record['rewards/accuracies']:.2f}  "
+        stats += f"{record['step_s']:.2f}s/step"
+        self._progress.update(self._task, completed=record["step"], stats=stats)
+        now = time.monotonic()
+        if not self._console.is_terminal and (now - self._last_line >= self._log_every_s
+                                              or record["step"] in (1, self._total)):
+            self._console.print(f"step {record['step']}/{self._total}  {stats}", highlight=False)
+            self._last_line = now
+
+
+class Reporter:
+    """Where metrics go besides metrics.jsonl: nowhere, TensorBoard or Weights & Biases."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def log_samples(self, step: int, samples: list[tuple[str, str, str]]) -> None:
+        """(prompt, chosen, rejected) texts: what the model is being taught to prefer and to avoid."""
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardReporter(Reporter):
+    def __init__(self, run_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def log_samples(self, step: int, samples: list[tuple[str, str, str]]) -> None:
+        rows = ["| prompt | chosen | rejected |", "|---|---|---|"]
+        rows += ["| " + " | ".join(_cell(text) for text in sample) + " |" for sample in samples]
+        self.writer.add_text("samples", "\n".join(rows), step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbReporter(Reporter):
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project="sapo-lite", name=run_dir.name, dir=str(run_dir), config=config)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def log_samples(self, step: int, samples: list[tuple[str, str, str]]) -> None:
+        table = self.wandb.Table(columns=["prompt", "chosen", "rejected"], data=[list(s) for s in samples])
+        self.run.log({"samples": table}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_reporter(kind: str, run_dir: Path, config: dict[str, Any]) -> Reporter:
+    """The reporter for `train.report_to`; its package is imported only when chosen."""
+    from ..errors import ConfigError
+
+    packages = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    if kind == "none":
+        return Reporter()
+    try:
+        return TensorBoardReporter(run_dir) if kind == "tensorboard" else WandbReporter(run_dir, config)
+    except ImportError as exc:
+        raise ConfigError(
+            f"train.report_to={kind} needs the `{packages[kind]}` package, which is not installed",
+            f'pip install "sapo-lite[{kind}]", or set train.report_to=none',
+        ) from exc
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:500]

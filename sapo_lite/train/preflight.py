@@ -1,0 +1,111 @@
+"""Checks between loading the base and training on it: settings that do not fit the model or data.
+
+Each turns what would be a tensor-shape traceback, a silently ignored setting or a model trained
+on text it cannot read into one line that names both values: LoRA targets against the model's
+modules, `model.init_adapter` against the LoRA settings and base, `data.max_len` against the
+model's positions, unknown-token share of the data, and the optimizer the device can run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config.schema import Config
+from ..errors import ConfigError, ModelError
+from ..models.tiny import TINY_NAME
+
+UNKNOWN_WARN_SHARE = 0.5
+
+
+def linear_module_names(base: Any) -> list[str]:
+    """Short names of the base's linear layers (`q_proj`, ...), without the output head."""
+    import torch
+
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    return sorted({name.rsplit(".", 1)[-1] for name, module in base.named_modules()
+                   if isinstance(module, torch.nn.Linear) and module is not head})
+
+
+def check_lora_targets(cfg: Config, base: Any) -> None:
+    """Every name in `lora.target_modules` must match a module of the model (peft matches name suffixes)."""
+    targets = cfg.lora.target_modules
+    if targets == "all-linear":
+        return
+    targets = [targets] if isinstance(targets, str) else targets
+    names = [name for name, _ in base.named_modules()]
+    unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unknown:
+        linear = ", ".join(linear_module_names(base))
+        raise ConfigError(
+            f"lora.target_modules names {', '.join(f'`{u}`' for u in unknown)}, which "
+            f"{'is no module' if len(unknown) == 1 else 'are no modules'} of {cfg.model.name}; "
+            f"its linear modules: {linear}",
+            "set `lora.target_modules` to some of those (comma-separated), or to all-linear",
+        )
+
+
+def check_init_adapter(cfg: Config, base: Any, model_name: str) -> None:
+    """An init adapter must have the config's rank, alpha, targets and base: name both values otherwise."""
+    folder = Path(cfg.model.init_adapter)
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise ModelError(f"model.init_adapter `{folder}` is not a PEFT adapter folder (no adapter_config.json)",
+                         "point `model.init_adapter` at a folder such as RUN/adapters/policy")
+    adapter = json.loads(config_file.read_text())
+    lora = cfg.lora
+    found, fixes = [], []
+    if adapter.get("r") != lora.r:
+        found.append(f"rank {adapter.get('r')} but lora.r={lora.r}")
+        fixes.append(f"lora.r={adapter.get('r')}")
+    if adapter.get("lora_alpha") != lora.alpha:
+        found.append(f"alpha {adapter.get('lora_alpha')} but lora.alpha={lora.alpha}")
+        fixes.append(f"lora.alpha={adapter.get('lora_alpha')}")
+    theirs = adapter.get("target_modules") or []
+    theirs = sorted([theirs] if isinstance(theirs, str) else theirs)
+    ours = linear_module_names(base) if lora.target_modules == "all-linear" else lora.target_modules
+    ours = sorted([ours] if isinstance(ours, str) else ours)
+    if theirs != ours and theirs != ["all-linear"]:
+        found.append(f"target modules {','.join(theirs)} but lora.target_modules={','.join(ours)}")
+        fixes.append(f"lora.target_modules={','.join(theirs)}")
+    their_base = adapter.get("base_model_name_or_path")
+    if their_base and cfg.model.name != TINY_NAME and not _same_model(their_base, model_name):
+        found.append(f"base {their_base} but model.name={model_name}")
+        fixes.append(f"model.name={their_base}")
+    if found:
+        raise ConfigError(f"model.init_adapter `{folder}` does not match the config: {'; '.join(found)}",
+                          f"train with the adapter's settings: {' '.join(fixes)}")
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def model_warnings(cfg: Config, model_config: Any) -> list[str]:
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions and cfg.data.max_len > positions:
+        return [f"warning: data.max_len={cfg.data.max_len} is longer than the model's max_position_embeddings="
+                f"{positions}: positions past {positions} were never trained; set data.max_len={positions}"]
+    return []
+
+
+def data_warnings(unknown_share: float, tokenizer: Any) -> list[str]:
+    if unknown_share > UNKNOWN_WARN_SHARE:
+        return [f"warning: {unknown_share:.0%} of the data's response tokens are unknown to the tokenizer "
+                f"({tokenizer.unk_token}): the model cannot read this text; check the data's language and "
+                "encoding, or use a model whose tokenizer covers it"]
+    return []
+
+
+def optimizer_choice(requested: str, device_type: str) -> tuple[str, str | None]:
+    """The optimizer to build, and a note when the device cannot run the one asked for."""
+    if requested == "auto":
+        return ("paged_adamw_8bit" if device_type == "cuda" else "adamw"), None
+    if requested == "paged_adamw_8bit" and device_type != "cuda":
+        # bitsandbytes would fall back itself, with a UserWarning per parameter group.
+        return "adamw", f"optimizer: paged_adamw_8bit needs CUDA; using torch AdamW on {device_type}"
+    return requested, None

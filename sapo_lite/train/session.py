@@ -1,0 +1,224 @@
+"""Everything the training loop needs, built in named steps: model, data, optimizer, RNGs."""
+
+from __future__ import annotations
+
+import random
+import resource
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from ..config.schema import Config, to_yaml
+from ..data.examples import Example, held_out_set, install_chat_template, load_examples, stop_token_ids
+from ..errors import ModelError
+from ..models.gguf_base import gguf_base, is_gguf_base
+from ..models.memory_estimate import architecture_from_config, estimate
+from ..models.roles import (
+    attach_adapters,
+    flash_attention_usable,
+    load_base,
+    load_tokenizer,
+    policy_parameters,
+)
+from ..models.threads import apply_threads
+from ..models.tiny import TINY_NAME, build_tiny_base
+from ..run.testhook import pause_point
+from ..sapo.buffer import StoredPair
+from ..sapo.logps import response_token_logps
+from ..sapo.losses import PairLogps
+from ..sapo.pair_logps import packable, pair_logps
+from .distributed import SINGLE, Processes, share_stream, start_processes
+from .metrics import Reporter, make_reporter
+from .preflight import check_init_adapter, check_lora_targets, data_warnings, model_warnings, optimizer_choice
+
+
+class DataStream:
+    """Examples in a fresh seeded order each epoch; its position is what a checkpoint stores."""
+
+    def __init__(self, examples: Sequence[Example], seed: int) -> None:
+        self.examples = examples
+        self.seed = seed
+        self.epoch = 0
+        self.index = 0
+        self._order = self._shuffled(0)
+
+    def _shuffled(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng(self.seed + epoch).permutation(len(self.examples))
+
+    def take(self, n: int) -> list[Example]:
+        taken = []
+        for _ in range(n):
+            if self.index == len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._shuffled(self.epoch)
+            taken.append(self.examples[self._order[self.index]])
+            self.index += 1
+        return taken
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def seek(self, position: dict[str, int]) -> None:
+        self.epoch, self.index = position["epoch"], position["index"]
+        self._order = self._shuffled(self.epoch)
+
+
+@dataclass
+class TrainSession:
+    cfg: Config
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    stream: DataStream
+    eval_examples: list[Example]
+    pad_id: int
+    stop_ids: list[int]
+    data_rng: np.random.Generator
+    sample_rng: np.random.Generator
+    reporter: Reporter
+    eval_source: str = ""
+    processes: Processes = SINGLE
+    score: Callable[..., Any] = response_token_logps  # the training forward (through DDP with several processes)
+
+    def decode_pairs(self, pairs: Sequence[Any], count: int = 3) -> list[tuple[str, str, str]]:
+        """(prompt, chosen response, rejected response) texts of the first `count` pairs."""
+        decode = self.tokenizer.decode
+        return [
+            (decode(p.chosen_ids[: p.prompt_len]), decode(p.chosen_ids[p.prompt_len :]),
+             decode(p.rejected_ids[p.prompt_len :]))
+            for p in pairs[:count]
+        ]
+
+    def to_pair_logps(self, batch: Sequence[StoredPair], with_reference: bool) -> PairLogps:
+        chosen, rejected, n_chosen, n_rejected = pair_logps(
+            self.model, batch, self.pad_id, self.device, self.cfg.train.logps_chunk_tokens, self.score
+        )
+        logps = PairLogps(chosen, rejected, n_chosen, n_rejected)
+        if with_reference:
+            logps.ref_chosen = torch.tensor([p.ref_logp_chosen for p in batch], device=self.device)
+            logps.ref_rejected = torch.tensor([p.ref_logp_rejected for p in batch], device=self.device)
+        return logps
+
+
+def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
+    """Load model, data and optimizer; write RUN/config.yaml. Raises SapoError on bad input."""
+    seed_everything(cfg.train.seed)
+    processes = start_processes()
+    device = processes.device
+    if threads_line := apply_threads(cfg.train.num_threads, device):
+        console.print(threads_line)
+    with processes.main_first():  # the tiny base is built once, into the run directory
+        model_name = resolve_model_name(cfg, run_dir)
+    pause_point("startup")
+    tokenizer = load_tokenizer(model_name, cfg.model.trust_remote_code)
+    install_chat_template(tokenizer, cfg.data.chat_template)
+    data = load_examples(cfg.data.path, cfg.data.split, tokenizer, cfg.data)
+    console.print(data.describe(cfg.data), highlight=False, markup=False)
+    train_examples, eval_examples, eval_source, eval_note = held_out_set(cfg.data, data, tokenizer, cfg.train.seed)
+    for line in ([eval_note] if eval_note else []) + data_warnings(data.unknown_share, tokenizer):
+        console.print(line, highlight=False, markup=False)
+
+    if processes.is_main:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    report_to = cfg.train.report_to if processes.is_main else "none"
+    reporter = make_reporter(report_to, run_dir, cfg.to_dict())  # fails fast, before the model loads
+    console.print(f"model: {model_name} ({cfg.model.quant}) on {device.type}")
+    if cfg.model.attn_implementation == "flash_attention_2" and not flash_attention_usable(device):
+        console.print("warning: flash-attn is not usable here (needs CUDA and `pip install flash-attn`); using sdpa")
+    base = load_base(cfg.model, model_name, device)
+    check_lora_targets(cfg, base)
+    if cfg.model.init_adapter:
+        check_init_adapter(cfg, base, model_name)
+    for line in model_warnings(cfg, base.config):
+        console.print(line, highlight=False, markup=False)
+    try:
+        peak_gb = estimate(cfg, architecture_from_config(base.config.to_dict())).total
+        console.print(f"estimated peak memory per GPU: {peak_gb:.1f} GB (term by term: sapo-lite estimate)")
+    except ModelError:
+        pass  # an architecture the estimate does not model: nothing to show, nothing wrong
+
+    model = attach_adapters(base, cfg.lora, cfg.model.init_adapter, cfg.model.gradient_checkpointing)
+    if not packable(model):
+        console.print("pairs run as separate sequences: this attention kernel takes no shared-prefix mask")
+    elif processes.count > 1:
+        console.print("pairs run as separate sequences: DDP averages gradients through its own forward only")
+    trainable = policy_parameters(model)
+    processes.reseed_rank(cfg.train.seed)
+    if processes.count > 1:
+        console.print(processes.describe(cfg.train.micro_batch, cfg.train.grad_accum, cfg.sapo.gen_per_step))
+    optimizer = build_optimizer(cfg, trainable, device)
+    if (note := optimizer_choice(cfg.train.optimizer, device.type)[1]) is not None:
+        console.print(note, highlight=False)
+    scheduler = build_scheduler(cfg, optimizer)
+    return TrainSession(
+        cfg=cfg,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        trainable=trainable,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        stream=share_stream(DataStream(train_examples, cfg.train.seed), processes),
+        eval_examples=eval_examples,
+        pad_id=tokenizer.pad_token_id,
+        stop_ids=stop_token_ids(tokenizer),
+        data_rng=np.random.default_rng(processes.rank_seed(cfg.train.seed + 1)),
+        sample_rng=np.random.default_rng(processes.rank_seed(cfg.train.seed + 2)),
+        reporter=reporter,
+        eval_source=eval_source,
+        processes=processes,
+        score=processes.data_parallel(model, cfg.train.grad_accum),
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_model_name(cfg: Config, run_dir: Path) -> str:
+    """`tiny` and GGUF bases are built into RUN/base_model so the run's adapters load with plain peft."""
+    if cfg.model.name == TINY_NAME:
+        return str(build_tiny_base(run_dir / "base_model"))
+    if is_gguf_base(cfg.model.name):
+        return str(gguf_base(cfg.model.name, run_dir / "base_model"))
+    return cfg.model.name
+
+
+def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """8-bit paged AdamW from bitsandbytes on CUDA (a quarter of AdamW's state), torch AdamW elsewhere."""
+    name, _ = optimizer_choice(cfg.train.optimizer, device.type)
+    if name == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> Any:
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        cfg.train.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=cfg.train.warmup_steps,
+        num_training_steps=cfg.train.max_steps,
+    )
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak / 1e6  # bytes on macOS, KiB on Linux
