@@ -52,9 +52,9 @@ def env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def latest_step(run: Path) -> int:
-    from sapo_lite.train.checkpoint import completed_checkpoints
+    from sapo_lite.run.layout import RunDir
 
-    done = completed_checkpoints(run)
+    done = RunDir(run).completed_checkpoints()
     return int(done[-1].name.split("-")[1]) if done else 0
 
 
@@ -123,10 +123,10 @@ def losses(run: Path) -> list[tuple[int, float]]:
 
 
 def leftovers(run: Path) -> list[str]:
-    from sapo_lite.train.checkpoint import incomplete_checkpoints
+    from sapo_lite.run.layout import RunDir
 
     odd = [p for p in run.rglob("*") if p.name.startswith((".tmp", ".del")) or p.suffix in (".restore", ".tmp")]
-    return [str(p.relative_to(run)) for p in odd] + [str(p.relative_to(run)) for p in incomplete_checkpoints(run)]
+    return [str(p.relative_to(run)) for p in odd] + [str(p.relative_to(run)) for p in RunDir(run).incomplete_checkpoints()]
 
 
 def main() -> None:

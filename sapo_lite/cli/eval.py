@@ -37,8 +37,7 @@ def evaluate_run(
     reference response.
     """
     from ..data.examples import detect_column, load_rows, row_metadata, tokenize_dataset
-    from ..tools.merge import run_adapter_dir
-    from ..tools.open_run import run_config
+    from ..run.layout import RunDir
 
     roles = parse_roles(adapter)
     if limit is not None and limit < 1:
@@ -48,10 +47,10 @@ def evaluate_run(
     if json_out is not None and (json_out.is_dir() or not json_out.parent.is_dir()):
         problem = "is a folder" if json_out.is_dir() else f"is in a folder that does not exist ({json_out.parent})"
         raise ConfigError(f"--json {json_out} {problem}", "pass a file path in an existing folder")
-    cfg = run_config(run)
+    cfg = RunDir(run).read_config()
     for role in roles:
         if role != "base":
-            run_adapter_dir(run, role)  # a missing adapter fails here, before the model loads
+            RunDir(run).adapter_to_load(role)  # a missing adapter fails here, before the model loads
     data_path = data or cfg.data.eval_path
     if not data_path:
         raise ConfigError(f"`{run}` has no data.eval_path", "pass --data FILE.jsonl or --data bundled:NAME")

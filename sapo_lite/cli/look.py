@@ -23,7 +23,7 @@ def plot(
     out: Annotated[Path | None, typer.Option("--out", help="PNG to write (default RUN/plot.png)")] = None,
 ) -> None:
     """Plot loss, reward margin, accuracy, log-probs, LR, generation share and buffer fill into one PNG."""
-    from ..tools.open_run import run_config
+    from ..run.layout import RunDir
     from ..tools.plot import plot_run
 
     if out is not None and out.is_dir():
@@ -31,8 +31,8 @@ def plot(
     if out is not None and out.suffix.lower() not in PLOT_FORMATS:
         raise ConfigError(f"--out `{out}` is not an image file name",
                           f"end it in {', '.join(PLOT_FORMATS)}, e.g. --out {out.with_suffix('.png')}")
-    cfg = run_config(run)
-    written = plot_run(run, out or run / "plot.png", cfg.sapo.buffer_size)
+    cfg = RunDir(run).read_config()
+    written = plot_run(run, out or RunDir(run).plot, cfg.sapo.buffer_size)
     console.print(f"wrote {written}", highlight=False)
 
 
@@ -47,12 +47,12 @@ def buffer(
                                                   "which one (default 0)")] = None,
 ) -> None:
     """What the replay buffer holds: statistics, and pairs with the rewritten segment highlighted."""
+    from ..run.layout import RunDir
     from ..tools.buffer_view import buffer_path, buffer_stats, newest_pairs, open_buffer_readonly, render_pair
-    from ..tools.open_run import base_model_name, run_config
 
     if show < 0:
         raise ConfigError("--show must be >= 0")
-    cfg = run_config(run)
+    cfg = RunDir(run).read_config()
     db = open_buffer_readonly(run, rank)
     _, processes = buffer_path(run, rank)
     if processes > 1:
@@ -61,7 +61,7 @@ def buffer(
         from ..data.examples import install_chat_template, stop_token_ids
         from ..models.roles import load_tokenizer
 
-        tokenizer = load_tokenizer(base_model_name(cfg, run), cfg.model.trust_remote_code)
+        tokenizer = load_tokenizer(RunDir(run).base_model_name(cfg), cfg.model.trust_remote_code)
         install_chat_template(tokenizer, cfg.data.chat_template)
         stop_ids = stop_token_ids(tokenizer)  # to tell a rewrite the EMA ended from one cut at its length limit
         if stats or not show:

@@ -14,6 +14,7 @@ from ..config.schema import RESUMABLE_KEYS, Config, to_yaml
 from ..config.sources import describe_sources, load_config, parse_override, preset_names, read_preset
 from ..errors import ConfigError, RunDirError, SapoError, storage_error
 from ..run.folders import check_writable_dir, make_dir, remove_unstarted_run
+from ..run.layout import RunDir
 from ..run.lock import RunLock, clear_run, is_sapo_run, never_started
 from ..train.signals import TerminateAsInterrupt
 from .common import app, console, quiet_libraries, reports_errors
@@ -59,9 +60,7 @@ def lock_existing_run(run_dir: Path) -> RunLock:
     if run_dir.is_dir() and never_started(run_dir):
         raise RunDirError(f"`{run_dir}` was stopped before training started: there is nothing to resume",
                           f"start it again with `sapo-lite train --out {run_dir} --overwrite` (and your options)")
-    if not (run_dir.is_dir() and is_sapo_run(run_dir)):
-        raise RunDirError(f"`{run_dir}` is not a sapo-lite run (no config.yaml)",
-                          "pass the --out folder of an earlier train")
+    RunDir(run_dir).require_run()
     return RunLock(run_dir).acquire()
 
 
@@ -139,7 +138,7 @@ def train(
 
             result = run_training(cfg, out, console, resume=resume is not None)
     except BaseException as exc:
-        metrics = out / "metrics.jsonl"
+        metrics = RunDir(out).metrics
         started = resume is not None or (metrics.is_file() and metrics.stat().st_size > 0)
         if not started and processes.is_main:
             remove_unstarted_run(out, created)  # it never trained: leave nothing to trip over next time
@@ -182,7 +181,7 @@ def resume_config(
                 f"`{key}` cannot change when resuming (it would change what the checkpoint means)",
                 f"keys that can: {', '.join(sorted(RESUMABLE_KEYS))}; or start a new run with --out",
             )
-    cfg = load_config(None, run_dir / "config.yaml", overrides)
+    cfg = load_config(None, RunDir(run_dir).config, overrides)
     if checkpoint.step >= cfg.train.max_steps and run_is_finished(run_dir, checkpoint.step):
         raise ConfigError(
             f"`{run_dir}` already finished its {checkpoint.step} steps",

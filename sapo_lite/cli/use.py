@@ -30,19 +30,20 @@ def merge(
     10 GB for Llama-3-8B's 5 GB shards, so 32 GB of RAM is plenty); disk about the model's size
     at --dtype (16 GB for an 8B model in bf16).
     """
+    from ..models.roles import DTYPES
     from ..run.folders import check_merge_out, write_merge_marker
-    from ..tools.merge import DTYPES, merge_adapter, resolve_base_dir, run_adapter_dir
-    from ..tools.open_run import base_model_name, run_config
+    from ..run.layout import RunDir
+    from ..tools.merge import merge_adapter, resolve_base_dir
 
     if adapter not in ("policy", "ema"):
         raise ConfigError(f"--adapter {adapter} is not an adapter of a run", "use --adapter policy or --adapter ema")
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype} is not supported", f"use one of {', '.join(DTYPES)}")
-    cfg = run_config(run)
-    adapter_dir = run_adapter_dir(run, adapter)
+    cfg = RunDir(run).read_config()
+    adapter_dir = RunDir(run).adapter_to_load(adapter)
     check_merge_out(run, out, overwrite)
     quiet_libraries()  # bitsandbytes announces its optional CPU kernels when --nf4-roundtrip imports it
-    base_dir = resolve_base_dir(base_model_name(cfg, run))
+    base_dir = resolve_base_dir(RunDir(run).base_model_name(cfg))
     report = merge_adapter(
         base_dir, adapter_dir, out, dtype=dtype, roundtrip=nf4_roundtrip, double_quant=cfg.model.double_quant,
         on_shard=lambda shard: console.print(f"merged {shard}", highlight=False),

@@ -1,1 +1,9 @@
-"""models"""
+"""The model: one base, three roles, and what is built or estimated around it.
+
+- `roles.py`: loading the base (NF4 or full precision), the `policy` and `ema` adapters, the
+  reference, the EMA update and `acting_as(model, role)`;
+- `generation.py`: left-padded batched decoding and held-out answers of a role;
+- `gguf_base.py`: a GGUF file (or a named GGUF model) dequantised into a plain model folder;
+- `tiny.py`: the small Llama and tokenizer built locally for the offline demo and the tests;
+- `memory_estimate.py`: GPU memory of a run, term by term; `threads.py`: CPU threads for torch.
+"""

@@ -16,8 +16,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import RunDirError
-
-MARKER = ".sapo-lite-run"
+from .layout import MARKER, RunDir
 
 try:
     import fcntl
@@ -27,12 +26,12 @@ except ImportError:  # pragma: no cover - Windows
 
 def is_sapo_run(folder: Path) -> bool:
     """A folder sapo-lite made: it has the marker, or (runs from before the marker) a config.yaml."""
-    return (folder / MARKER).is_file() or (folder / "config.yaml").is_file()
+    return (folder / MARKER).is_file() or RunDir(folder).is_run()
 
 
 def never_started(folder: Path) -> bool:
     """Made by sapo-lite but stopped before its config was written: nothing in it to resume."""
-    return (folder / MARKER).is_file() and not (folder / "config.yaml").is_file()
+    return (folder / MARKER).is_file() and not RunDir(folder).is_run()
 
 
 class RunLock:

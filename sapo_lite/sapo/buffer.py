@@ -154,7 +154,7 @@ class ReplayBuffer:
         unique = sorted(set(chosen))
         marks = ",".join("?" * len(unique))
         rows = self._db.execute(f"SELECT {PAIR_COLUMNS} FROM {JOINED} WHERE p.id IN ({marks})", unique).fetchall()
-        by_id = {row[0]: _row_to_pair(row) for row in rows}
+        by_id = {row[0]: row_to_pair(row) for row in rows}
         return [by_id[i] for i in chosen]
 
     def invalidate_reference(self) -> None:
@@ -198,7 +198,7 @@ class ReplayBuffer:
 
     def all_pairs(self) -> list[StoredPair]:
         rows = self._db.execute(f"SELECT {PAIR_COLUMNS} FROM {JOINED} ORDER BY p.id").fetchall()
-        return [_row_to_pair(r) for r in rows]
+        return [row_to_pair(r) for r in rows]
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -231,7 +231,8 @@ class _Transaction:
         self._db.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
-def _row_to_pair(row: tuple) -> StoredPair:
+def row_to_pair(row: tuple) -> StoredPair:
+    """A row of `SELECT {PAIR_COLUMNS} FROM {JOINED}` as a StoredPair (the buffer view reads rows this way too)."""
     (pair_id, chosen, rejected, prompt_len, t, g, ref_c, ref_r, drawn, step) = row
     return StoredPair(
         chosen_ids=np.frombuffer(chosen, dtype=np.int32),

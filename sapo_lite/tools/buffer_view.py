@@ -12,8 +12,9 @@ from rich.panel import Panel
 from rich.text import Text
 
 from ..errors import ConfigError, RunDirError
+from ..run.layout import RunDir
 from ..sapo.augment import CUT_OFF, STOPPED, TAIL_KEPT, is_identical, pair_ending
-from ..sapo.buffer import JOINED, PAIR_COLUMNS, StoredPair, _row_to_pair, check_schema
+from ..sapo.buffer import JOINED, PAIR_COLUMNS, StoredPair, check_schema, row_to_pair
 
 
 @dataclass
@@ -45,11 +46,12 @@ def buffer_path(run_dir: Path, rank: int | None = None) -> tuple[Path, int]:
     """(the buffer file to read, how many processes keep one): `buffer.sqlite` for a one-process run,
     `buffer-rankK.sqlite` (rank 0 unless told) for a run trained by N processes."""
     ranked = sorted(run_dir.glob("buffer-rank*.sqlite"))
-    if (run_dir / "buffer.sqlite").is_file() or not ranked:
+    single = RunDir(run_dir) / RunDir.buffer_name()
+    if single.is_file() or not ranked:
         if rank:
             raise ConfigError(f"`{run_dir}` was trained by one process: it has one buffer", "drop --rank")
-        return run_dir / "buffer.sqlite", 1
-    path = run_dir / f"buffer-rank{rank or 0}.sqlite"
+        return single, 1
+    path = RunDir(run_dir) / RunDir.buffer_name(rank or 0, len(ranked))
     if not path.is_file():
         raise ConfigError(f"`{run_dir}` has no buffer for rank {rank}", f"choose --rank 0 to {len(ranked) - 1}")
     return path, len(ranked)
@@ -69,7 +71,7 @@ def open_buffer_readonly(run_dir: Path, rank: int | None = None) -> sqlite3.Conn
 
 
 def buffer_stats(db: sqlite3.Connection, capacity: int, stop_ids: list[int]) -> BufferStats:
-    pairs = [_row_to_pair(row) for row in db.execute(f"SELECT {PAIR_COLUMNS} FROM {JOINED}")]
+    pairs = [row_to_pair(row) for row in db.execute(f"SELECT {PAIR_COLUMNS} FROM {JOINED}")]
     if not pairs:
         raise RunDirError("the buffer is empty", "wait for the first training step")
     drawn = np.array([p.times_drawn for p in pairs], dtype=np.int64)
@@ -85,7 +87,7 @@ def buffer_stats(db: sqlite3.Connection, capacity: int, stop_ids: list[int]) -> 
 
 def newest_pairs(db: sqlite3.Connection, count: int) -> list[StoredPair]:
     rows = db.execute(f"SELECT {PAIR_COLUMNS} FROM {JOINED} ORDER BY p.id DESC LIMIT ?", (count,)).fetchall()
-    return [_row_to_pair(row) for row in rows]
+    return [row_to_pair(row) for row in rows]
 
 
 def decode_pieces(decode, ids: np.ndarray, bounds: list[int]) -> list[str]:

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelError, RunDirError
+from ..errors import ModelError
+from ..models.roles import DTYPES
 from ..run.folders import normal_permissions
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CONFIG_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -181,34 +181,3 @@ def _copy_side_files(base_dir: Path, out_dir: Path, dtype: str) -> None:
     for name in ("generation_config.json", *TOKENIZER_FILES):
         if (base_dir / name).is_file():
             shutil.copy2(base_dir / name, out_dir / name)
-
-
-def run_adapter_dir(run_dir: Path, adapter: str) -> Path:
-    """The run's final adapter, or the newest checkpoint's when the run has not finished."""
-    from ..train.checkpoint import completed_checkpoints
-
-    if not (run_dir / "config.yaml").is_file():
-        raise RunDirError(f"`{run_dir}` is not a sapo-lite run (no config.yaml)", "pass the --out folder of a train")
-    final = run_dir / "adapters" / adapter
-    checkpoints = completed_checkpoints(run_dir)
-    if (final / "adapter_model.safetensors").is_file():
-        return _readable(final, run_dir)
-    if checkpoints:
-        return _readable(checkpoints[-1] / "adapters" / adapter, run_dir)
-    raise RunDirError(f"`{run_dir}` has no `{adapter}` adapter yet", "train it first, or wait for a checkpoint")
-
-
-def _readable(folder: Path, run_dir: Path) -> Path:
-    """`folder` if its adapter can be read; else a one-line error saying what is broken and what to do."""
-    from ..errors import StorageError
-    from ..train.finish import adapter_damage
-
-    problem = adapter_damage(folder)
-    if problem is None:
-        return folder
-    raise StorageError(
-        f"adapter `{folder}` is damaged: {problem}",
-        f"`sapo-lite train --resume {run_dir}` rewrites the final adapters from the last checkpoint"
-        if folder.parent.name == "adapters" and folder.parent.parent == run_dir
-        else "delete that checkpoint folder to use the one before it",
-    )

@@ -8,27 +8,10 @@ from typing import Any
 
 from rich.console import Console
 
-from ..config.schema import Config
-from ..config.sources import load_config
 from ..data.examples import install_chat_template, render_prompt_ids, stop_token_ids
-from ..errors import RunDirError
-from ..models.gguf_base import is_gguf_base
 from ..models.roles import POLICY, load_base, load_tokenizer, pick_device
 from ..models.threads import apply_threads
-from ..models.tiny import TINY_NAME
-from .merge import run_adapter_dir
-
-
-def run_config(run_dir: Path) -> Config:
-    if not (run_dir / "config.yaml").is_file():
-        raise RunDirError(f"`{run_dir}` is not a sapo-lite run (no config.yaml)", "pass the --out folder of a train")
-    return load_config(None, run_dir / "config.yaml")
-
-
-def base_model_name(cfg: Config, run_dir: Path) -> str:
-    """The base a run trained on; the tiny base and dequantised GGUF bases live inside the run."""
-    inside = cfg.model.name == TINY_NAME or is_gguf_base(cfg.model.name)
-    return str(run_dir / "base_model") if inside else cfg.model.name
+from ..run.layout import RunDir
 
 
 @dataclass
@@ -45,13 +28,13 @@ def open_run(run_dir: Path, adapters: list[str]) -> RunModel:
     """The run's base (quantised as in training) with the named adapters attached."""
     from peft import PeftModel
 
-    cfg = run_config(run_dir)
+    cfg = RunDir(run_dir).read_config()
     names = [a for a in adapters if a != "base"] or [POLICY]  # peft needs one adapter to wrap the base
     # Checked before anything is printed or loaded, so a damaged adapter is the only line a user sees.
-    adapter_dirs = {adapter: str(run_adapter_dir(run_dir, adapter)) for adapter in names}
+    adapter_dirs = {adapter: str(RunDir(run_dir).adapter_to_load(adapter)) for adapter in names}
     if threads_line := apply_threads(cfg.train.num_threads, pick_device()):
         Console(stderr=True).print(threads_line, highlight=False)  # stdout stays the answers
-    name = base_model_name(cfg, run_dir)
+    name = RunDir(run_dir).base_model_name(cfg)
     tokenizer = load_tokenizer(name, cfg.model.trust_remote_code)
     install_chat_template(tokenizer, cfg.data.chat_template)
     base = load_base(cfg.model, name, pick_device())

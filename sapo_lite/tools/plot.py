@@ -6,12 +6,13 @@ optional extra (`pip install "sapo-lite[plot]"`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import RunDirError, SapoError
+from ..run.layout import RunDir
+from ..run.records import read_metrics
 
 PANELS = (
     ("loss", ["loss"], "loss"),
@@ -29,15 +30,10 @@ NOISY = {"loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps
 
 
 def read_records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         raise RunDirError(f"`{run_dir}` has no metrics.jsonl yet", "point at a run directory that has trained a step")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # the line being written right now
-            continue
+    records = read_metrics(path)
     if not records:
         raise RunDirError(f"`{path}` has no complete step yet", "wait for the first optimizer step")
     return records

@@ -18,11 +18,8 @@ optimizer and scheduler are identical on every rank) and publishes the folder on
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,15 +29,19 @@ import torch
 
 from ..errors import RunDirError, writing
 from ..models.roles import EMA, POLICY, REF
-from ..run.manifest import has_manifest, manifest_problems, write_manifest
+from ..run.atomic import (
+    delete_folder,
+    publish_folder,
+    remove_leftovers,
+    removed_on_failure,
+    replace_file,
+    staging_folder,
+)
+from ..run.layout import CHECKPOINT_INFO, TRAINER_STATE, RunDir, checkpoint_problems, checkpoint_step
+from ..run.records import finite_or_none, read_metrics
 from ..run.testhook import pause_point
 from ..sapo.buffer import ReplayBuffer
 from .distributed import SINGLE, Processes
-from .metrics import finite_or_none
-
-STATE_FILE = "trainer_state.pt"
-INFO_FILE = "checkpoint.json"
-BUFFER_FILE = "buffer.sqlite"
 
 
 @dataclass
@@ -108,10 +109,10 @@ def save_checkpoint(
     record: dict[str, Any] | None = None,
     processes: Processes = SINGLE,
 ) -> Path:
-    """Write checkpoints/step-N atomically and keep only the newest `keep`. Every rank calls it."""
-    root = run_dir / "checkpoints"
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}"
+    """Write checkpoints/step-N atomically (run/atomic.py) and keep only the newest `keep`. Every rank calls it."""
+    run = RunDir(run_dir)
+    final = run.checkpoint(step)
+    tmp = staging_folder(final)
     if processes.is_main and tmp.exists():
         shutil.rmtree(tmp)
     processes.barrier()
@@ -125,92 +126,27 @@ def save_checkpoint(
             pause_point("checkpoint-write")
             torch.save(
                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs},
-                tmp / STATE_FILE,
+                tmp / TRAINER_STATE,
             )
             info = {"step": step, "data_position": data_position, "eval_before": eval_before,
                     "metrics": finite_or_none(record) if record else None}
             if processes.count > 1:
                 info["processes"] = processes.count
-            (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+            (tmp / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2))
     processes.barrier()  # every rank's buffer and RNG state are in before the folder is published
     if not processes.is_main:
         return final
-    with writing(tmp, run_dir), removed_on_failure(tmp):
-        _fsync_tree(tmp)
-        write_manifest(tmp)  # last: its presence says every file above is complete
-        if final.exists():
-            _delete(final)
-        tmp.rename(final)
-    complete = completed_checkpoints(run_dir)
-    stale = complete[:-keep] + [p for p in incomplete_checkpoints(run_dir) if _step(p) < step]
+    publish_folder(tmp, final, run_dir)
+    stale = run.completed_checkpoints()[:-keep] + [p for p in run.incomplete_checkpoints() if checkpoint_step(p) < step]
     for old in stale:
-        _delete(old)
+        delete_folder(old, phase="checkpoint-rotate")
     return final
 
 
-@contextmanager
-def removed_on_failure(tmp: Path) -> Iterator[None]:
-    """A write that fails (a full disk above all) gives back the space its half-written folder took."""
-    try:
-        yield
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _delete(folder: Path) -> None:
-    """Rename, then delete: a kill half-way leaves `.del-*`, which no reader mistakes for a checkpoint."""
-    doomed = folder.with_name(f".del-{folder.name}")
-    if doomed.exists():
-        shutil.rmtree(doomed)
-    folder.rename(doomed)
-    pause_point("checkpoint-rotate")
-    shutil.rmtree(doomed)
-
-
-def remove_leftovers(run_dir: Path) -> None:
-    """Clear what a killed writer leaves: half-written `.tmp-*` and half-deleted `.del-*` folders."""
-    for root in (run_dir / "checkpoints", run_dir):
-        if root.is_dir():
-            for path in [*root.glob(".tmp-*"), *root.glob(".del-*")]:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file before the rename that publishes them (a power cut must not reorder it)."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def _step(path: Path) -> int:
-    return int(path.name.split("-")[1])
-
-
-def _checkpoint_folders(run_dir: Path) -> list[Path]:
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()), key=_step)
-
-
-def checkpoint_problems(path: Path) -> list[str]:
-    """Why a checkpoint folder cannot be used; empty when it is complete."""
-    if has_manifest(path):
-        return manifest_problems(path)
-    # Checkpoints written before manifests existed: the files a resume reads must all be there.
-    needed = (INFO_FILE, STATE_FILE, BUFFER_FILE, f"adapters/{POLICY}/adapter_model.safetensors")
-    return [f"{name} is missing" for name in needed if not (path / name).is_file()]
-
-
-def completed_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first; half-written or damaged ones never count."""
-    return [p for p in _checkpoint_folders(run_dir) if not checkpoint_problems(p)]
-
-
-def incomplete_checkpoints(run_dir: Path) -> list[Path]:
-    return [p for p in _checkpoint_folders(run_dir) if checkpoint_problems(p)]
+def remove_run_leftovers(run_dir: Path) -> None:
+    """What a killed writer left in the run: `.tmp-*` and `.del-*` in the run and its checkpoints folder."""
+    run = RunDir(run_dir)
+    remove_leftovers(run.checkpoints, run.path)
 
 
 # ---------------------------------------------------------------- resume
@@ -218,28 +154,25 @@ def incomplete_checkpoints(run_dir: Path) -> list[Path]:
 
 def latest_checkpoint(run_dir: Path) -> CheckpointInfo:
     """The newest complete checkpoint of a run, or a RunDirError that says what is wrong."""
-    if not (run_dir / "config.yaml").is_file():
-        raise RunDirError(
-            f"`{run_dir}` is not a sapo-lite run (no config.yaml)", "pass the --out folder of an earlier train"
-        )
-    complete = completed_checkpoints(run_dir)
+    run = RunDir(run_dir).require_run()
+    complete = run.completed_checkpoints()
     if not complete:
-        found = "; ".join(f"{p.name}: {', '.join(checkpoint_problems(p))}" for p in incomplete_checkpoints(run_dir))
+        found = "; ".join(f"{p.name}: {', '.join(checkpoint_problems(p))}" for p in run.incomplete_checkpoints())
         raise RunDirError(
             f"`{run_dir}` has no complete checkpoint to resume from" + (f" ({found})" if found else ""),
             "start it again with `--overwrite`, or keep `train.save_every` above 0 next time",
         )
     path = complete[-1]
-    info = json.loads((path / INFO_FILE).read_text())
-    skipped = tuple((p, "; ".join(checkpoint_problems(p))) for p in incomplete_checkpoints(run_dir)
-                    if _step(p) > info["step"])
+    info = json.loads((path / CHECKPOINT_INFO).read_text())
+    skipped = tuple((p, "; ".join(checkpoint_problems(p))) for p in run.incomplete_checkpoints()
+                    if checkpoint_step(p) > info["step"])
     return CheckpointInfo(path, info["step"], info["data_position"], info.get("eval_before"),
                           info.get("metrics"), skipped, info.get("processes", 1))
 
 
 def load_trainer_state(checkpoint: CheckpointInfo) -> dict[str, Any]:
     # weights_only: a checkpoint is data, never code to run.
-    return torch.load(checkpoint.path / STATE_FILE, weights_only=True, map_location="cpu")
+    return torch.load(checkpoint.path / TRAINER_STATE, weights_only=True, map_location="cpu")
 
 
 def rank_rng_state(checkpoint: CheckpointInfo, state: dict[str, Any], processes: Processes) -> dict[str, Any]:
@@ -279,17 +212,7 @@ def rewind_metrics(path: Path, step: int, record: dict[str, Any] | None = None) 
     """
     if not path.is_file() and record is None:
         return
-    kept: dict[int, str] = {}
-    for line in (path.read_text().splitlines() if path.is_file() else []):
-        try:
-            logged = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-        if isinstance(logged, dict) and logged.get("step", 0) <= step:
-            kept[logged.get("step", 0)] = line
+    kept = {logged.get("step", 0): logged for logged in read_metrics(path) if logged.get("step", 0) <= step}
     if record is not None:
-        kept[step] = json.dumps(record)
-    tmp = path.with_suffix(".tmp")
-    with writing(path, path.parent):
-        tmp.write_text("".join(kept[s] + "\n" for s in sorted(kept)))
-        os.replace(tmp, path)
+        kept[step] = record
+    replace_file(path, "".join(json.dumps(kept[s]) + "\n" for s in sorted(kept)), path.parent)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import RunDirError
+from ..run.layout import RunDir
 from ..sapo.logps import response_token_logps
 
 # Figures that are the same on every rank (kept as they are) or that are not averaged.
@@ -63,7 +64,7 @@ class Processes:
     @property
     def buffer_file(self) -> str:
         """`buffer.sqlite` for one process (as always), `buffer-rankK.sqlite` for each of N."""
-        return "buffer.sqlite" if self.count == 1 else f"buffer-rank{self.rank}.sqlite"
+        return RunDir.buffer_name(self.rank, self.count)
 
     @property
     def rng_file(self) -> str:
@@ -192,7 +193,7 @@ class Processes:
                 digest.update(name.encode())
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
             sums[role] = digest.hexdigest()
-        folder = run_dir / "debug"
+        folder = RunDir(run_dir).debug
         folder.mkdir(exist_ok=True)
         with (folder / f"adapter-sums-rank{self.rank}.jsonl").open("a") as handle:
             handle.write(json.dumps(sums) + "\n")

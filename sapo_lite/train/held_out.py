@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from ..data.scoring import RoleScore
-
-HELD_OUT_FILE = "held-out.json"  # RUN/held-out.json: the end-of-training evaluation, one entry a role
+from ..run.layout import RunDir
 
 
 def record_held_out(run_dir: Path, score: RoleScore) -> None:
     """Add one role's figures to RUN/held-out.json (the base's survive a resume there)."""
-    path = run_dir / HELD_OUT_FILE
+    path = RunDir(run_dir).held_out
     recorded = json.loads(path.read_text()) if path.is_file() else {}
     recorded[score.role] = score.to_dict()
     path.write_text(json.dumps(recorded, indent=2))
@@ -21,7 +20,7 @@ def record_held_out(run_dir: Path, score: RoleScore) -> None:
 
 def held_out_summary(run_dir: Path) -> dict[str, Any]:
     """summary.json fields for a run evaluated on constraints: overall and per-kind, base and policy."""
-    path = run_dir / HELD_OUT_FILE
+    path = RunDir(run_dir).held_out
     recorded = json.loads(path.read_text()) if path.is_file() else {}
     fields: dict[str, Any] = {}
     for role in ("base", "policy"):

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,26 +40,18 @@ from ..data.scoring import held_out_metric
 from ..errors import TrainingDiverged
 from ..models.generation import evaluate_role
 from ..models.roles import EMA, acting_as, ema_update, reference, refresh_reference
+from ..run.layout import RunDir
 from ..run.testhook import pause_point
 from ..sapo.augment import CUT_OFF, chosen_only_pairs, pair_ending, self_augment
 from ..sapo.buffer import ReplayBuffer
 from ..sapo.losses import LOSSES, LossSpec
 from ..sapo.pair_logps import pair_logps
-from .checkpoint import (
-    latest_checkpoint,
-    load_adapter_weights,
-    load_trainer_state,
-    rank_rng_state,
-    remove_leftovers,
-    restore_rng_state,
-    rewind_metrics,
-    rng_state,
-    save_checkpoint,
-)
+from .checkpoint import rng_state, save_checkpoint
 from .distributed import resume_command
 from .finish import save_final_adapters, write_summary
 from .held_out import held_out_summary, record_held_out
-from .metrics import MetricsWriter, TrainProgress
+from .metrics import MetricsWriter, StepTotals, TrainProgress
+from .resume import restore
 from .session import TrainSession, peak_memory_gb, setup_session
 from .signals import StopRequest
 
@@ -81,20 +73,19 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
     session = setup_session(cfg, run_dir, console)
     record: dict = {}
     if resume:
-        start_step, eval_before, record = _restore(session, run_dir, console)
+        start_step, eval_before, record = restore(session, run_dir, console)
     else:
         start_step, eval_before = 0, _held_out_score(session, "base", console, run_dir)
     loss_spec = LOSSES[cfg.loss.name]
     procs = session.processes  # one process, or this rank of N (distributed.py)
     buffer = ReplayBuffer(run_dir / procs.buffer_file, cfg.sapo.buffer_size)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=procs.is_main)
-    model, device = session.model, session.device
+    metrics = MetricsWriter(RunDir(run_dir).metrics, enabled=procs.is_main)
     bad_in_a_row = bad_total = 0
     step = start_step
 
     def checkpoint(at_step: int) -> None:
         save_checkpoint(
-            run_dir, at_step, model, session.optimizer, session.scheduler,
+            run_dir, at_step, session.model, session.optimizer, session.scheduler,
             rng_state(session.data_rng, session.sample_rng), session.stream.position(), buffer,
             keep=cfg.train.keep_checkpoints, eval_before=eval_before, record=record, processes=procs,
         )
@@ -104,69 +95,18 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
         with stopper as stop, TrainProgress(console, cfg.train.max_steps, start_step) as progress:
             for step in range(start_step + 1, cfg.train.max_steps + 1):
                 step_start = time.perf_counter()
-                if step > 1 and (step - 1) % cfg.sapo.ema_every == 0:
-                    ema_update(model, cfg.sapo.ema_decay)
-                refresh = cfg.sapo.ref_refresh_steps
-                if loss_spec.needs_reference and refresh and step > 1 and (step - 1) % refresh == 0:
-                    refresh_reference(model)
-                    buffer.invalidate_reference()
-
-                # Steps between generations (`sapo.generate_every`) train from the buffer alone.
-                pairs, gen_s, ref_s = [], 0.0, 0.0
-                pair_figures = {"pairs/identical": math.nan, "pairs/cut_off": math.nan, "pairs/added": 0.0}
+                _update_generator_and_reference(session, buffer, loss_spec, step)
+                new = NewPairsOfStep()  # steps between generations (`sapo.generate_every`) train from the buffer alone
                 if (step - 1) % cfg.sapo.generate_every == 0:
-                    pairs, gen_s, ref_s, pair_figures = _add_new_pairs(session, buffer, loss_spec, step)
-
-                # 3. Policy update on pairs drawn from the buffer.
-                pause_point("training")
-                train_start = time.perf_counter()
-                session.optimizer.zero_grad(set_to_none=True)
-                totals = _Totals()
-                for _ in range(cfg.train.grad_accum):
-                    batch = buffer.sample(cfg.train.micro_batch, session.sample_rng)
-                    if loss_spec.needs_reference:
-                        _fill_missing_reference(session, buffer, batch)
-                    logps = session.to_pair_logps(batch, loss_spec.needs_reference)
-                    out = loss_spec.fn(logps, cfg.loss.beta)
-                    (out.loss.mean() / cfg.train.grad_accum).backward()
-                    totals.add(out, logps, batch)
-                clip = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(session.trainable, clip).item()
-                finite = math.isfinite(grad_norm) and math.isfinite(totals.means()["loss"])
-                finite = procs.all(finite)  # skip on every rank or on none
-                if finite:
-                    session.optimizer.step()
-                    session.scheduler.step()
-                    bad_in_a_row = 0
-                else:  # skip the update: one bad batch must not poison the adapter
-                    session.optimizer.zero_grad(set_to_none=True)
-                    bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
-                train_s = time.perf_counter() - train_start
-
-                step_s = time.perf_counter() - step_start
-                record = {
-                    "step": step,
-                    **totals.means(),
-                    "lr": session.scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm,
-                    "gen_s": gen_s,
-                    "ref_s": ref_s,
-                    "train_s": train_s,
-                    "step_s": step_s,
-                    "gen_share": gen_s / step_s,
-                    "tokens_per_s": totals.tokens / train_s,
-                    "buffer_size": len(buffer),
-                    **pair_figures,
-                    "skipped_steps": bad_total,
-                    "epoch": session.stream.epoch,
-                    "peak_mem_gb": peak_memory_gb(device),
-                }
-                procs.log_rank_debug(model, run_dir, record)
-                record = procs.mean_over_ranks(record)
+                    new = _add_new_pairs(session, buffer, loss_spec, step)
+                update = _policy_update(session, buffer, loss_spec)
+                bad_in_a_row = 0 if update.applied else bad_in_a_row + 1
+                bad_total += not update.applied
+                record = _step_record(session, buffer, step, new, update, bad_total, time.perf_counter() - step_start)
                 metrics.write(record)
                 session.reporter.log(record)
-                if step % cfg.train.sample_every == 0 and pairs:
-                    session.reporter.log_samples(step, session.decode_pairs(pairs))
+                if step % cfg.train.sample_every == 0 and new.pairs:
+                    session.reporter.log_samples(step, session.decode_pairs(new.pairs))
                 progress.update(record)
                 if bad_in_a_row >= cfg.train.max_bad_steps:
                     raise TrainingDiverged(
@@ -190,7 +130,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
         return TrainResult(run_dir, step, record.get("loss", math.nan), eval_before, None,
                            time.perf_counter() - started, stopped_early=True)
     if procs.is_main:
-        save_final_adapters(model, run_dir)
+        save_final_adapters(session.model, run_dir)
     pause_point("final-eval")
     eval_after = _held_out_score(session, "policy", console, run_dir)
     result = TrainResult(
@@ -202,14 +142,41 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
     return result
 
 
-def _add_new_pairs(
-    session: TrainSession, buffer: ReplayBuffer, loss_spec: LossSpec, step: int
-) -> tuple[list, float, float, dict[str, float]]:
-    """Steps 1 and 2: new pairs, their reference log-probs, into the buffer.
+@dataclass
+class NewPairsOfStep:
+    """What step 1-2 of a step produced: its pairs, their figures, and the seconds they took."""
 
-    Returns the pairs, the seconds spent generating and on the reference pass, and the figures
-    of the new pairs for the metrics (see `_pair_figures`).
-    """
+    pairs: list = field(default_factory=list)
+    figures: dict[str, float] = field(default_factory=lambda: {
+        "pairs/identical": math.nan, "pairs/cut_off": math.nan, "pairs/added": 0.0})
+    gen_s: float = 0.0
+    ref_s: float = 0.0
+
+
+@dataclass
+class PolicyUpdate:
+    """Step 3: the micro-batches' figures, the gradient norm, and whether the optimizer stepped."""
+
+    totals: StepTotals
+    grad_norm: float
+    applied: bool
+    train_s: float
+
+
+def _update_generator_and_reference(session: TrainSession, buffer: ReplayBuffer, loss_spec: LossSpec,
+                                    step: int) -> None:
+    """At the start of a step, before generation: ema <- lerp(ema, policy), and the optional reference refresh."""
+    cfg = session.cfg
+    if step > 1 and (step - 1) % cfg.sapo.ema_every == 0:
+        ema_update(session.model, cfg.sapo.ema_decay)
+    refresh = cfg.sapo.ref_refresh_steps
+    if loss_spec.needs_reference and refresh and step > 1 and (step - 1) % refresh == 0:
+        refresh_reference(session.model)
+        buffer.invalidate_reference()
+
+
+def _add_new_pairs(session: TrainSession, buffer: ReplayBuffer, loss_spec: LossSpec, step: int) -> NewPairsOfStep:
+    """Steps 1 and 2: new pairs, their reference log-probs, into the buffer."""
     cfg, model = session.cfg, session.model
     pause_point("generation")
     started = time.perf_counter()
@@ -239,7 +206,61 @@ def _add_new_pairs(
     ref_s = time.perf_counter() - ref_start
     pause_point("buffer-write")
     buffer.add(pairs, step, ref_logps)
-    return pairs, gen_s, ref_s, figures
+    return NewPairsOfStep(pairs, figures, gen_s, ref_s)
+
+
+def _policy_update(session: TrainSession, buffer: ReplayBuffer, loss_spec: LossSpec) -> PolicyUpdate:
+    """Step 3: `grad_accum` micro-batches drawn from the buffer, then one clipped optimizer step.
+
+    A non-finite loss or gradient skips the update on every rank: one bad batch must not poison the adapter.
+    """
+    cfg = session.cfg
+    pause_point("training")
+    started = time.perf_counter()
+    session.optimizer.zero_grad(set_to_none=True)
+    totals = StepTotals()
+    for _ in range(cfg.train.grad_accum):
+        batch = buffer.sample(cfg.train.micro_batch, session.sample_rng)
+        if loss_spec.needs_reference:
+            _fill_missing_reference(session, buffer, batch)
+        logps = session.to_pair_logps(batch, loss_spec.needs_reference)
+        out = loss_spec.fn(logps, cfg.loss.beta)
+        (out.loss.mean() / cfg.train.grad_accum).backward()
+        totals.add(out, logps, batch)
+    clip = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(session.trainable, clip).item()
+    finite = math.isfinite(grad_norm) and math.isfinite(totals.means()["loss"])
+    applied = session.processes.all(finite)  # skip on every rank or on none
+    if applied:
+        session.optimizer.step()
+        session.scheduler.step()
+    else:
+        session.optimizer.zero_grad(set_to_none=True)
+    return PolicyUpdate(totals, grad_norm, applied, time.perf_counter() - started)
+
+
+def _step_record(session: TrainSession, buffer: ReplayBuffer, step: int, new: NewPairsOfStep,
+                 update: PolicyUpdate, skipped_steps: int, step_s: float) -> dict:
+    """The metrics.jsonl line of a step, averaged over ranks (each rank's own figures go to the debug log)."""
+    record = {
+        "step": step,
+        **update.totals.means(),
+        "lr": session.scheduler.get_last_lr()[0],
+        "grad_norm": update.grad_norm,
+        "gen_s": new.gen_s,
+        "ref_s": new.ref_s,
+        "train_s": update.train_s,
+        "step_s": step_s,
+        "gen_share": new.gen_s / step_s,
+        "tokens_per_s": update.totals.tokens / update.train_s,
+        "buffer_size": len(buffer),
+        **new.figures,
+        "skipped_steps": skipped_steps,
+        "epoch": session.stream.epoch,
+        "peak_mem_gb": peak_memory_gb(session.device),
+    }
+    session.processes.log_rank_debug(session.model, session.run_dir, record)
+    return session.processes.mean_over_ranks(record)
 
 
 def _pair_figures(new, examples: int, stop_ids) -> dict[str, float]:
@@ -255,46 +276,6 @@ def _pair_figures(new, examples: int, stop_ids) -> dict[str, float]:
     }
 
 
-class _Totals:
-    """Sums over the micro-batches of one optimizer step, reported as means.
-
-    The sums stay on the device until `means()`: one GPU sync per step instead of one per value.
-    """
-
-    KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-            "logps/chosen", "logps/rejected")
-
-    def __init__(self) -> None:
-        self.sums: torch.Tensor | None = None
-        self.keys = self.KEYS
-        self.count = 0
-        self.tokens = 0
-        self._means: dict[str, float] | None = None
-
-    def add(self, out, logps, batch) -> None:
-        if out.chosen_rewards is None:  # a loss without rejected responses (SFT): loss and chosen log-prob only
-            self.keys = ("loss", "logps/chosen")
-            values = torch.stack([out.loss.detach().float().sum(), logps.policy_chosen.detach().float().sum()])
-        else:
-            values = torch.stack([
-                out.loss.detach().float().sum(),
-                out.chosen_rewards.float().sum(),
-                out.rejected_rewards.float().sum(),
-                (out.chosen_rewards - out.rejected_rewards).float().sum(),
-                (out.chosen_rewards > out.rejected_rewards).float().sum(),
-                logps.policy_chosen.detach().float().sum(),
-                logps.policy_rejected.detach().float().sum(),
-            ])
-        self.sums = values if self.sums is None else self.sums + values
-        self.count += len(batch)
-        self.tokens += sum(len(p.chosen_ids) + len(p.rejected_ids) for p in batch)
-
-    def means(self) -> dict[str, float]:
-        if self._means is None:
-            self._means = dict(zip(self.keys, (self.sums / self.count).tolist()))
-        return self._means
-
-
 def _fill_missing_reference(session: TrainSession, buffer: ReplayBuffer, batch) -> None:
     """Reference log-probs for drawn pairs whose cache a reference refresh invalidated."""
     missing = list({p.pair_id: p for p in batch if p.ref_logp_chosen is None}.values())
@@ -308,41 +289,6 @@ def _fill_missing_reference(session: TrainSession, buffer: ReplayBuffer, batch) 
     buffer.set_reference(missing, values)
     for pair, (chosen, rejected) in zip(missing, values):
         pair.ref_logp_chosen, pair.ref_logp_rejected = chosen, rejected  # repeated draws share the object
-
-
-def _restore(session: TrainSession, run_dir: Path, console: Console) -> tuple[int, float | None, dict]:
-    """Bring model, optimizer, RNGs, data position, buffer and metrics back to the newest checkpoint."""
-    remove_leftovers(run_dir)
-    checkpoint = latest_checkpoint(run_dir)
-    for path, problem in checkpoint.skipped:
-        console.print(f"warning: skipping incomplete checkpoint {path} ({problem})", highlight=False)
-    procs = session.processes
-    procs.check_resumable(checkpoint.processes, run_dir)
-    state = load_trainer_state(checkpoint)
-    load_adapter_weights(session.model, checkpoint)
-    session.optimizer.load_state_dict(state["optimizer"])
-    session.scheduler.load_state_dict(state["scheduler"])
-    _apply_new_peak_lr(session)
-    restore_rng_state(rank_rng_state(checkpoint, state, procs), session.data_rng, session.sample_rng)
-    session.stream.seek(checkpoint.data_position)
-    ReplayBuffer.restore(checkpoint.path / procs.buffer_file, run_dir / procs.buffer_file)
-    if procs.is_main:
-        rewind_metrics(run_dir / "metrics.jsonl", checkpoint.step, checkpoint.record)
-    left = "" if checkpoint.step < session.cfg.train.max_steps else " to finish the run (no steps left to train)"
-    console.print(f"resuming from {checkpoint.path.name}{left}")
-    return checkpoint.step, checkpoint.eval_before, checkpoint.record or {}
-
-
-def _apply_new_peak_lr(session: TrainSession) -> None:
-    """A resume with a new `train.lr` rescales the schedule from the current step on."""
-    scheduler, lr = session.scheduler, session.cfg.train.lr
-    if all(math.isclose(base, lr) for base in scheduler.base_lrs):
-        return
-    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
-    for group, factor in zip(session.optimizer.param_groups, scheduler.lr_lambdas):
-        group["initial_lr"] = lr
-        group["lr"] = lr * factor(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in session.optimizer.param_groups]
 
 
 def _held_out_score(session: TrainSession, role: str, console: Console, run_dir: Path) -> float | None:

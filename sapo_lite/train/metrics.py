@@ -8,8 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..run.layout import RunDir
+from ..run.records import finite_or_none
 
 
 class MetricsWriter:
@@ -37,15 +41,44 @@ class MetricsWriter:
             self._file.close()
 
 
-def finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no NaN or infinity: such values are written as null."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+class StepTotals:
+    """Sums over the micro-batches of one optimizer step, reported as means.
 
+    The sums stay on the device until `means()`: one GPU sync per step instead of one per value.
+    """
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+            "logps/chosen", "logps/rejected")
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+        self.keys = self.KEYS
+        self.count = 0
+        self.tokens = 0
+        self._means: dict[str, float] | None = None
+
+    def add(self, out: Any, logps: Any, batch: Any) -> None:
+        if out.chosen_rewards is None:  # a loss without rejected responses (SFT): loss and chosen log-prob only
+            self.keys = ("loss", "logps/chosen")
+            values = torch.stack([out.loss.detach().float().sum(), logps.policy_chosen.detach().float().sum()])
+        else:
+            values = torch.stack([
+                out.loss.detach().float().sum(),
+                out.chosen_rewards.float().sum(),
+                out.rejected_rewards.float().sum(),
+                (out.chosen_rewards - out.rejected_rewards).float().sum(),
+                (out.chosen_rewards > out.rejected_rewards).float().sum(),
+                logps.policy_chosen.detach().float().sum(),
+                logps.policy_rejected.detach().float().sum(),
+            ])
+        self.sums = values if self.sums is None else self.sums + values
+        self.count += len(batch)
+        self.tokens += sum(len(p.chosen_ids) + len(p.rejected_ids) for p in batch)
+
+    def means(self) -> dict[str, float]:
+        if self._means is None:
+            self._means = dict(zip(self.keys, (self.sums / self.count).tolist()))
+        return self._means
 
 
 class TrainProgress:
@@ -106,7 +139,7 @@ class TensorBoardReporter(Reporter):
     def __init__(self, run_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.writer = SummaryWriter(log_dir=str(RunDir(run_dir).tensorboard))
 
     def log(self, record: dict[str, Any]) -> None:
         for key, value in record.items():

@@ -28,6 +28,7 @@ from ..models.roles import (
 )
 from ..models.threads import apply_threads
 from ..models.tiny import TINY_NAME, build_tiny_base
+from ..run.layout import RunDir
 from ..run.testhook import pause_point
 from ..sapo.buffer import StoredPair
 from ..sapo.logps import response_token_logps
@@ -85,6 +86,7 @@ class TrainSession:
     data_rng: np.random.Generator
     sample_rng: np.random.Generator
     reporter: Reporter
+    run_dir: Path
     eval_source: str = ""
     processes: Processes = SINGLE
     score: Callable[..., Any] = response_token_logps  # the training forward (through DDP with several processes)
@@ -128,7 +130,7 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         console.print(line, highlight=False, markup=False)
 
     if processes.is_main:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        RunDir(run_dir).config.write_text(to_yaml(cfg))
     report_to = cfg.train.report_to if processes.is_main else "none"
     reporter = make_reporter(report_to, run_dir, cfg.to_dict())  # fails fast, before the model loads
     console.print(f"model: {model_name} ({cfg.model.quant}) on {device.type}")
@@ -174,6 +176,7 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         data_rng=np.random.default_rng(processes.rank_seed(cfg.train.seed + 1)),
         sample_rng=np.random.default_rng(processes.rank_seed(cfg.train.seed + 2)),
         reporter=reporter,
+        run_dir=run_dir,
         eval_source=eval_source,
         processes=processes,
         score=processes.data_parallel(model, cfg.train.grad_accum),
@@ -189,9 +192,9 @@ def seed_everything(seed: int) -> None:
 def resolve_model_name(cfg: Config, run_dir: Path) -> str:
     """`tiny` and GGUF bases are built into RUN/base_model so the run's adapters load with plain peft."""
     if cfg.model.name == TINY_NAME:
-        return str(build_tiny_base(run_dir / "base_model"))
+        return str(build_tiny_base(RunDir(run_dir).base_model))
     if is_gguf_base(cfg.model.name):
-        return str(gguf_base(cfg.model.name, run_dir / "base_model"))
+        return str(gguf_base(cfg.model.name, RunDir(run_dir).base_model))
     return cfg.model.name
 
 
