@@ -27,6 +27,19 @@ def tiny_tokenizer(tiny_base_dir):
     return load_tokenizer(str(tiny_base_dir))
 
 
+@pytest.fixture(scope="session")
+def finished_tiny_run(tmp_path_factory):
+    """A finished two-step tiny run, shared by every folder's tests: read it, or copy it before changing it."""
+    from typer.testing import CliRunner
+
+    from sapo_lite.cli import app
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    result = CliRunner().invoke(app, ["train", "--out", str(out), "data.eval_path=null", "train.max_steps=2"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
 # A tiny budget on the real model: a few examples, two steps, a four-prompt held-out check.
 SMOLLM2_TEST_OVERRIDES = [
     "train.max_steps=2", "train.save_every=0", "data.max_examples=8", "sapo.gen_per_step=2", "sapo.gen_batch_size=2",
@@ -51,3 +64,13 @@ def smollm2_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_base_dir(smollm2_run):
     return smollm2_run / "base_model"
+
+
+REAL_MODEL_FIXTURES = {"smollm2_run", "smollm2_base_dir"}
+
+
+def pytest_collection_modifyitems(items):
+    """Tests on the real model (a GGUF conversion and training on SmolLM2) are slow by nature."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -1,4 +1,6 @@
-"""Start the CLI paused at a named phase (the SAPO_TEST_PAUSE_AT hook), so a test can kill it exactly there."""
+"""Helpers every test folder shares: the CLI in-process (`fails`) and as a subprocess (`run`,
+`start_paused` at a named phase of the SAPO_TEST_PAUSE_AT hook, so a test can kill it exactly
+there), data files, folder snapshots and metrics."""
 
 from __future__ import annotations
 
@@ -8,6 +10,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from typer.testing import CliRunner
+
+from sapo_lite.cli import app
 
 TINY = ["--preset", "tiny", "data.eval_path=null", "train.warmup_steps=2", "train.num_threads=1"]
 
@@ -53,3 +59,29 @@ def one_line_error(proc: subprocess.CompletedProcess) -> list[str]:
     assert lines[0].startswith("error: ") and len(lines) <= 2, proc.stderr[-3000:]
     assert len(lines) == 1 or lines[1].startswith("hint: ")
     return lines
+
+
+runner = CliRunner()
+
+
+def fails(args: list[str], *expected: str) -> str:
+    """Run the CLI in-process; check exit 1, `error:` + at most a `hint:` line, no traceback, and the expected words."""
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and len(lines) <= 2, result.output
+    assert len(lines) == 1 or lines[1].startswith("hint: "), result.output
+    assert "Traceback" not in result.output
+    for word in expected:
+        assert word in result.output, (word, result.output)
+    return result.output
+
+
+def snapshot(folder: Path) -> dict[Path, bytes]:
+    """Every file under `folder` with its bytes: equal snapshots mean nothing was touched."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

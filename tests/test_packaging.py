@@ -45,6 +45,7 @@ def test_presets_are_a_top_level_folder_and_none_is_left_inside_the_package():
     assert not list((ROOT / "sapo_lite").rglob("*.yaml")), "move preset files to the top-level presets/ folder"
 
 
+@pytest.mark.slow
 def test_an_installed_wheel_lists_and_loads_every_preset(wheel, tmp_path):
     site = tmp_path / "site"
     subprocess.run(
@@ -63,6 +64,7 @@ def test_an_installed_wheel_lists_and_loads_every_preset(wheel, tmp_path):
     assert names.split(",") == preset_names()
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_every_module_of_the_source_tree(wheel):
     # pyproject.toml lists the packages by name; a subpackage added without listing it would be left out.
     in_wheel = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}

@@ -28,6 +28,7 @@ def tiny_run(tmp_path_factory):
     return out, result.output
 
 
+@pytest.mark.slow
 def test_tiny_demo_learns_the_held_out_task(tiny_run):
     out, output = tiny_run
     summary = json.loads((out / "summary.json").read_text())

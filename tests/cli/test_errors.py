@@ -5,6 +5,7 @@ import shutil
 import sys
 
 import pytest
+from helpers import fails, snapshot, write_jsonl
 from typer.testing import CliRunner
 
 from sapo_lite.cli import app
@@ -12,21 +13,8 @@ from sapo_lite.cli import app
 runner = CliRunner()
 
 
-def fails(args, *expected):
-    """Run the CLI; check exit 1, `error:` + at most a `hint:` line, no traceback, and the expected words."""
-    result = runner.invoke(app, args)
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("error: ") and len(lines) <= 2, result.output
-    assert len(lines) == 1 or lines[1].startswith("hint: ")
-    assert "Traceback" not in result.output
-    for word in expected:
-        assert word in result.output, (word, result.output)
-    return result.output
 
 
-def snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
@@ -34,9 +22,6 @@ def train_args(tmp_path):
     return ["train", "--out", str(tmp_path / "run"), "data.eval_path=null", "train.max_steps=2"]
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 # ---------------------------------------------------------------- config
@@ -117,23 +102,15 @@ def test_nf4_without_bitsandbytes(train_args, monkeypatch):
 # ---------------------------------------------------------------- run directories
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "run"
-    result = runner.invoke(app, ["train", "--out", str(out), "data.eval_path=null", "train.max_steps=2"])
-    assert result.exit_code == 0, result.output
-    return out
-
-
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     fails(["train", "--resume", str(tmp_path)], "is not a sapo-lite run")
     assert snapshot(tmp_path) == {tmp_path.joinpath("notes.txt").relative_to(tmp_path): b"mine"}
 
 
-def test_resume_when_every_checkpoint_is_incomplete(finished_run, tmp_path):
+def test_resume_when_every_checkpoint_is_incomplete(finished_tiny_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
+    shutil.copytree(finished_tiny_run, run)
     for checkpoint in (run / "checkpoints").iterdir():
         (checkpoint / "trainer_state.pt").unlink()  # as if killed mid-write
     before = snapshot(run)
@@ -141,27 +118,27 @@ def test_resume_when_every_checkpoint_is_incomplete(finished_run, tmp_path):
     assert snapshot(run) == before
 
 
-def test_resume_with_an_unsafe_override(finished_run):
-    before = snapshot(finished_run)
-    fails(["train", "--resume", str(finished_run), "lora.r=64"], "`lora.r` cannot change when resuming")
-    assert snapshot(finished_run) == before
+def test_resume_with_an_unsafe_override(finished_tiny_run):
+    before = snapshot(finished_tiny_run)
+    fails(["train", "--resume", str(finished_tiny_run), "lora.r=64"], "`lora.r` cannot change when resuming")
+    assert snapshot(finished_tiny_run) == before
 
 
-def test_resume_of_a_finished_run(finished_run):
-    fails(["train", "--resume", str(finished_run)], "already finished its 2 steps", "train.max_steps=4")
+def test_resume_of_a_finished_run(finished_tiny_run):
+    fails(["train", "--resume", str(finished_tiny_run)], "already finished its 2 steps", "train.max_steps=4")
 
 
-def test_corrupted_buffer_snapshot(finished_run, tmp_path):
+def test_corrupted_buffer_snapshot(finished_tiny_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
+    shutil.copytree(finished_tiny_run, run)
     (run / "checkpoints" / "step-2" / "buffer.sqlite").write_bytes(b"garbage" * 1000)
     fails(["train", "--resume", str(run), "train.max_steps=4"], "no complete checkpoint",
           "step-2: buffer.sqlite has 7000 bytes")
 
 
-def test_corrupted_run_buffer_is_repaired_from_the_checkpoint(finished_run, tmp_path):
+def test_corrupted_run_buffer_is_repaired_from_the_checkpoint(finished_tiny_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
+    shutil.copytree(finished_tiny_run, run)
     (run / "buffer.sqlite").write_bytes(b"garbage" * 1000)
     result = runner.invoke(app, ["train", "--resume", str(run), "train.max_steps=3"])
     assert result.exit_code == 0, result.output
@@ -206,7 +183,7 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "mine"
 
 
-def test_merge_overwrite_never_replaces_a_folder_that_is_not_a_model(finished_run, tmp_path):
+def test_merge_overwrite_never_replaces_a_folder_that_is_not_a_model(finished_tiny_run, tmp_path):
     (tmp_path / "precious.txt").write_text("mine")
-    fails(["merge", str(finished_run), "--out", str(tmp_path), "--overwrite"], "refusing to replace it")
+    fails(["merge", str(finished_tiny_run), "--out", str(tmp_path), "--overwrite"], "refusing to replace it")
     assert (tmp_path / "precious.txt").read_text() == "mine"

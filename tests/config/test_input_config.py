@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import fails
 from typer.testing import CliRunner
 
 from sapo_lite.cli import app
@@ -13,15 +14,6 @@ from sapo_lite.cli import app
 runner = CliRunner()
 
 
-def fails(args, *expected):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("error: ") and len(lines) <= 2, result.output
-    assert "Traceback" not in result.output
-    for word in expected:
-        assert word in result.output, (word, result.output)
-    return result.output
 
 
 @pytest.fixture

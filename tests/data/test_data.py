@@ -1,18 +1,12 @@
 """Data shapes, chat templates and length limits."""
 
-import json
 
 import pytest
+from helpers import write_jsonl
 
 from sapo_lite.config.schema import DataConfig
 from sapo_lite.data.examples import install_chat_template, load_examples, stop_token_ids, to_conversation
 from sapo_lite.errors import DataError
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
 
 CHAT = [{"role": "user", "content": "reverse : 1 2 3"}, {"role": "assistant", "content": "3 2 1"}]
 
@@ -23,7 +17,7 @@ CHAT = [{"role": "user", "content": "reverse : 1 2 3"}, {"role": "assistant", "c
     ids=["chosen", "messages", "prompt-response"],
 )
 def test_every_accepted_shape_gives_the_same_tokens(tmp_path, tiny_tokenizer, row):
-    data = load_examples(write_jsonl(tmp_path / "d.jsonl", [row]), "train", tiny_tokenizer, DataConfig())
+    data = load_examples(str(write_jsonl(tmp_path / "d.jsonl", [row])), "train", tiny_tokenizer, DataConfig())
     (example,) = data.examples
     prompt = tiny_tokenizer.decode(example.prompt_ids.tolist())
     assert prompt.endswith("<|im_start|> assistant") and "1 2 3" in prompt
@@ -46,7 +40,7 @@ def test_every_message_loses_its_leading_whitespace(row, column):
 
 def test_long_prompts_are_dropped_and_counted(tmp_path, tiny_tokenizer):
     rows = [{"prompt": "reverse : " + "1 " * 30, "response": "1"}, {"prompt": "reverse : 1 2", "response": "2 1"}]
-    data = load_examples(write_jsonl(tmp_path / "d.jsonl", rows), "train", tiny_tokenizer,
+    data = load_examples(str(write_jsonl(tmp_path / "d.jsonl", rows)), "train", tiny_tokenizer,
                          DataConfig(max_len=40, max_prompt_len=20))
     assert len(data.examples) == 1 and data.dropped_long_prompt == 1
 
@@ -54,7 +48,7 @@ def test_long_prompts_are_dropped_and_counted(tmp_path, tiny_tokenizer):
 def test_every_prompt_too_long_is_a_clear_error(tmp_path, tiny_tokenizer):
     rows = [{"prompt": "reverse : " + "1 " * 30, "response": "1"}]
     with pytest.raises(DataError, match="longer than data.max_prompt_len=20"):
-        load_examples(write_jsonl(tmp_path / "d.jsonl", rows), "train", tiny_tokenizer,
+        load_examples(str(write_jsonl(tmp_path / "d.jsonl", rows)), "train", tiny_tokenizer,
                       DataConfig(max_len=40, max_prompt_len=20))
 
 
@@ -67,7 +61,7 @@ def test_malformed_jsonl_names_the_line(tmp_path, tiny_tokenizer):
 
 def test_missing_column_lists_what_was_found(tmp_path, tiny_tokenizer):
     with pytest.raises(DataError) as info:
-        load_examples(write_jsonl(tmp_path / "d.jsonl", [{"question": "a", "answer": "b"}]), "train",
+        load_examples(str(write_jsonl(tmp_path / "d.jsonl", [{"question": "a", "answer": "b"}])), "train",
                       tiny_tokenizer, DataConfig())
     assert "question, answer" in info.value.message and "prompt" in info.value.hint
 

@@ -4,9 +4,9 @@ as one line. Refusals go through the CLI; accepted shapes through `load_examples
 import json
 
 import pytest
+from helpers import fails, write_jsonl
 from typer.testing import CliRunner
 
-from sapo_lite.cli import app
 from sapo_lite.config.schema import DataConfig
 from sapo_lite.data.examples import held_out_set, load_examples
 
@@ -15,15 +15,6 @@ GOOD = {"prompt": "reverse : 1 2 3", "response": "3 2 1"}
 CHAT = [{"role": "user", "content": "reverse : 1 2 3"}, {"role": "assistant", "content": "3 2 1"}]
 
 
-def fails(args, *expected):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("error: ") and len(lines) <= 2, result.output
-    assert "Traceback" not in result.output
-    for word in expected:
-        assert word in result.output, (word, result.output)
-    return result.output
 
 
 def train_on(tmp_path, path, *overrides):
@@ -31,9 +22,6 @@ def train_on(tmp_path, path, *overrides):
             "train.max_steps=1", *overrides]
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def tokens(tokenizer, example):

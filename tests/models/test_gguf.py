@@ -16,6 +16,7 @@ from sapo_lite.models.gguf_base import check_gguf_file, gguf_base, named_gguf_pa
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_the_gguf_becomes_a_plain_model_folder_with_the_chat_template(smollm2_base_dir):
     from transformers import AutoModelForCausalLM
 
@@ -34,6 +35,7 @@ def test_the_gguf_becomes_a_plain_model_folder_with_the_chat_template(smollm2_ba
     assert "Paris" in tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_the_weights_are_the_dequantised_gguf_tensors(smollm2_base_dir):
     from gguf import GGUFReader
     from gguf.quants import dequantize

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import fails, snapshot
 from typer.testing import CliRunner
 
 from sapo_lite.cli import app
@@ -16,27 +17,13 @@ from sapo_lite.cli import app
 runner = CliRunner()
 
 
-def fails(args, *expected):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("error: ") and len(lines) <= 2, result.output
-    assert "Traceback" not in result.output
-    for word in expected:
-        assert word in result.output, (word, result.output)
-    return result.output
 
 
-def snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "run"
-    result = runner.invoke(app, ["train", "--out", str(out), "data.eval_path=null", "train.max_steps=2"])
-    assert result.exit_code == 0, result.output
-    return out
+@pytest.fixture
+def run(finished_tiny_run):
+    return finished_tiny_run
 
 
 # ---------------------------------------------------------------- run folders
@@ -117,6 +104,7 @@ def test_merged_files_have_the_users_normal_permissions(run, tmp_path):
     assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
 
 
+@pytest.mark.slow
 def test_nf4_roundtrip_merge_prints_no_library_notice(run, tmp_path):
     result = subprocess.run([sys.executable, "-m", "sapo_lite.cli", "merge", str(run), "--out", str(tmp_path / "m"),
                              "--nf4-roundtrip"], capture_output=True, text=True, timeout=300)

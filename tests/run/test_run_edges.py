@@ -11,6 +11,8 @@ import signal
 import pytest
 from helpers import TINY, metrics, one_line_error, run, start_paused
 
+pytestmark = pytest.mark.slow  # subprocess runs killed and resumed: minutes in all
+
 STEPS = ["train.max_steps=6", "train.save_every=2"]
 
 

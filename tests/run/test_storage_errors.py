@@ -69,6 +69,7 @@ def test_disk_full_in_other_disguises_is_recognised(tmp_path):
     assert storage_error(RuntimeError("some other bug"), tmp_path / "f") is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("unshare") is None or sys.platform != "linux", reason="needs unshare")
 def test_a_real_full_disk_on_tmpfs(tmp_path):
     """A 3 MB tmpfs (in a private mount namespace) fills during the run; a larger one lets it finish."""

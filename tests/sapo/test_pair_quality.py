@@ -152,6 +152,7 @@ def test_identical_resample_rewrites_only_those_once_more():
 # ---------------------------------------------------------------- in a run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["drop", "resample"])
 def test_a_run_logs_what_happened_to_its_pairs(tmp_path, rule):
     out = tmp_path / "run"

@@ -115,6 +115,7 @@ def test_bad_input_is_one_line_each(run, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == before  # eval never writes into the run
 
 
+@pytest.mark.slow
 def test_unknown_constraint_kind_is_one_line_from_the_console_script(run, tmp_path):
     out, _ = run
     bad_kind = tmp_path / "bad.jsonl"

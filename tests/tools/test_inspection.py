@@ -24,6 +24,7 @@ def run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png_with_every_curve(run, tmp_path):
     pytest.importorskip("matplotlib")
     result = runner.invoke(app, ["plot", str(run), "--out", str(tmp_path / "curves.png")])

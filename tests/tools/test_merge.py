@@ -74,6 +74,7 @@ def test_half_precision_merges(run, tmp_path, dtype, torch_dtype, tolerance):
     assert (merged_logits(tmp_path / "m") - peft_logits(run, "policy")).abs().max() < tolerance
 
 
+@pytest.mark.slow
 def test_merged_folder_loads_without_peft_and_keeps_the_chat_template(run, tmp_path):
     assert runner.invoke(app, ["merge", str(run), "--out", str(tmp_path / "m")]).exit_code == 0
     code = (
@@ -112,6 +113,7 @@ def test_shard_by_shard_merge_equals_an_in_memory_merge(run, tmp_path):
         assert torch.allclose(merged[key], value, atol=1e-6), key
 
 
+@pytest.mark.slow
 def test_nf4_roundtrip_is_what_the_4bit_layer_computes_with(nf4_run):
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # subprocess runs killed and resumed: minutes in all
+
 TINY = ["--preset", "tiny", "loss.name=dpo", "loss.beta=0.1", "train.warmup_steps=2", "train.num_threads=1",
         "sapo.gen_per_step=8", "sapo.gen_batch_size=8", "train.micro_batch=8", "data.eval_size=8",
         "train.max_steps=8", "train.save_every=4"]

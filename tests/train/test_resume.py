@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocess runs killed and resumed: minutes in all
+
 TINY = ["--preset", "tiny", "loss.name=dpo", "loss.beta=0.1", "data.eval_path=null", "train.warmup_steps=2"]
 
 

@@ -8,6 +8,7 @@ from rich.console import Console
 from sapo_lite.config.sources import load_config
 
 
+@pytest.mark.slow
 def test_sft_learns_the_held_out_task_without_generating(tmp_path, monkeypatch):
     from sapo_lite.tools.plot import plot_run
     from sapo_lite.train import loop as trainer
