@@ -31,6 +31,7 @@ from ..errors import DataError
 from .constraints import check
 from .files import BUNDLED_PREFIX, Rows, load_rows
 from .rows import RowProblem, RowReport, detect_column, shape_name, to_conversation
+from .streams import random_stream
 
 # Templates that add no new tokens to the vocabulary: their markers are plain text, so a
 # base model needs no newly trained embeddings to use them.
@@ -276,7 +277,7 @@ def held_out_set(
     why = f" ({path} belongs to {path.removesuffix('-eval')})" if belongs_elsewhere else ""
     if count == 0:
         return data.examples, [], "", f"eval: none: {len(data.examples)} examples are too few to hold 10% out{why}"
-    chosen = set(np.random.default_rng(seed).permutation(len(data.examples))[:count].tolist())
+    chosen = set(random_stream(seed, "held_out").permutation(len(data.examples))[:count].tolist())
     train = [e for i, e in enumerate(data.examples) if i not in chosen]
     held_out = [e for i, e in enumerate(data.examples) if i in chosen]
     source = f"held out from {cfg.path}"

@@ -219,6 +219,18 @@ def refresh_reference(model: Any) -> None:
     torch._foreach_copy_([ref[n] for n in sorted(ema)], [ema[n] for n in sorted(ema)])
 
 
+def training_mode(model: torch.nn.Module) -> None:
+    """The policy's forward+backward runs in train mode: activation checkpointing (and dropout) on.
+
+    Set explicitly before every policy update, never left to a previous phase: `from_pretrained`
+    leaves the inner transformers model in eval mode while the PeftModel wrapper says
+    `training=True`, and transformers checkpoints a layer only when the layer's own `training` is
+    True, so without this a run that never went through `acting_as` (SFT without a held-out set,
+    every rank above 0, a resumed run between generations) trained without checkpointing.
+    """
+    model.train()
+
+
 @contextlib.contextmanager
 def acting_as(model: Any, role: str) -> Iterator[Any]:
     """Run the model as `base` (adapters off) or as one adapter, in eval mode: no dropout, no

@@ -28,6 +28,13 @@ from .augment import Pair
 from .logps import DEFAULT_CHUNK_TOKENS, causal_lm_parts, response_token_logps, score_positions
 
 PACKABLE_ATTENTION = ("sdpa", "eager")  # the kernels that take an arbitrary 4D mask
+# Architectures that place every token by its `position_ids` (rotary embeddings applied from them):
+# the packed rejected suffix restarts its positions where the shared prefix ends, which only these
+# honour. ALiBi, learned absolute positions with offsets and other schemes run the separate layout.
+POSITION_IDS_ARCHITECTURES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+    "phi3", "olmo", "olmo2", "granite", "cohere", "starcoder2", "stablelm",
+})
 SHARED, CHOSEN, REJECTED, PAD = 0, 1, 2, 3  # which part of a packed row a column belongs to
 
 
@@ -145,9 +152,21 @@ def pack_pairs(pairs: Sequence[Pair], pad_id: int) -> PackedPairs:
 
 
 def packable(model: torch.nn.Module) -> bool:
-    """Whether the model's attention kernel takes the shared-prefix layout's 4D mask."""
+    """Whether the shared-prefix layout is exact for this model: its attention kernel takes the 4D mask
+    and its architecture places tokens by `position_ids`."""
+    return why_not_packable(model) is None
+
+
+def why_not_packable(model: torch.nn.Module) -> str | None:
+    """Why pairs must run as separate sequences for this model (one line), or None when they may be packed."""
     body, _ = causal_lm_parts(model)
-    return getattr(body.config, "_attn_implementation", None) in PACKABLE_ATTENTION
+    kernel = getattr(body.config, "_attn_implementation", None)
+    if kernel not in PACKABLE_ATTENTION:
+        return f"the {kernel} attention kernel takes no shared-prefix mask"
+    model_type = getattr(body.config, "model_type", None)
+    if model_type not in POSITION_IDS_ARCHITECTURES:
+        return f"`{model_type}` models are not known to place tokens by position_ids"
+    return None
 
 
 def packed_pair_logps(

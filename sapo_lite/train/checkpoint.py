@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class CheckpointInfo:
     record: dict[str, Any] | None = None  # the metrics line of this step
     skipped: tuple[tuple[Path, str], ...] = ()  # newer checkpoints that are incomplete, and why
     processes: int = 1
+    loop_state: dict[str, Any] = field(default_factory=dict)  # the loop's own counters (train/loop.py)
 
 
 def save_adapters(model: Any, folder: Path, adapters: tuple[str, ...] = (POLICY, EMA)) -> None:
@@ -108,6 +109,7 @@ def save_checkpoint(
     eval_before: float | None = None,
     record: dict[str, Any] | None = None,
     processes: Processes = SINGLE,
+    loop_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoints/step-N atomically (run/atomic.py) and keep only the newest `keep`. Every rank calls it."""
     run = RunDir(run_dir)
@@ -129,7 +131,7 @@ def save_checkpoint(
                 tmp / TRAINER_STATE,
             )
             info = {"step": step, "data_position": data_position, "eval_before": eval_before,
-                    "metrics": finite_or_none(record) if record else None}
+                    "metrics": finite_or_none(record) if record else None, "loop": loop_state or {}}
             if processes.count > 1:
                 info["processes"] = processes.count
             (tmp / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2))
@@ -167,7 +169,7 @@ def latest_checkpoint(run_dir: Path) -> CheckpointInfo:
     skipped = tuple((p, "; ".join(checkpoint_problems(p))) for p in run.incomplete_checkpoints()
                     if checkpoint_step(p) > info["step"])
     return CheckpointInfo(path, info["step"], info["data_position"], info.get("eval_before"),
-                          info.get("metrics"), skipped, info.get("processes", 1))
+                          info.get("metrics"), skipped, info.get("processes", 1), info.get("loop", {}))
 
 
 def load_trainer_state(checkpoint: CheckpointInfo) -> dict[str, Any]:

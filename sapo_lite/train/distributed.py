@@ -70,10 +70,6 @@ class Processes:
     def rng_file(self) -> str:
         return f"rng-rank{self.rank}.pt"
 
-    def rank_seed(self, seed: int) -> int | list[int]:
-        """A seed of its own for each rank; rank 0 keeps `seed`, so one process draws as before."""
-        return seed if self.rank == 0 else [seed, self.rank]
-
     def reseed_rank(self, seed: int) -> None:
         """Give ranks > 0 their own torch/python/numpy streams (sampling, dropout) once the adapters
         exist: they must start identical, so the seed that initialised them is the same everywhere."""

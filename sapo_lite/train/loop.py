@@ -39,7 +39,7 @@ from ..config.schema import Config
 from ..data.scoring import held_out_metric
 from ..errors import TrainingDiverged
 from ..models.generation import evaluate_role
-from ..models.roles import EMA, acting_as, ema_update, reference, refresh_reference
+from ..models.roles import EMA, acting_as, ema_update, reference, refresh_reference, training_mode
 from ..run.layout import RunDir
 from ..run.testhook import pause_point
 from ..sapo.augment import CUT_OFF, chosen_only_pairs, pair_ending, self_augment
@@ -72,15 +72,17 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
     started = time.perf_counter()
     session = setup_session(cfg, run_dir, console)
     record: dict = {}
+    skips = SkippedSteps()
     if resume:
-        start_step, eval_before, record = restore(session, run_dir, console)
+        restored = restore(session, run_dir, console)
+        start_step, eval_before, record = restored.step, restored.eval_before, restored.record or {}
+        skips = SkippedSteps(**restored.loop_state.get("skipped", {}))
     else:
         start_step, eval_before = 0, _held_out_score(session, "base", console, run_dir)
     loss_spec = LOSSES[cfg.loss.name]
     procs = session.processes  # one process, or this rank of N (distributed.py)
     buffer = ReplayBuffer(run_dir / procs.buffer_file, cfg.sapo.buffer_size)
     metrics = MetricsWriter(RunDir(run_dir).metrics, enabled=procs.is_main)
-    bad_in_a_row = bad_total = 0
     step = start_step
 
     def checkpoint(at_step: int) -> None:
@@ -88,6 +90,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
             run_dir, at_step, session.model, session.optimizer, session.scheduler,
             rng_state(session.data_rng, session.sample_rng), session.stream.position(), buffer,
             keep=cfg.train.keep_checkpoints, eval_before=eval_before, record=record, processes=procs,
+            loop_state={"skipped": vars(skips)},
         )
 
     try:
@@ -100,17 +103,16 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                 if (step - 1) % cfg.sapo.generate_every == 0:
                     new = _add_new_pairs(session, buffer, loss_spec, step)
                 update = _policy_update(session, buffer, loss_spec)
-                bad_in_a_row = 0 if update.applied else bad_in_a_row + 1
-                bad_total += not update.applied
-                record = _step_record(session, buffer, step, new, update, bad_total, time.perf_counter() - step_start)
+                skips.count(update.applied)
+                record = _step_record(session, buffer, step, new, update, skips.total, time.perf_counter() - step_start)
                 metrics.write(record)
                 session.reporter.log(record)
                 if step % cfg.train.sample_every == 0 and new.pairs:
                     session.reporter.log_samples(step, session.decode_pairs(new.pairs))
                 progress.update(record)
-                if bad_in_a_row >= cfg.train.max_bad_steps:
+                if skips.in_a_row >= cfg.train.max_bad_steps:
                     raise TrainingDiverged(
-                        f"loss or gradient was not finite for {bad_in_a_row} steps in a row (last at step {step});"
+                        f"loss or gradient was not finite for {skips.in_a_row} steps in a row (last at step {step});"
                         " the adapters were not updated by those steps",
                         f"lower `train.lr` (now {cfg.train.lr:g}) and resume with `sapo-lite train --resume {run_dir}`"
                         " from the last good checkpoint",
@@ -140,6 +142,19 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
     if procs.is_main:
         _write_summary(run_dir, result)
     return result
+
+
+@dataclass
+class SkippedSteps:
+    """Updates skipped for a non-finite loss or gradient: in a row (the `max_bad_steps` abort) and in all
+    (`skipped_steps` in the metrics). Saved in every checkpoint, so a resumed run counts on as if it never stopped."""
+
+    in_a_row: int = 0
+    total: int = 0
+
+    def count(self, applied: bool) -> None:
+        self.in_a_row = 0 if applied else self.in_a_row + 1
+        self.total += not applied
 
 
 @dataclass
@@ -217,6 +232,7 @@ def _policy_update(session: TrainSession, buffer: ReplayBuffer, loss_spec: LossS
     cfg = session.cfg
     pause_point("training")
     started = time.perf_counter()
+    training_mode(session.model)
     session.optimizer.zero_grad(set_to_none=True)
     totals = StepTotals()
     for _ in range(cfg.train.grad_accum):

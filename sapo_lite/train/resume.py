@@ -10,6 +10,7 @@ from rich.console import Console
 from ..run.layout import RunDir
 from ..sapo.buffer import ReplayBuffer
 from .checkpoint import (
+    CheckpointInfo,
     latest_checkpoint,
     load_adapter_weights,
     load_trainer_state,
@@ -21,13 +22,15 @@ from .checkpoint import (
 from .session import TrainSession
 
 
-def restore(session: TrainSession, run_dir: Path, console: Console) -> tuple[int, float | None, dict]:
+def restore(session: TrainSession, run_dir: Path, console: Console) -> CheckpointInfo:
     """Bring model, optimizer, RNGs, data position, buffer and metrics back to the newest checkpoint."""
-    remove_run_leftovers(run_dir)
+    procs = session.processes
+    with procs.main_first():  # rank 0 clears what a killed writer left; two ranks deleting it would race
+        if procs.is_main:
+            remove_run_leftovers(run_dir)
     checkpoint = latest_checkpoint(run_dir)
     for path, problem in checkpoint.skipped:
         console.print(f"warning: skipping incomplete checkpoint {path} ({problem})", highlight=False)
-    procs = session.processes
     procs.check_resumable(checkpoint.processes, run_dir)
     state = load_trainer_state(checkpoint)
     load_adapter_weights(session.model, checkpoint)
@@ -41,7 +44,7 @@ def restore(session: TrainSession, run_dir: Path, console: Console) -> tuple[int
         rewind_metrics(RunDir(run_dir).metrics, checkpoint.step, checkpoint.record)
     left = "" if checkpoint.step < session.cfg.train.max_steps else " to finish the run (no steps left to train)"
     console.print(f"resuming from {checkpoint.path.name}{left}")
-    return checkpoint.step, checkpoint.eval_before, checkpoint.record or {}
+    return checkpoint
 
 
 def _apply_new_peak_lr(session: TrainSession) -> None:

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from ..config.schema import Config, to_yaml
 from ..data.examples import Example, held_out_set, install_chat_template, load_examples, stop_token_ids
+from ..data.streams import random_stream
 from ..errors import ModelError
 from ..models.gguf_base import gguf_base, is_gguf_base
 from ..models.memory_estimate import architecture_from_config, estimate
@@ -25,6 +26,7 @@ from ..models.roles import (
     load_base,
     load_tokenizer,
     policy_parameters,
+    training_mode,
 )
 from ..models.threads import apply_threads
 from ..models.tiny import TINY_NAME, build_tiny_base
@@ -33,7 +35,7 @@ from ..run.testhook import pause_point
 from ..sapo.buffer import StoredPair
 from ..sapo.logps import response_token_logps
 from ..sapo.losses import PairLogps
-from ..sapo.pair_logps import packable, pair_logps
+from ..sapo.pair_logps import pair_logps, why_not_packable
 from .distributed import SINGLE, Processes, share_stream, start_processes
 from .metrics import Reporter, make_reporter
 from .preflight import check_init_adapter, check_lora_targets, data_warnings, model_warnings, optimizer_choice
@@ -50,7 +52,7 @@ class DataStream:
         self._order = self._shuffled(0)
 
     def _shuffled(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng(self.seed + epoch).permutation(len(self.examples))
+        return random_stream(self.seed, "data_order", epoch).permutation(len(self.examples))
 
     def take(self, n: int) -> list[Example]:
         taken = []
@@ -149,8 +151,9 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         pass  # an architecture the estimate does not model: nothing to show, nothing wrong
 
     model = attach_adapters(base, cfg.lora, cfg.model.init_adapter, cfg.model.gradient_checkpointing)
-    if not packable(model):
-        console.print("pairs run as separate sequences: this attention kernel takes no shared-prefix mask")
+    training_mode(model)  # the inner model comes out of from_pretrained in eval mode
+    if (why := why_not_packable(model)) is not None:
+        console.print(f"pairs run as separate sequences: {why}", highlight=False)
     elif processes.count > 1:
         console.print("pairs run as separate sequences: DDP averages gradients through its own forward only")
     trainable = policy_parameters(model)
@@ -173,8 +176,8 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         eval_examples=eval_examples,
         pad_id=tokenizer.pad_token_id,
         stop_ids=stop_token_ids(tokenizer),
-        data_rng=np.random.default_rng(processes.rank_seed(cfg.train.seed + 1)),
-        sample_rng=np.random.default_rng(processes.rank_seed(cfg.train.seed + 2)),
+        data_rng=random_stream(cfg.train.seed, "truncation", processes.rank),
+        sample_rng=random_stream(cfg.train.seed, "buffer_draws", processes.rank),
         reporter=reporter,
         run_dir=run_dir,
         eval_source=eval_source,

@@ -68,15 +68,29 @@ def test_base_weights_never_change(model):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
-def test_ema_starts_equal_and_moves_halfway_toward_the_policy(model):
+@pytest.mark.parametrize("decay", [0.1, 0.9])
+def test_ema_starts_equal_and_moves_toward_the_policy_by_one_minus_decay(model, decay):
+    """ema <- decay * ema + (1 - decay) * policy, by hand; 0.1 and 0.9, since at 0.5 the two weights
+    (or the two tensors) swapped would pass unnoticed."""
     policy, ema = adapter_tensors(model, POLICY), adapter_tensors(model, EMA)
     assert all(torch.equal(policy[n], ema[n]) for n in policy)
-    old_ema = {n: t.detach().clone() for n, t in ema.items()}
+    ema_update(model, decay=0.0)  # still a copy
+    first = {n: t.detach().clone() for n, t in ema.items()}
     nudge_policy(model)
-    ema_update(model, decay=0.5)
+    ema_update(model, decay=decay)
+    moved = [n for n in policy if not torch.equal(first[n], policy[n])]
+    assert moved  # the policy's B matrices left their zeros
     for name in policy:
-        assert torch.allclose(ema[name], 0.5 * old_ema[name] + 0.5 * policy[name])
-    assert any(not torch.equal(old_ema[n], ema[n]) for n in ema)
+        expected = decay * first[name] + (1 - decay) * policy[name]
+        assert torch.allclose(ema[name], expected, atol=1e-7), name
+    second_policy = {n: t.detach().clone() for n, t in policy.items()}
+    after_one = {n: t.detach().clone() for n, t in ema.items()}
+    nudge_policy(model)
+    ema_update(model, decay=decay)  # a second update averages from the EMA, not from the old policy
+    for name in moved:
+        expected = decay * after_one[name] + (1 - decay) * policy[name]
+        assert torch.allclose(ema[name], expected, atol=1e-7), name
+        assert not torch.allclose(ema[name], decay * second_policy[name] + (1 - decay) * policy[name], atol=1e-9)
 
 
 def test_acting_as_ema_uses_the_ema_and_restores_the_policy(model):

@@ -59,3 +59,41 @@ def test_sft_is_the_token_mean_nll_of_the_chosen_response_and_needs_no_pair():
     spec = LOSSES["sft"]
     assert not spec.needs_rejected and not spec.needs_reference
     assert all(LOSSES[name].needs_rejected for name in ("dpo", "orpo"))
+
+
+@pytest.mark.parametrize("x", [-1e-6, -1e-5, -1e-3, -0.1, -3.0])
+def test_orpo_log_one_minus_p_is_exact_near_zero(x):
+    """log(1 - exp(x)) in float32 against float64: the official log1p(-exp(x)) is off by 1.3e-2 at -1e-6."""
+    from sapo_lite.sapo.losses import log1m_exp
+
+    exact = math.log(-math.expm1(x))
+    got = log1m_exp(torch.tensor([x], dtype=torch.float32)).item()
+    assert got == pytest.approx(exact, rel=1e-6)
+    naive = torch.log1p(-torch.exp(torch.tensor([x], dtype=torch.float32))).item()
+    if x > -1e-4:
+        assert abs(naive - exact) > 100 * abs(got - exact)  # the formula this replaces was the problem
+
+
+def test_orpo_near_certainty_is_finite_and_still_has_a_gradient():
+    """A chosen response at mean log-prob -1e-7 (a fine-tuned model on a short answer): the clamp of the
+    old code (-1e-6) zeroed the odds term's gradient there; at exactly 0 the official code gives -inf."""
+    for value in (-1e-7, 0.0):
+        chosen = torch.tensor([value * 4], requires_grad=True)
+        rejected = torch.tensor([-3.0], requires_grad=True)
+        out = orpo_loss(chosen, rejected, torch.tensor([4.0]), torch.tensor([2.0]), beta=0.05)
+        out.loss.sum().backward()
+        assert torch.isfinite(out.loss).all() and torch.isfinite(chosen.grad).all()
+        assert rejected.grad.item() > 0  # pushing the rejected response down lowers the loss
+    chosen = torch.tensor([-4e-7], requires_grad=True)
+    odds_only = orpo_loss(chosen, torch.tensor([-3.0]), torch.tensor([4.0]), torch.tensor([2.0]), beta=1.0)
+    (odds_only.loss - (-chosen / 4)).sum().backward()  # the odds-ratio term alone
+    assert chosen.grad.item() < 0  # raising the chosen response's probability still lowers the loss
+
+
+def test_orpo_odds_term_has_the_right_sign_against_a_swapped_pair():
+    """ORPO of (chosen better, rejected worse) is lower than the same pair swapped: a sign error in the
+    odds-ratio term would invert this, while the NLL part alone cannot tell them apart."""
+    better, worse, n = torch.tensor([-2.0]), torch.tensor([-6.0]), torch.tensor([4.0])
+    right = orpo_loss(better, worse, n, n, beta=1.0).loss - 0.5  # minus the NLL of the chosen, 2/4
+    swapped = orpo_loss(better, better - 0.0, n, n, beta=1.0).loss - 0.5
+    assert right.item() < swapped.item() < math.log(2) + 1e-6 and abs(swapped.item() - math.log(2)) < 1e-6

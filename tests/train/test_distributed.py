@@ -5,7 +5,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 
 pytestmark = pytest.mark.slow  # subprocess runs killed and resumed: minutes in all
 
@@ -22,12 +22,6 @@ TINY = ["--preset", "tiny", "loss.name=dpo", "loss.beta=0.1", "train.warmup_step
         "train.max_steps=8", "train.save_every=4"]
 # One thread a process; no GPU even where there is one (two ranks cannot share a card under NCCL).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "SAPO_DEBUG_ADAPTER_SUMS": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def accelerate_launch(*args: str) -> list[str]:
