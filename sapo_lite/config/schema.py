@@ -79,6 +79,9 @@ class DataConfig:
     """How many held-out prompts to score."""
     eval_max_new_tokens: int = 64
     """Greedy generation length when scoring held-out prompts."""
+    val_size: int = 0
+    """Examples carved out of the training data (never the held-out set) as a validation split, scored every
+    `train.eval_every` steps; 0: no validation split."""
     max_bad_share: float = 0.05
     """Rows that cannot be used (null, empty or non-text content, wrong shape) are skipped and counted;
     above this share of the rows the data is refused."""
@@ -143,7 +146,7 @@ class TrainConfig:
     warmup_steps: int = 10
     """Linear warm-up steps."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    """Decay after warm-up."""
+    """Decay after warm-up; `constant` has none, so the first N steps of a longer run are exactly an N-step run."""
     weight_decay: float = 0.0
     """AdamW weight decay on the LoRA tensors."""
     max_grad_norm: float = 1.0
@@ -162,6 +165,15 @@ class TrainConfig:
     """Stop after this many steps in a row with a non-finite loss or gradient (each is skipped)."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
+    eval_every: int = 0
+    """Score the validation split (`data.val_size`) before the first step and every this many steps: chosen-response
+    NLL, preference accuracy and margin on pairs made from it, and the constraint rate when its rows carry constraints;
+    the best step's policy adapter is kept in RUN/adapters/best. 0: never."""
+    best_metric: Literal["auto", "val/constraints", "val/nll", "val/accuracy", "val/margin"] = "auto"
+    """The validation figure that picks the best step (`auto`: val/constraints when the data carries constraints,
+    else val/nll); val/nll is better lower, the others higher."""
+    patience: int = 0
+    """Stop training after this many validation passes without a new best (early stopping); 0: off."""
     seed: int = 42
     """Seed for data order, generation sampling and buffer sampling."""
     num_threads: int | None = None
@@ -222,6 +234,15 @@ def validate(cfg: Config) -> None:
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (t.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
         (t.num_threads is None or t.num_threads >= 1, "train.num_threads must be >= 1"),
+        (d.val_size >= 0, "data.val_size must be >= 0"),
+        (t.eval_every >= 0, "train.eval_every must be >= 0"),
+        (t.patience >= 0, "train.patience must be >= 0"),
+        (not (d.val_size and not t.eval_every), f"data.val_size={d.val_size} sets examples aside that nothing scores: "
+         "set train.eval_every too (e.g. train.eval_every=10), or data.val_size=0"),
+        (not (t.eval_every and not d.val_size), f"train.eval_every={t.eval_every} needs a validation split: "
+         "set data.val_size (e.g. data.val_size=100)"),
+        (not (t.patience and not t.eval_every), f"train.patience={t.patience} counts validation passes: "
+         "set train.eval_every and data.val_size too"),
         (m.name.strip() != "", "model.name must not be empty"),
     ]
     problems = [msg for ok, msg in checks if not ok]

@@ -23,6 +23,7 @@ from pathlib import Path
 from ..errors import ModelError
 
 GGUF_MAGIC = b"GGUF"
+GGUF_SOURCE = "GGUF_SOURCE"  # in a dequantised base folder: the GGUF file it came from
 GGUF_SUFFIX = ".gguf"
 # name -> (package holding the file, file name, install command)
 NAMED_GGUF_MODELS = {
@@ -131,7 +132,15 @@ def gguf_base(name: str, folder: Path) -> Path:
     partial.mkdir(parents=True)
     fresh.save_pretrained(partial)
     tokenizer.save_pretrained(partial)  # keeps the GGUF's chat template (chat_template.jinja)
-    (partial / "GGUF_SOURCE").write_text(f"{path}\n")
+    (partial / GGUF_SOURCE).write_text(f"{path.resolve()}\n")
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return folder
+
+
+def gguf_source(folder: Path) -> Path | None:
+    """The GGUF file a dequantised base folder was made from, or None for any other folder."""
+    marker = Path(folder) / GGUF_SOURCE
+    if not marker.is_file():
+        return None
+    return Path(marker.read_text().strip()).expanduser().resolve()

@@ -6,7 +6,7 @@ into the file and waits while the file exists: a test SIGKILLs it there, or dele
 let it run on (and kill it a random moment later). Unset, `pause_point` costs one dict lookup.
 
 Phases: startup, generation, reference, buffer-write, training, checkpoint-write,
-checkpoint-rotate, final-save, final-eval, summary.
+checkpoint-rotate, best-save, final-save, final-eval, summary.
 """
 
 from __future__ import annotations

@@ -43,6 +43,8 @@ from ..run.testhook import pause_point
 from ..sapo.buffer import ReplayBuffer
 from .distributed import SINGLE, Processes
 
+BEST_ADAPTER = "best-adapter"  # a checkpoint's copy of RUN/adapters/best
+
 
 @dataclass
 class CheckpointInfo:
@@ -110,6 +112,7 @@ def save_checkpoint(
     record: dict[str, Any] | None = None,
     processes: Processes = SINGLE,
     loop_state: dict[str, Any] | None = None,
+    best_adapter: Path | None = None,
 ) -> Path:
     """Write checkpoints/step-N atomically (run/atomic.py) and keep only the newest `keep`. Every rank calls it."""
     run = RunDir(run_dir)
@@ -135,6 +138,8 @@ def save_checkpoint(
             if processes.count > 1:
                 info["processes"] = processes.count
             (tmp / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2))
+            if best_adapter is not None:  # the best step's adapter as of this step: a resume puts it back
+                shutil.copytree(best_adapter, tmp / BEST_ADAPTER)
     processes.barrier()  # every rank's buffer and RNG state are in before the folder is published
     if not processes.is_main:
         return final
@@ -146,9 +151,9 @@ def save_checkpoint(
 
 
 def remove_run_leftovers(run_dir: Path) -> None:
-    """What a killed writer left in the run: `.tmp-*` and `.del-*` in the run and its checkpoints folder."""
+    """What a killed writer left in the run: `.tmp-*` and `.del-*` in the run, its checkpoints and adapters."""
     run = RunDir(run_dir)
-    remove_leftovers(run.checkpoints, run.path)
+    remove_leftovers(run.checkpoints, run.path, run.adapters)
 
 
 # ---------------------------------------------------------------- resume
@@ -218,3 +223,18 @@ def rewind_metrics(path: Path, step: int, record: dict[str, Any] | None = None) 
     if record is not None:
         kept[step] = record
     replace_file(path, "".join(json.dumps(kept[s]) + "\n" for s in sorted(kept)), path.parent)
+
+
+def restore_best_adapter(checkpoint: CheckpointInfo, run_dir: Path, is_main: bool) -> None:
+    """RUN/adapters/best as it was at the checkpoint's step (a later best, written before a kill, is replaced)."""
+    saved = checkpoint.path / BEST_ADAPTER
+    if not (is_main and saved.is_dir()):
+        return
+    final = RunDir(run_dir).adapter("best")
+    tmp = staging_folder(final)
+    with writing(tmp, run_dir), removed_on_failure(tmp):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(saved, tmp)
+        (tmp / "manifest.json").unlink(missing_ok=True)  # written anew for the published folder
+    publish_folder(tmp, final, run_dir)

@@ -31,6 +31,9 @@ def save_final_adapters(model: Any, run_dir: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
         save_adapters(model, tmp)
+        best = final / "best"
+        if best.is_dir():  # the best step's adapter (train/validation.py) stays among the final adapters
+            shutil.copytree(best, tmp / "best", ignore=shutil.ignore_patterns("manifest.json"))
         pause_point("final-save")
     return publish_folder(tmp, final, run_dir)
 

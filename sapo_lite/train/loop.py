@@ -54,6 +54,7 @@ from .metrics import MetricsWriter, StepTotals, TrainProgress
 from .resume import restore
 from .session import TrainSession, peak_memory_gb, setup_session
 from .signals import StopRequest
+from .validation import ValidationWatch
 
 
 @dataclass
@@ -72,31 +73,37 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
     started = time.perf_counter()
     session = setup_session(cfg, run_dir, console)
     record: dict = {}
-    skips = SkippedSteps()
+    loop_state: dict = {}
     if resume:
         restored = restore(session, run_dir, console)
-        start_step, eval_before, record = restored.step, restored.eval_before, restored.record or {}
-        skips = SkippedSteps(**restored.loop_state.get("skipped", {}))
+        start_step, eval_before, record, loop_state = (restored.step, restored.eval_before, restored.record or {},
+                                                       restored.loop_state)
     else:
         start_step, eval_before = 0, _held_out_score(session, "base", console, run_dir)
+    skips = SkippedSteps(**loop_state.get("skipped", {}))
+    watch = ValidationWatch(session, loop_state)  # the validation split, best step and early stopping
     loss_spec = LOSSES[cfg.loss.name]
     procs = session.processes  # one process, or this rank of N (distributed.py)
     buffer = ReplayBuffer(run_dir / procs.buffer_file, cfg.sapo.buffer_size)
     metrics = MetricsWriter(RunDir(run_dir).metrics, enabled=procs.is_main)
+    if not resume and (before := watch.before_training()) is not None:
+        metrics.write({"step": 0, **before})  # where the best step starts from
+        console.print(_validation_line(before, watch), highlight=False)
     step = start_step
+    last_step = start_step if watch.should_stop else cfg.train.max_steps  # an early-stopped run only finishes
 
     def checkpoint(at_step: int) -> None:
         save_checkpoint(
             run_dir, at_step, session.model, session.optimizer, session.scheduler,
             rng_state(session.data_rng, session.sample_rng), session.stream.position(), buffer,
             keep=cfg.train.keep_checkpoints, eval_before=eval_before, record=record, processes=procs,
-            loop_state={"skipped": vars(skips)},
+            loop_state={"skipped": vars(skips), **watch.state()}, best_adapter=watch.best_adapter,
         )
 
     try:
         stopper = procs.agreed_stop(StopRequest())  # every rank stops after the same step
         with stopper as stop, TrainProgress(console, cfg.train.max_steps, start_step) as progress:
-            for step in range(start_step + 1, cfg.train.max_steps + 1):
+            for step in range(start_step + 1, last_step + 1):
                 step_start = time.perf_counter()
                 _update_generator_and_reference(session, buffer, loss_spec, step)
                 new = NewPairsOfStep()  # steps between generations (`sapo.generate_every`) train from the buffer alone
@@ -105,6 +112,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                 update = _policy_update(session, buffer, loss_spec)
                 skips.count(update.applied)
                 record = _step_record(session, buffer, step, new, update, skips.total, time.perf_counter() - step_start)
+                watch.after_step(step, record)
                 metrics.write(record)
                 session.reporter.log(record)
                 if step % cfg.train.sample_every == 0 and new.pairs:
@@ -117,7 +125,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                         f"lower `train.lr` (now {cfg.train.lr:g}) and resume with `sapo-lite train --resume {run_dir}`"
                         " from the last good checkpoint",
                     )
-                if stop.requested:
+                if stop.requested or watch.should_stop:
                     break
                 if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
                     checkpoint(step)
@@ -127,6 +135,9 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
         metrics.close()
         session.reporter.close()
         buffer.close()
+    if watch.should_stop:
+        console.print(f"early stop after step {watch.stopped_at}: {cfg.train.patience} validation passes without a "
+                      f"better {watch.best.metric} than step {watch.best.step}'s", highlight=False)
     if stop.requested:
         console.print(f"stopped after step {step}; resume with: {resume_command(procs.count, run_dir)}")
         return TrainResult(run_dir, step, record.get("loss", math.nan), eval_before, None,
@@ -140,7 +151,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
         eval_metric=held_out_metric(session.eval_examples),
     )
     if procs.is_main:
-        _write_summary(run_dir, result)
+        _write_summary(run_dir, result, watch.summary())
     return result
 
 
@@ -319,13 +330,20 @@ def _held_out_score(session: TrainSession, role: str, console: Console, run_dir:
     return score.headline
 
 
-def _write_summary(run_dir: Path, result: TrainResult) -> None:
+def _validation_line(figures: dict, watch: ValidationWatch) -> str:
+    shown = " ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in figures.items() if k.startswith("val/")
+                     and k != "val/best_step")
+    return f"validation ({len(watch.validation.examples)} examples) before training: {shown}"
+
+
+def _write_summary(run_dir: Path, result: TrainResult, validation: dict) -> None:
     summary = {
         "steps": result.steps,
         "final_loss": result.final_loss,
         # constraint data: overall and per-kind figures; otherwise exact match
         **(held_out_summary(run_dir) or {"eval_exact_match_base": result.eval_before,
                                          "eval_exact_match_policy": result.eval_after}),
+        **validation,
         "wall_s": round(result.wall_s, 2),
     }
     write_summary(run_dir, summary)

@@ -114,6 +114,9 @@ class TrainProgress:
         if "rewards/margins" in record:  # absent for losses without rejected responses (SFT)
             stats += f"margin {record['rewards/margins']:+.3f}  acc {record['rewards/accuracies']:.2f}  "
         stats += f"{record['step_s']:.2f}s/step"
+        if "val/nll" in record:  # a validation step
+            shown = "constraints" if "val/constraints" in record else "nll"
+            stats += f"  val {shown} {record['val/' + shown]:.3f} (best: step {record['val/best_step']})"
         self._progress.update(self._task, completed=record["step"], stats=stats)
         now = time.monotonic()
         if not self._console.is_terminal and (now - self._last_line >= self._log_every_s

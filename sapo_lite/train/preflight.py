@@ -14,6 +14,7 @@ from typing import Any
 
 from ..config.schema import Config
 from ..errors import ConfigError, ModelError
+from ..models.gguf_base import gguf_source
 from ..models.tiny import TINY_NAME
 
 UNKNOWN_WARN_SHARE = 0.5
@@ -79,10 +80,15 @@ def check_init_adapter(cfg: Config, base: Any, model_name: str) -> None:
 
 
 def _same_model(a: str, b: str) -> bool:
+    """The same name, the same folder, or two runs' bases dequantised from the same GGUF file (each run
+    converts its own copy into RUN/base_model, so a second stage's base is another folder of equal weights)."""
     if a == b:
         return True
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+    if pa.exists() and pb.exists() and pa.resolve() == pb.resolve():
+        return True
+    source_a, source_b = gguf_source(pa), gguf_source(pb)
+    return source_a is not None and source_a == source_b
 
 
 def model_warnings(cfg: Config, model_config: Any) -> list[str]:

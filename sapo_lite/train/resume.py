@@ -16,6 +16,7 @@ from .checkpoint import (
     load_trainer_state,
     rank_rng_state,
     remove_run_leftovers,
+    restore_best_adapter,
     restore_rng_state,
     rewind_metrics,
 )
@@ -39,6 +40,7 @@ def restore(session: TrainSession, run_dir: Path, console: Console) -> Checkpoin
     _apply_new_peak_lr(session)
     restore_rng_state(rank_rng_state(checkpoint, state, procs), session.data_rng, session.sample_rng)
     session.stream.seek(checkpoint.data_position)
+    restore_best_adapter(checkpoint, run_dir, procs.is_main)
     ReplayBuffer.restore(checkpoint.path / procs.buffer_file, run_dir / procs.buffer_file)
     if procs.is_main:
         rewind_metrics(RunDir(run_dir).metrics, checkpoint.step, checkpoint.record)

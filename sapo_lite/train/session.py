@@ -39,6 +39,7 @@ from ..sapo.pair_logps import pair_logps, why_not_packable
 from .distributed import SINGLE, Processes, share_stream, start_processes
 from .metrics import Reporter, make_reporter
 from .preflight import check_init_adapter, check_lora_targets, data_warnings, model_warnings, optimizer_choice
+from .validation import split_validation
 
 
 class DataStream:
@@ -83,6 +84,7 @@ class TrainSession:
     scheduler: Any
     stream: DataStream
     eval_examples: list[Example]
+    val_examples: list[Example]
     pad_id: int
     stop_ids: list[int]
     data_rng: np.random.Generator
@@ -128,6 +130,7 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
     data = load_examples(cfg.data.path, cfg.data.split, tokenizer, cfg.data)
     console.print(data.describe(cfg.data), highlight=False, markup=False)
     train_examples, eval_examples, eval_source, eval_note = held_out_set(cfg.data, data, tokenizer, cfg.train.seed)
+    train_examples, val_examples = split_validation(train_examples, cfg.data.val_size, cfg.train.seed)
     for line in ([eval_note] if eval_note else []) + data_warnings(data.unknown_share, tokenizer):
         console.print(line, highlight=False, markup=False)
 
@@ -174,6 +177,7 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         scheduler=scheduler,
         stream=share_stream(DataStream(train_examples, cfg.train.seed), processes),
         eval_examples=eval_examples,
+        val_examples=val_examples,
         pad_id=tokenizer.pad_token_id,
         stop_ids=stop_token_ids(tokenizer),
         data_rng=random_stream(cfg.train.seed, "truncation", processes.rank),
@@ -214,8 +218,10 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> Any:
     from transformers import get_scheduler
 
+    # transformers' "constant" ignores warm-up steps; here every schedule warms up for train.warmup_steps.
+    name = "constant_with_warmup" if cfg.train.lr_scheduler == "constant" else cfg.train.lr_scheduler
     return get_scheduler(
-        cfg.train.lr_scheduler,
+        name,
         optimizer=optimizer,
         num_warmup_steps=cfg.train.warmup_steps,
         num_training_steps=cfg.train.max_steps,

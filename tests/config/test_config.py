@@ -12,11 +12,12 @@ REQUIRED_KEYS = [
 ]
 
 
-def test_the_six_presets_ship():
+CPU_PRESETS = ("tiny", "smollm2-135m", "smollm2-135m-sft")
+
+
+def test_the_presets_ship():
     assert set(preset_names()) == {
-        "llama3-8b-qlora", "llama3-8b-qlora-orpo", "mistral-7b-qlora", "mistral-7b-qlora-orpo", "smollm2-135m",
-        "tiny",
-    }
+        "llama3-8b-qlora", "llama3-8b-qlora-orpo", "mistral-7b-qlora", "mistral-7b-qlora-orpo", *CPU_PRESETS}
 
 
 @pytest.mark.parametrize("name", preset_names())
@@ -36,7 +37,7 @@ def test_every_preset_trains_without_lora_dropout(name):
     assert load_config(name).lora.dropout == 0.0
 
 
-@pytest.mark.parametrize("name", [n for n in preset_names() if n not in ("tiny", "smollm2-135m")])
+@pytest.mark.parametrize("name", [n for n in preset_names() if n not in CPU_PRESETS])
 def test_gpu_presets_are_qlora_on_the_paper_data(name):
     cfg = load_config(name)
     assert cfg.model.quant == "nf4" and cfg.model.double_quant and cfg.model.dtype == "bf16"
