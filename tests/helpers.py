@@ -31,11 +31,13 @@ def run(cwd: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def start_paused(cwd: Path, phase: str, *args: str) -> tuple[subprocess.Popen, Path]:
-    """Start `sapo-lite ARGS` and return once it waits at `phase` (`name` or `name:n`)."""
+def start_paused(cwd: Path, phase: str, *args: str, command: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
+    """Start `sapo-lite ARGS` (or `command`) and return once it waits at `phase` (`name` or `name:n`)."""
     marker = cwd / f"paused-{time.monotonic_ns()}"
-    env = {**os.environ, "COLUMNS": "300", "SAPO_TEST_PAUSE_AT": phase, "SAPO_TEST_PAUSE_FILE": str(marker)}
-    proc = subprocess.Popen(cli(*args), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**(env or os.environ), "COLUMNS": "300", "SAPO_TEST_PAUSE_AT": phase, "SAPO_TEST_PAUSE_FILE": str(marker)}
+    proc = subprocess.Popen(command or cli(*args), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.monotonic() + 240
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -59,9 +59,17 @@ class CheckpointInfo:
 
 
 def save_adapters(model: Any, folder: Path, adapters: tuple[str, ...] = (POLICY, EMA)) -> None:
-    """Save adapters as folder/<name>/ in PEFT format; `PeftModel.from_pretrained` loads each."""
+    """Save adapters as folder/<name>/ in PEFT format; `PeftModel.from_pretrained` loads each.
+
+    peft is handed the LoRA tensors alone: by default it calls `model.state_dict()`, which walks every
+    base weight, and on the CPU bitsandbytes' NF4 layers convert their weights out of the packed
+    layout they use for inference to write them, a round trip that changes their quantisation
+    constants: the base a run trained on after its first checkpoint was then not the base it resumes
+    with (resumed losses differed by 1e-4). It also spares an 8B model's state dict at every save.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder), selected_adapters=list(adapters), safe_serialization=True)
+    lora = {name: param.detach() for name, param in model.named_parameters() if "lora_" in name}
+    model.save_pretrained(str(folder), selected_adapters=list(adapters), safe_serialization=True, state_dict=lora)
 
 
 # ---------------------------------------------------------------- RNG state

@@ -44,12 +44,14 @@ def test_training_reports_constraint_satisfaction_before_and_after(run):
     assert f"of {total} constraints ({HELD_OUT} prompts)" in output
     assert "held-out instruction following: base " in output and "exact match" not in output
     summary = json.loads((out / "summary.json").read_text())
+    recorded = json.loads((out / "held-out.json").read_text())
     for role in ("base", "policy"):
-        assert 0.0 <= summary[f"eval_constraints_{role}"] <= 1.0
+        tally = recorded[role]["constraints"]
+        assert tally["total"] == total and summary[f"eval_constraints_{role}"] == round(tally["hits"] / total, 4)
+        assert f"{tally['hits'] / total:.1%} of {total} constraints" in output
         kinds = {c["kind"] for row in EVAL_ROWS[:HELD_OUT] for c in row["constraints"]}
         assert set(summary[f"eval_per_kind_{role}"]) == kinds
         assert f"eval_answer_accuracy_{role}" in summary
-    recorded = json.loads((out / "held-out.json").read_text())
     assert recorded["base"]["constraints"]["total"] == total
     assert sum(t["total"] for t in recorded["base"]["per_kind"].values()) == total
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port
+from helpers import free_port, start_paused
 
 pytestmark = pytest.mark.slow  # subprocess runs killed and resumed: minutes in all
 
@@ -144,15 +144,13 @@ def test_estimate_says_its_figure_is_per_gpu():
 
 
 def test_sigkill_then_resume_with_two_processes_repeats_the_uninterrupted_run(straight, tmp_path):
+    """The launcher is killed while rank 0 writes the step-8 checkpoint (rank 1 waits at the barrier): the
+    half-written `.tmp-step-8` is cleared by rank 0 alone on resume (two ranks deleting it raced), and the
+    run resumes from step 4."""
     reference, _ = straight
     killed = tmp_path / "run"
-    proc = subprocess.Popen(accelerate_launch(*TINY, "--out", "run"), cwd=tmp_path, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        if (killed / "metrics.jsonl").is_file() and len((killed / "metrics.jsonl").read_text().splitlines()) >= 6:
-            break
-        time.sleep(0.01)
+    proc, _ = start_paused(tmp_path, "checkpoint-write:2", command=accelerate_launch(*TINY, "--out", "run"), env=ENV)
+    assert (killed / "checkpoints" / ".tmp-step-8").is_dir()
     workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     assert len(workers) == 2
     proc.send_signal(signal.SIGKILL)  # the launcher only: its workers must not train on without it

@@ -1,44 +1,25 @@
 """Crash safety: SIGKILL at any moment loses nothing, and resume is exact."""
 
 import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
-import time
 
+import helpers
 import pytest
+from helpers import start_paused
 
 pytestmark = pytest.mark.slow  # subprocess runs killed and resumed: minutes in all
 
 TINY = ["--preset", "tiny", "loss.name=dpo", "loss.beta=0.1", "data.eval_path=null", "train.warmup_steps=2"]
 
 
-def cli(*args):
-    return [sys.executable, "-m", "sapo_lite.cli", "train", *args]
-
-
 def run(args, cwd):
-    proc = subprocess.run(cli(*args), cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc
+    return helpers.run(cwd, "train", *args)
 
 
 def losses(run_dir):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records}, [r["step"] for r in records]
-
-
-def start_and_kill(args, cwd, ready, extra_delay_s):
-    """Start a run, wait until `ready()` holds, wait a little more, then SIGKILL it."""
-    proc = subprocess.Popen(cli(*args), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not ready() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    time.sleep(extra_delay_s)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
 
 
 @pytest.mark.parametrize(
@@ -52,12 +33,13 @@ def test_resume_after_sigkill_logs_the_same_losses_as_an_uninterrupted_run(tmp_p
     straight, _ = losses(tmp_path / "straight")
 
     killed = tmp_path / "killed"
-    args = [*TINY, *shape, "--out", "killed", "train.max_steps=10", "train.save_every=4"]
-    # Kill during step 6 or 7: after checkpoint 4, with pairs added and metrics written past it.
-    start_and_kill(args, tmp_path, lambda: len(losses(killed)[1]) >= 6 if (killed / "metrics.jsonl").exists()
-                   else False, 0.0)
-    assert (killed / "checkpoints" / "step-4").is_dir()
-    assert not (killed / "adapters").exists()
+    # Killed in the policy update of step 7: after checkpoint 4, with pairs added and steps 5-6 logged past it.
+    proc, _ = start_paused(tmp_path, "training:7", "train", *TINY, *shape, "--out", "killed", "train.max_steps=10",
+                           "train.save_every=4")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert losses(killed)[1] == list(range(1, 7))
+    assert (killed / "checkpoints" / "step-4").is_dir() and not (killed / "adapters").exists()
 
     resumed = run(["--resume", "killed"], tmp_path)
     assert "resuming from step-4" in resumed.stdout
@@ -66,50 +48,56 @@ def test_resume_after_sigkill_logs_the_same_losses_as_an_uninterrupted_run(tmp_p
     assert after == straight  # every loss identical: generation and buffer sampling included
 
 
-@pytest.mark.parametrize("kill_after_steps,extra_delay_s", [(1, 0.0), (1, 0.02), (2, 0.01), (3, 0.03), (4, 0.005)])
-def test_sigkill_at_any_point_leaves_a_resumable_run_and_a_sound_buffer(tmp_path, kill_after_steps, extra_delay_s):
+PHASES = ["generation:2", "reference:2", "buffer-write:2", "training:2", "checkpoint-write:2", "checkpoint-rotate:1",
+          "final-save", "summary"]
+
+
+EVERY_STEP = [*TINY, "train.max_steps=4", "train.save_every=1"]
+
+
+@pytest.fixture(scope="module")
+def every_step(tmp_path_factory):
+    """The uninterrupted run the killed ones are compared with: step -> loss."""
+    cwd = tmp_path_factory.mktemp("straight")
+    run([*EVERY_STEP, "--out", "straight"], cwd)
+    return losses(cwd / "straight")[0]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_sigkill_at_every_phase_leaves_a_resumable_run_and_a_sound_buffer(tmp_path, every_step, phase):
+    """A SIGKILL at each named phase of a step or of the run's end (checkpoints every step): the buffer is sound,
+    and the resumed run ends with every step logged once and the same losses as an uninterrupted run."""
+    args = EVERY_STEP
     out = tmp_path / "run"
-    args = [*TINY, "--out", "run", "train.max_steps=6", "train.save_every=1"]
-
-    def ready():
-        checkpoints = out / "checkpoints"
-        return checkpoints.is_dir() and len([p for p in checkpoints.glob("step-*")]) >= 1 and (
-            (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines())
-            >= kill_after_steps
-        )
-
-    start_and_kill(args, tmp_path, ready, extra_delay_s)
+    proc, _ = start_paused(tmp_path, phase, "train", *args, "--out", "run")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
     db = sqlite3.connect(out / "buffer.sqlite")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     db.close()
-    if (out / "adapters").exists():  # the kill came after the run finished
-        return
+    assert not (out / "summary.json").exists()  # every phase comes before the run's end is written
     run(["--resume", "run"], tmp_path)
-    _, steps = losses(out)
-    assert steps == list(range(1, 7))
+    after, steps = losses(out)
+    assert steps == [1, 2, 3, 4] and after == every_step
     assert (out / "adapters" / "policy" / "adapter_model.safetensors").is_file()
     db = sqlite3.connect(out / "buffer.sqlite")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
 
 
 def test_sigint_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    """Ctrl-C during step 3's update: the step finishes, a checkpoint of step 3 is written, and the command says how
+    to resume."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(cli(*TINY, "--out", "run", "train.max_steps=500", "train.save_every=0"), cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "200"})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (
-        (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3
-    ):
-        time.sleep(0.01)
+    proc, marker = start_paused(tmp_path, "training:3", "train", *TINY, "--out", "run", "train.max_steps=500",
+                                "train.save_every=0")
     proc.send_signal(signal.SIGINT)
+    marker.unlink()  # let the paused step go on: the handler has set the stop request
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
-    assert "sapo-lite train --resume run" in stdout
-    checkpoints = sorted((out / "checkpoints").glob("step-*"))
-    assert len(checkpoints) == 1
-    _, steps = losses(out)
-    assert checkpoints[0].name == f"step-{steps[-1]}"
+    assert "stopped after step 3; resume with: sapo-lite train --resume run" in stdout
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-3"]
+    assert losses(out)[1] == [1, 2, 3]
 
 
 @pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
