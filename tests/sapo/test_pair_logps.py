@@ -103,3 +103,21 @@ def test_same_logps_in_bf16_as_the_gpu_presets_compute(tiny_base_dir):
         # summed log-probs around -50 from bf16 hidden states: 3e-3 apart here, where fp32 agrees to 1e-5
         assert torch.allclose(a, b, atol=0.02, rtol=1e-3), (a, b)
     assert torch.equal(shared[0][4], shared[1][4])  # an unchanged pair still scores the same on both sides
+
+
+def test_only_architectures_that_place_tokens_by_position_ids_are_packed(tiny_base_dir):
+    """GPT-2's learned absolute positions would put the packed rejected suffix at the wrong positions (the
+    layout restarts its positions through `position_ids`): such models run chosen and rejected apart."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sapo_lite.sapo.pair_logps import packable, why_not_packable
+
+    llama = make_model(tiny_base_dir, "sdpa", False)
+    assert packable(llama) and why_not_packable(llama) is None
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, attn_implementation="sdpa")).eval()
+    assert not packable(gpt2)
+    assert why_not_packable(gpt2) == "`gpt2` models are not known to place tokens by position_ids"
+    pairs = sapo_pairs()
+    default = pair_logps(gpt2, pairs, 0, torch.device("cpu"))  # falls back to the separate layout by itself
+    separate = pair_logps(gpt2, pairs, 0, torch.device("cpu"), shared_prefix=False)
+    assert all(torch.equal(a, b) for a, b in zip(default, separate))
