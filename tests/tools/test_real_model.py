@@ -23,8 +23,8 @@ def test_a_few_sapo_steps_on_the_real_model(smollm2_run):
     ema = load_file(str(smollm2_run / "adapters" / "ema" / "adapter_model.safetensors"))
     lora_b = [name for name in policy if "lora_B" in name]
     assert lora_b and all(policy[name].abs().sum() > 0 for name in lora_b)  # B starts at 0: the policy trained
-    # The EMA moved halfway toward the policy of step 1 at the start of step 2, and the policy moved on after it.
-    assert all(ema[name].abs().sum() > 0 for name in lora_b)
+    # The EMA trails the policy: averaged at the start of step 2 with the policy of step 1, which the first
+    # warm-up step (learning rate 0) left at its start, so it has not caught up with step 2's update.
     assert any(not torch.equal(ema[name], policy[name]) for name in lora_b)
     db = sqlite3.connect(smollm2_run / "buffer.sqlite")
     assert db.execute("SELECT COUNT(*) FROM pairs").fetchone()[0] == 4

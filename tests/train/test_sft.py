@@ -17,10 +17,10 @@ def test_sft_learns_the_held_out_task_without_generating(tmp_path, monkeypatch):
         pytest.fail("SFT asked the EMA to generate")
 
     monkeypatch.setattr(trainer, "self_augment", no_generation)
-    cfg = load_config("tiny", overrides=["loss.name=sft", "train.max_steps=150", "train.save_every=0",
+    cfg = load_config("tiny", overrides=["loss.name=sft", "train.max_steps=250", "train.save_every=0",
                                          "data.eval_size=50"])
     result = trainer.train(cfg, tmp_path, Console(quiet=True))
-    assert result.eval_before == 0.0 and result.eval_after >= 0.3  # greedy answers to unseen prompts now right
+    assert result.eval_before == 0.0 and result.eval_after >= 0.8  # greedy answers to unseen prompts now right
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < records[0]["loss"] / 2
     assert "rewards/margins" not in records[-1] and records[-1]["logps/chosen"] < 0
