@@ -126,7 +126,8 @@ def leftovers(run: Path) -> list[str]:
     from sapo_lite.run.layout import RunDir
 
     odd = [p for p in run.rglob("*") if p.name.startswith((".tmp", ".del")) or p.suffix in (".restore", ".tmp")]
-    return [str(p.relative_to(run)) for p in odd] + [str(p.relative_to(run)) for p in RunDir(run).incomplete_checkpoints()]
+    odd += RunDir(run).incomplete_checkpoints()
+    return [str(p.relative_to(run)) for p in odd]
 
 
 def main() -> None:
