@@ -6,7 +6,9 @@ AVX2 code path for these shapes, while oneDNN's linear (`torch.ops.mkldnn._linea
 runs AVX-512: 1.35x the decode tokens/s of SmolLM2 fp32 at batch 4 (bench/generation.py). That
 op is an internal of torch, so it is used only after a check at first use that it exists and
 gives `F.linear`'s result on this build; otherwise, and for anything but fp32 on the CPU,
-`F.linear` it is.
+`F.linear` it is. Small weights (the LoRA matrices) go to `F.linear` too: a oneDNN call costs
+about 15 us more, which below 64k elements is more than its faster arithmetic saves (at 4 rows:
+64 x 576 takes 25 us through oneDNN and 7 us through `F.linear`; 1536 x 576, 266 and 573 us).
 
 No compiled code: a hand-written AVX-512 kernel was faster still (decode at 0.51 of the memory
 bandwidth against 0.31), but a training tool must not compile C in its user's environment.
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 _onednn_verified: bool | None = None  # None: not checked yet in this process
+ONEDNN_MIN_WEIGHT = 1 << 16  # elements; below it, oneDNN's per-call cost outweighs its arithmetic
 
 
 def onednn_usable() -> bool:
@@ -42,7 +45,8 @@ def _check_onednn() -> bool:
 
 def matmul_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T for 2-D x [M, K] and w [N, K]."""
-    if x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and onednn_usable():
+    if (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and w.numel() >= ONEDNN_MIN_WEIGHT
+            and onednn_usable()):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.contiguous(), None, "none", [], "")
     return F.linear(x, w)
 
