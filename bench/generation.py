@@ -21,7 +21,9 @@ smollm2 preset's segment; no row stops early, so all do the same work):
 Interleaved rounds (order rotated), bandwidth and matmul probes between rounds; figures are the median
 [min-max] over rounds, ratios taken within a round. Decode tokens/s = rows x (steps after the first
 token) / time from the first to the last token's logits; prefill tokens/s = context tokens / time to
-the first token's logits. Ceilings: bench/roofline.py. Then where a decode step's time goes (profile,
+the first token's logits. Ceilings: bench/roofline.py (a table's shares are of the bandwidth and FLOP/s
+measured between its own rounds; the summary's of the best bandwidth of the run). Then where a decode
+step's time goes (profile,
 bench/decode_profile.py). The last two lines are for scripts: SmolLM2 fp32, batch 4, lean merged.
 """
 
@@ -142,19 +144,22 @@ def compare(title: str, model: torch.nn.Module, paths: dict[str, Callable], batc
             run(contexts, new, stop)
         timings: dict[str, list[Timing]] = {name: [] for name in paths}
         names = list(paths)
+        first_probe = len(ceilings.gflop_s)
         for round_index in range(args.rounds):
             ceilings.probe()
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
                 gc.collect()
                 timings[name].append(paths[name](contexts, new, stop))
-    decode_ceiling = ceilings.bandwidth / step_bytes * batch
-    prefill_ceiling = ceilings.flops / (2 * macs)
+    bandwidth, flops = ceilings.during(first_probe)
+    decode_ceiling, prefill_ceiling = bandwidth / step_bytes * batch, flops / (2 * macs)
     print(f"\n### {title}, batch {batch}: {context_tokens} context tokens (lengths {[len(c) for c in contexts]}), "
           f"{new} new tokens a row, {args.rounds} rounds")
     print(f"{step_bytes / 1e6:.1f} MB of weights a decode step (base + EMA LoRA) -> decode ceiling "
-          f"{decode_ceiling:.0f} tokens/s at {ceilings.bandwidth / 1e9:.1f} GB/s; prefill ceiling "
-          f"{prefill_ceiling:.0f} tokens/s ({2 * macs / 1e6:.0f} MFLOP a token at {ceilings.flops / 1e9:.0f} GFLOP/s)")
+          f"{decode_ceiling:.0f} tokens/s at {bandwidth / 1e9:.1f} GB/s (probes during these rounds; "
+          f"{ceilings.bandwidth / step_bytes * batch:.0f} at the run's best so far, "
+          f"{ceilings.bandwidth / 1e9:.1f} GB/s); prefill ceiling {prefill_ceiling:.0f} tokens/s "
+          f"({2 * macs / 1e6:.0f} MFLOP a token at {flops / 1e9:.0f} GFLOP/s)")
     print(f"| path | decode tokens/s | of ceiling | prefill tokens/s | of ceiling | whole call tokens/s "
           f"| whole call vs {TRL} | decode vs {TRL} |")
     print("|---|---|---|---|---|---|---|---|")
@@ -166,7 +171,8 @@ def compare(title: str, model: torch.nn.Module, paths: dict[str, Callable], batc
         ref = timings.get(TRL)
         speedup = [r.total / t.total for r, t in zip(ref, runs)] if ref else [float("nan")]
         decode_speedup = [d * r.decode / (batch * r.steps) for r, d in zip(ref, decode)] if ref else [float("nan")]
-        figures[name] = {"decode": decode, "speedup": speedup, "step_bytes": step_bytes, "batch": batch}
+        figures[name] = {"decode": decode, "speedup": speedup, "step_bytes": step_bytes, "batch": batch,
+                         "in_round_share": statistics.median(decode) / decode_ceiling}
         print(f"| {name} | {spread(decode)} | {statistics.median(decode) / decode_ceiling:.0%} | {spread(prefill, 0)} "
               f"| {statistics.median(prefill) / prefill_ceiling:.0%} | {spread(whole)} | {spread(speedup, 2, 'x')} "
               f"| {spread(decode_speedup, 2, 'x')} |")
@@ -247,8 +253,10 @@ def main() -> None:
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end; {ceilings.describe()}")
     # against the best bandwidth seen in the whole run, which may have come after SmolLM2's own rounds
     ceiling = ceilings.bandwidth / smol4["step_bytes"] * smol4["batch"]
-    print(f"SmolLM2 fp32, batch 4, {LEAN_MERGED}: decode {spread(smol4['decode'])} tokens/s of a {ceiling:.0f} "
-          f"tokens/s ceiling; whole call {spread(smol4['speedup'], 2, 'x')} {TRL}'s tokens/s")
+    print(f"SmolLM2 fp32, batch 4, {LEAN_MERGED}: decode {spread(smol4['decode'])} tokens/s, "
+          f"{statistics.median(smol4['decode']) / ceiling:.0%} of a {ceiling:.0f} tokens/s ceiling at the run's best "
+          f"bandwidth ({smol4['in_round_share']:.0%} of the bandwidth during its rounds); whole call "
+          f"{spread(smol4['speedup'], 2, 'x')} {TRL}'s tokens/s")
     print(f"decode_roofline_share: {statistics.median(smol4['decode']) / ceiling:.2f}")
     print(f"speedup_vs_trl_generate: {statistics.median(smol4['speedup']):.2f}")
 

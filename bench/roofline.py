@@ -2,9 +2,10 @@
 
 Decoding a token for a batch reads every weight once: at batch B its ceiling is bandwidth / (bytes of
 weights a step) * B tokens/s. Prefill is matmul-bound: its ceiling is matmul FLOP/s / (2 x the
-multiply-adds of the decoder layers' linear layers a token). The machine is shared, so the ceilings
-use the best bandwidth and FLOP/s seen anywhere in the run (start-up and the probes between rounds):
-a share of them is a conservative figure.
+multiply-adds of the decoder layers' linear layers a token). The machine is shared, so bandwidth and
+FLOP/s are probed between rounds: a table's shares are of what the probes during its own rounds saw
+(median), and the summary's share is of the best bandwidth seen anywhere in the run (start-up and every
+probe), the conservative figure.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ class Ceilings:
         start = time.perf_counter()
         matmul_t(self._a, self._b)  # the route the lean loop's matmuls take (oneDNN where usable)
         self.gflop_s.append(2 * 2048**3 / (time.perf_counter() - start) / GB)
+
+    def during(self, first: int) -> tuple[float, float]:
+        """Median bandwidth (bytes/s; the better of each probe's copy and read) and FLOP/s of probes `first`..."""
+        bandwidth = [max(c, r) for c, r in zip(self.copy_gb_s[first:], self.read_gb_s[first:])]
+        return statistics.median(bandwidth) * GB, statistics.median(self.gflop_s[first:]) * GB
 
     @property
     def bandwidth(self) -> float:
