@@ -29,7 +29,7 @@ bounded by the longest segment in it.
 
 How the segments are decoded (`sapo.decoder`): `lean` runs sapo-lite's own decode loop
 (models/decoding.py: the same tokens as `generate` when greedy, the same sampling distribution,
-2-3x the tokens/s on the CPU); a model it does not support, or `hf`, runs transformers'
+about 2x the tokens/s on the CPU); a model it does not support, or `hf`, runs transformers'
 `generate` on the PeftModel, as TRL's online trainers do.
 
 Departures from the official code, on purpose:
