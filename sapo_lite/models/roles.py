@@ -1,10 +1,11 @@
 """One base model, three roles: the trained `policy` adapter, the `ema` generator, the reference.
 
 The base weights (NF4 on CUDA or CPU, or full precision) are loaded once. The policy and
-EMA are two LoRA adapters on it; generation switches to the EMA adapter and never merges
-(merging into 4-bit weights would re-round them). The DPO reference is the base with
-adapters disabled, or a frozen `ref` adapter when training starts from `model.init_adapter`
-(with an init adapter, "adapters off" would be the wrong model).
+EMA are two LoRA adapters on it; generation switches to the EMA adapter and never merges it into
+4-bit weights (that would re-round them); a full-precision base on the CPU generates with the EMA
+merged into scratch copies of its weights, the originals untouched (`merged_phase.py`). The DPO
+reference is the base with adapters disabled, or a frozen `ref` adapter when training starts from
+`model.init_adapter` (with an init adapter, "adapters off" would be the wrong model).
 
 Departures from the official code (three full models, fully fine-tuned):
 - LoRA adapters on one (NF4) base instead of three full copies; the EMA averages the LoRA

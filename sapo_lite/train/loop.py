@@ -27,6 +27,7 @@ Departures from the official code:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -212,10 +213,11 @@ def _add_new_pairs(session: TrainSession, buffer: ReplayBuffer, loss_spec: LossS
         figures = {"pairs/identical": math.nan, "pairs/cut_off": math.nan, "pairs/added": float(len(pairs))}
     else:  # the EMA rewrites a segment of each new good response
         sampling = {"temperature": cfg.sapo.temperature, "top_k": cfg.sapo.top_k, "top_p": cfg.sapo.top_p}
-        with acting_as(model, EMA):
+        # merged for the whole round (resampled rewrites too), the base weights back exactly after it
+        with acting_as(model, EMA), session.merged_ema or contextlib.nullcontext():
             new = self_augment(
                 model, examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id, session.stop_ids,
-                session.data_rng, cfg.sapo.gen_batch_size, sampling, cfg.sapo.static_cache,
+                session.data_rng, cfg.sapo.gen_batch_size, sampling, cfg.sapo.static_cache, cfg.sapo.decoder,
                 short_rewrite=cfg.sapo.short_rewrite, identical=cfg.sapo.identical, buffer_empty=len(buffer) == 0,
             )
         pairs = new.pairs

@@ -18,9 +18,13 @@ from ..config.schema import Config, to_yaml
 from ..data.examples import Example, held_out_set, install_chat_template, load_examples, stop_token_ids
 from ..data.streams import random_stream
 from ..errors import ModelError
+from ..models.decode_plan import why_not_lean
 from ..models.gguf_base import gguf_base, is_gguf_base
 from ..models.memory_estimate import architecture_from_config, estimate
+from ..models.merged_phase import MergedAdapter
 from ..models.roles import (
+    EMA,
+    acting_as,
     attach_adapters,
     flash_attention_usable,
     load_base,
@@ -34,7 +38,7 @@ from ..run.layout import RunDir
 from ..run.testhook import pause_point
 from ..sapo.buffer import StoredPair
 from ..sapo.logps import response_token_logps
-from ..sapo.losses import PairLogps
+from ..sapo.losses import LOSSES, PairLogps
 from ..sapo.pair_logps import pair_logps, why_not_packable
 from .distributed import SINGLE, Processes, share_stream, start_processes
 from .metrics import Reporter, make_reporter
@@ -94,6 +98,7 @@ class TrainSession:
     eval_source: str = ""
     processes: Processes = SINGLE
     score: Callable[..., Any] = response_token_logps  # the training forward (through DDP with several processes)
+    merged_ema: MergedAdapter | None = None  # the EMA merged for generation (`ema_generation`), else unmerged
 
     def decode_pairs(self, pairs: Sequence[Any], count: int = 3) -> list[tuple[str, str, str]]:
         """(prompt, chosen response, rejected response) texts of the first `count` pairs."""
@@ -159,6 +164,9 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         console.print(f"pairs run as separate sequences: {why}", highlight=False)
     elif processes.count > 1:
         console.print("pairs run as separate sequences: DDP averages gradients through its own forward only")
+    merged_ema, decoder_note = ema_generation(cfg, model, device)
+    if decoder_note:
+        console.print(decoder_note, highlight=False, markup=False)
     trainable = policy_parameters(model)
     processes.reseed_rank(cfg.train.seed)
     if processes.count > 1:
@@ -187,7 +195,25 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         eval_source=eval_source,
         processes=processes,
         score=processes.data_parallel(model, cfg.train.grad_accum),
+        merged_ema=merged_ema,
     )
+
+
+def ema_generation(cfg: Config, model: Any, device: torch.device) -> tuple[MergedAdapter | None, str | None]:
+    """How the EMA will generate: its merged phase where that applies, and a line to print when the lean
+    decoder was asked for but cannot run this model (generation then uses transformers' `generate`).
+
+    Merged only with the lean decoder, a full-precision base (merging into NF4 would re-round it) and on
+    the CPU: on CUDA the scratch copies would double the adapted weights in GPU memory, what a 24 GB card
+    runs out of first, and the gain there is unmeasured."""
+    if cfg.sapo.decoder != "lean" or not LOSSES[cfg.loss.name].needs_rejected:
+        return None, None
+    with acting_as(model, EMA):  # the plan is of the EMA as it generates (eval mode, EMA active)
+        why = why_not_lean(model)
+    if why is not None:
+        return None, f"generation: transformers' generate, not the lean decoder: {why}"
+    merge = cfg.model.quant == "none" and device.type == "cpu"
+    return (MergedAdapter(model, EMA) if merge else None), None
 
 
 def seed_everything(seed: int) -> None:

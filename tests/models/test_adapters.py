@@ -134,7 +134,8 @@ def test_static_cache_generation_samples_the_same_segments(model):
     for static in (False, True):
         torch.manual_seed(7)
         with acting_as(model, EMA):
-            segments.append(generate_segments(model, contexts, 6, 0, [4], 0.7, 50, 0.95, static_cache=static))
+            segments.append(generate_segments(model, contexts, 6, 0, [4], 0.7, 50, 0.95, static_cache=static,
+                                              decoder="hf"))
     assert segments[0] == segments[1]
     assert all(len(s) == 6 for s in segments[0])
 

@@ -1,11 +1,22 @@
-"""The truncation rule and the splicing of the EMA's segment into the rejected response."""
+"""The truncation rule, the splicing of the EMA's segment into the rejected response, and the decoders behind it."""
 
 import numpy as np
+import pytest
 import torch
 
 from sapo_lite.data.examples import Example
+from sapo_lite.errors import TrainingDiverged
 from sapo_lite.models.generation import left_pad
-from sapo_lite.sapo.augment import choose_truncation, self_augment, splice_rejected
+from sapo_lite.models.roles import EMA
+from sapo_lite.sapo.augment import (
+    STOPPED,
+    TAIL_KEPT,
+    choose_truncation,
+    generate_segments,
+    pair_ending,
+    self_augment,
+    splice_rejected,
+)
 
 EOS = 99
 
@@ -82,3 +93,53 @@ def test_generation_batches_sorted_by_context_length_keep_each_pairs_draw():
         flat = [n for batch in model.batches for n in batch]
         assert flat == sorted(flat)  # shortest contexts first: little left padding in a batch
     assert results[0] == results[1] == results[2]
+
+
+@pytest.fixture(scope="module")
+def ema_model(tiny_base_dir):
+    from helpers import with_random_adapters
+
+    from sapo_lite.config.schema import ModelConfig
+    from sapo_lite.models.roles import load_base
+
+    return with_random_adapters(load_base(ModelConfig(quant="none"), str(tiny_base_dir), torch.device("cpu")))
+
+
+def random_examples(count: int, seed: int) -> list[Example]:
+    rng = np.random.default_rng(seed)
+    return [Example(rng.integers(5, 49, rng.integers(3, 9)).astype(np.int32),
+                    rng.integers(5, 49, rng.integers(6, 20)).astype(np.int32), "") for _ in range(count)]
+
+
+def test_lean_and_hf_decoders_make_the_same_pairs_when_sampling_is_deterministic(ema_model):
+    """top_k=1 leaves one candidate a step: both decoders must then write the same segments, so the same
+    cut points, stops and splices, pair for pair (the lean batches of 3 mix lengths and stop early)."""
+    from sapo_lite.models.decode_plan import why_not_lean
+
+    assert why_not_lean(ema_model) is None  # the lean loop really runs
+    examples = random_examples(7, seed=3)
+    greedy = {"temperature": 0.7, "top_k": 1, "top_p": 0.95}
+    free = self_augment(ema_model, examples, 6, 64, 0, [999], np.random.default_rng(1), 3, greedy).pairs
+    segments = [p.rejected_ids[p.prompt_len + p.trunc_point :] for p in free]
+    stops = sorted({int(segments[0][1]), int(segments[4][0])})  # tokens the EMA writes: some rows stop early
+    made = {}
+    for decoder in ("lean", "hf"):
+        pairs = self_augment(ema_model, examples, 6, 64, 0, stops, np.random.default_rng(1), 3, greedy,
+                             decoder=decoder).pairs
+        made[decoder] = [(p.trunc_point, p.rejected_ids.tolist()) for p in pairs]
+    assert made["lean"] == made["hf"]
+    endings = {pair_ending(p.rejected_ids, p.prompt_len, p.trunc_point, p.segment_len, stops) for p in pairs}
+    assert STOPPED in endings and TAIL_KEPT in endings
+
+
+def test_a_diverged_ema_is_reported_by_the_lean_decoder_too(ema_model):
+    with torch.no_grad():
+        weight = ema_model.get_base_model().model.layers[0].self_attn.q_proj.lora_B[EMA].weight
+        saved = weight.clone()
+        weight.fill_(float("nan"))
+    try:
+        with pytest.raises(TrainingDiverged, match="diverged"):
+            generate_segments(ema_model, [[5, 6, 7]], 4, 0, [999], 0.7, 50, 0.95, decoder="lean")
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)

@@ -1,0 +1,228 @@
+"""What the lean decode loop reads: a model's weights laid out per layer, or why it cannot be.
+
+`build_plan(model)` walks a Llama or Mistral model (plain, or a PeftModel with its active LoRA
+adapter) once per generation call and returns the tensors `decoding.py` computes with: per
+layer the norms, the q/k/v, o, gate/up and down projections grouped by the input they share,
+each with its dense base weight (or its quantised base module, called as is) and the active
+adapter's A, B and scaling, unmerged. Nothing is copied except the grouped LoRA A matrices.
+
+Anything the loop does not reproduce exactly refuses the plan (`NotLeanDecodable`, with the
+reason), and generation then runs through transformers' `generate` as before: another
+architecture, a module type other than the expected ones (a DoRA or biased LoRA, an adapted
+embedding, a base that is neither a float `nn.Linear` nor bitsandbytes' 4-bit linear), several
+active adapters, train mode (dropout), a RoPE variant that rescales with the sequence length,
+or a model generation config that adds logits processors (a repetition penalty, ...). A
+sliding-window model is accepted; `fits` says whether a call stays inside its window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LEAN_ARCHITECTURES = {"llama": "Llama", "mistral": "Mistral"}  # model_type -> class-name prefix
+# Generation-config fields that make `generate` add a logits processor the lean sampler does not
+# apply; each is compared with transformers' default.
+PROCESSOR_FIELDS = (
+    "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "min_length",
+    "min_new_tokens", "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens",
+    "sequence_bias", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "exponential_decay_length_penalty",
+    "renormalize_logits", "guidance_scale", "watermarking_config", "diversity_penalty", "remove_invalid_values",
+)
+
+
+class NotLeanDecodable(Exception):
+    """The model has something the lean loop would not compute exactly as transformers does."""
+
+
+@dataclass
+class Projection:
+    """One linear layer: a dense weight (+ bias) read directly, or an opaque quantised module; plus
+    the active LoRA adapter's (A [r, in], B [out, r], scaling) when it is applied unmerged."""
+
+    out_features: int
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    module: nn.Module | None = None
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None
+
+
+@dataclass
+class ProjectionGroup:
+    """Projections that read the same input (q/k/v, gate/up), outputs side by side in one tensor.
+
+    When every part has an adapter, their A matrices are stacked so the group's LoRA input
+    projection is one matmul (x @ cat(A)^T), and each part adds its own B @ (rows of that)."""
+
+    parts: list[Projection]
+    width: int = 0
+    stacked_a: torch.Tensor | None = None
+    rank_slices: list[tuple[int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.width = sum(p.out_features for p in self.parts)
+        loras = [p.lora for p in self.parts]
+        if all(lora is not None for lora in loras) and len({lora[0].dtype for lora in loras}) == 1:
+            self.stacked_a = torch.cat([lora[0] for lora in loras]) if len(loras) > 1 else loras[0][0]
+            start = 0
+            for lora in loras:
+                self.rank_slices.append((start, start + lora[0].shape[0]))
+                start += lora[0].shape[0]
+
+
+@dataclass
+class LayerPlan:
+    input_norm: Any
+    post_attention_norm: Any
+    qkv: ProjectionGroup
+    o: ProjectionGroup
+    gate_up: ProjectionGroup
+    down: ProjectionGroup
+    act: Any
+    attention_scale: float
+
+    @property
+    def intermediate(self) -> int:
+        return self.gate_up.parts[0].out_features
+
+
+@dataclass
+class DecodePlan:
+    embed: nn.Embedding
+    rotary: nn.Module
+    final_norm: Any
+    head: ProjectionGroup
+    layers: list[LayerPlan]
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden: int
+    dtype: torch.dtype
+    sliding_window: int | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def fits(self, total_tokens: int) -> bool:
+        """A sequence of `total_tokens` stays inside the sliding window, if the model has one (the loop's
+        attention sees every cached token, as a model without a window does)."""
+        return self.sliding_window is None or total_tokens <= self.sliding_window
+
+
+def why_not_lean(model: nn.Module) -> str | None:
+    """None when the lean loop can decode with `model` as it stands, else the reason it cannot."""
+    try:
+        build_plan(model)
+    except NotLeanDecodable as exc:
+        return str(exc)
+    return None
+
+
+def build_plan(model: nn.Module) -> DecodePlan:
+    """The plan of `model` with its active adapter; raises NotLeanDecodable (see the module docstring)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(lm, "config", None)
+    prefix = LEAN_ARCHITECTURES.get(getattr(config, "model_type", None))
+    if prefix is None or type(lm).__name__ != f"{prefix}ForCausalLM":
+        raise NotLeanDecodable(f"the lean decoder supports Llama and Mistral, not {type(lm).__name__}")
+    if lm.training:
+        raise NotLeanDecodable("the model is in train mode (dropout)")
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if "dynamic" in rope_type or rope_type == "longrope":
+        raise NotLeanDecodable(f"RoPE `{rope_type}` rescales with the sequence length")
+    _check_generation_config(lm)
+    inner = lm.model
+    if type(inner.embed_tokens) is not nn.Embedding:
+        raise NotLeanDecodable(f"the embedding is a {type(inner.embed_tokens).__name__}")
+    layers = [_layer_plan(layer, prefix) for layer in inner.layers[: config.num_hidden_layers]]
+    return DecodePlan(
+        embed=inner.embed_tokens,
+        rotary=inner.rotary_emb,
+        final_norm=_norm(inner.norm, prefix),
+        head=ProjectionGroup([_projection(lm.lm_head)]),
+        layers=layers,
+        n_heads=int(config.num_attention_heads),
+        n_kv_heads=int(config.num_key_value_heads),
+        head_dim=int(inner.layers[0].self_attn.head_dim),
+        hidden=int(config.hidden_size),
+        dtype=inner.embed_tokens.weight.dtype,
+        sliding_window=getattr(config, "sliding_window", None),
+    )
+
+
+def _check_generation_config(lm: nn.Module) -> None:
+    from transformers import GenerationConfig
+
+    ours, default = getattr(lm, "generation_config", None), GenerationConfig()
+    if ours is None:
+        return
+    extra = [name for name in PROCESSOR_FIELDS if getattr(ours, name, None) != getattr(default, name, None)]
+    if extra:
+        raise NotLeanDecodable(f"the model's generation config sets {', '.join(extra)}")
+
+
+def _layer_plan(layer: nn.Module, prefix: str) -> LayerPlan:
+    attention, mlp = layer.self_attn, layer.mlp
+    for module, kind in ((layer, "DecoderLayer"), (attention, "Attention"), (mlp, "MLP")):
+        if type(module).__name__ != f"{prefix}{kind}":
+            raise NotLeanDecodable(f"unexpected module {type(module).__name__} (expected {prefix}{kind})")
+    return LayerPlan(
+        input_norm=_norm(layer.input_layernorm, prefix),
+        post_attention_norm=_norm(layer.post_attention_layernorm, prefix),
+        qkv=ProjectionGroup([_projection(attention.q_proj), _projection(attention.k_proj),
+                             _projection(attention.v_proj)]),
+        o=ProjectionGroup([_projection(attention.o_proj)]),
+        gate_up=ProjectionGroup([_projection(mlp.gate_proj), _projection(mlp.up_proj)]),
+        down=ProjectionGroup([_projection(mlp.down_proj)]),
+        act=mlp.act_fn,
+        attention_scale=float(attention.scaling),
+    )
+
+
+def _norm(module: nn.Module, prefix: str) -> Any:
+    """The model's RMSNorm; in fp32 as `F.rms_norm` (the same values, one kernel instead of five)."""
+    if type(module).__name__ != f"{prefix}RMSNorm":
+        raise NotLeanDecodable(f"unexpected norm {type(module).__name__}")
+    if module.weight.dtype != torch.float32:
+        return module
+    weight, eps, shape = module.weight, float(module.variance_epsilon), (module.weight.shape[0],)
+    return lambda x: F.rms_norm(x, shape, weight, eps) if x.dtype == torch.float32 else module(x)
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer") and hasattr(module, "scaling")
+
+
+def _projection(module: nn.Module) -> Projection:
+    """A projection with its base and, unless disabled or merged, its one active LoRA adapter."""
+    lora = None
+    base = module
+    if _is_lora_layer(module):
+        base = module.get_base_layer()
+        if not (module.merged or module.disable_adapters):
+            lora = _active_lora(module)
+        elif module.merged and module.disable_adapters:
+            raise NotLeanDecodable("adapters are disabled on a merged layer")
+    if type(base) is nn.Linear and base.weight.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return Projection(base.out_features, weight=base.weight, bias=base.bias, lora=lora)
+    if type(base).__name__ == "Linear4bit":  # bitsandbytes NF4: its own dequantising forward
+        return Projection(base.out_features, module=base, lora=lora)
+    raise NotLeanDecodable(f"unexpected linear layer {type(base).__name__}")
+
+
+def _active_lora(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if not active:
+        return None
+    if len(active) > 1:
+        raise NotLeanDecodable(f"{len(active)} adapters are active at once")
+    name = active[0]
+    if (name in (getattr(module, "lora_variant", None) or {}) or getattr(module, "fan_in_fan_out", False)
+            or module.lora_B[name].bias is not None or type(module.lora_A[name]) is not nn.Linear):
+        raise NotLeanDecodable(f"adapter `{name}` is not a plain LoRA (DoRA, a LoRA bias, ...)")
+    return module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name])

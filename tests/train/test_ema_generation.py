@@ -1,0 +1,79 @@
+"""How the loop's EMA generates: merged into scratch weights with the lean decoder on a full-precision base
+(the base the policy trains on stays bit for bit the same), `generate` as before with `sapo.decoder=hf`."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import sapo_lite.train.loop
+from sapo_lite.cli import app
+from sapo_lite.config.sources import load_config
+from sapo_lite.errors import ConfigError
+from sapo_lite.sapo import augment
+from sapo_lite.train.session import ema_generation
+
+TINY = ["--preset", "tiny", "data.eval_path=null", "train.max_steps=3", "sapo.gen_per_step=8",
+        "sapo.gen_batch_size=8", "train.micro_batch=8"]
+
+
+def train_watching_generation(tmp_path, monkeypatch, *overrides):
+    """Train the tiny model; return its session, its base weights at setup and, per generation round,
+    whether the EMA was merged and which decoder ran."""
+    seen: dict = {"rounds": [], "hf_calls": 0}
+    real_setup, real_augment, real_hf = (sapo_lite.train.loop.setup_session, sapo_lite.train.loop.self_augment,
+                                         augment._hf_generate)
+
+    def setup(*args, **kwargs):
+        session = seen["session"] = real_setup(*args, **kwargs)
+        seen["base"] = {n: p.detach().clone() for n, p in session.model.named_parameters() if "lora_" not in n}
+        return session
+
+    def watched_augment(model, *args, **kwargs):
+        seen["rounds"].append(any(getattr(m, "merged_adapters", None) for m in model.modules()))
+        return real_augment(model, *args, **kwargs)
+
+    def watched_hf(*args, **kwargs):
+        seen["hf_calls"] += 1
+        return real_hf(*args, **kwargs)
+
+    monkeypatch.setattr(sapo_lite.train.loop, "setup_session", setup)
+    monkeypatch.setattr(sapo_lite.train.loop, "self_augment", watched_augment)
+    monkeypatch.setattr(augment, "_hf_generate", watched_hf)
+    result = CliRunner().invoke(app, ["train", *TINY, "--out", str(tmp_path / "run"), *overrides])
+    assert result.exit_code == 0, result.output
+    return seen
+
+
+def test_lean_decoder_generates_merged_and_leaves_the_base_bit_identical(tmp_path, monkeypatch):
+    seen = train_watching_generation(tmp_path, monkeypatch)
+    assert seen["rounds"] == [True, True, True] and seen["hf_calls"] == 0
+    model = seen["session"].model
+    after = {n: p.detach() for n, p in model.named_parameters() if "lora_" not in n}
+    assert after.keys() == seen["base"].keys()
+    assert all(torch.equal(after[n], seen["base"][n]) for n in after)
+    assert not any(getattr(m, "merged_adapters", None) for m in model.modules())
+
+
+def test_hf_decoder_generates_with_generate_unmerged(tmp_path, monkeypatch):
+    seen = train_watching_generation(tmp_path, monkeypatch, "sapo.decoder=hf")
+    assert seen["rounds"] == [False, False, False] and seen["hf_calls"] == 3
+    assert seen["session"].merged_ema is None
+
+
+def test_a_model_the_lean_decoder_does_not_cover_is_named_with_the_reason():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from sapo_lite.config.schema import LoraSettings
+    from sapo_lite.models.roles import attach_adapters
+
+    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1))
+    model = attach_adapters(base, LoraSettings(r=2, alpha=4), None, gradient_checkpointing=False)
+    merged, note = ema_generation(load_config("tiny"), model, torch.device("cpu"))
+    assert merged is None and "transformers' generate" in note and "Qwen2ForCausalLM" in note
+
+
+def test_static_cache_asks_for_the_hf_decoder():
+    with pytest.raises(ConfigError, match="set sapo.decoder=hf"):
+        load_config("tiny", overrides=["sapo.static_cache=true"])
+    assert load_config("tiny", overrides=["sapo.static_cache=true", "sapo.decoder=hf"]).sapo.static_cache
