@@ -71,7 +71,7 @@ def check_init_adapter(cfg: Config, base: Any, model_name: str) -> None:
         found.append(f"target modules {','.join(theirs)} but lora.target_modules={','.join(ours)}")
         fixes.append(f"lora.target_modules={','.join(theirs)}")
     their_base = adapter.get("base_model_name_or_path")
-    if their_base and cfg.model.name != TINY_NAME and not _same_model(their_base, model_name):
+    if their_base and cfg.model.name != TINY_NAME and not _same_model(their_base, model_name, folder):
         found.append(f"base {their_base} but model.name={model_name}")
         fixes.append(f"model.name={their_base}")
     if found:
@@ -79,12 +79,19 @@ def check_init_adapter(cfg: Config, base: Any, model_name: str) -> None:
                           f"train with the adapter's settings: {' '.join(fixes)}")
 
 
-def _same_model(a: str, b: str) -> bool:
+def _same_model(theirs: str, ours: str, adapter: Path) -> bool:
     """The same name, the same folder, or two runs' bases dequantised from the same GGUF file (each run
-    converts its own copy into RUN/base_model, so a second stage's base is another folder of equal weights)."""
-    if a == b:
+    converts its own copy into RUN/base_model, so a second stage's base is another folder of equal weights).
+
+    An adapter records its base as the path it was loaded from, relative to where that run was started;
+    when that path does not lead anywhere from here, an adapter inside a sapo-lite run (RUN/adapters/X,
+    RUN/checkpoints/step-N/adapters/X) is checked against that run's own RUN/base_model.
+    """
+    if theirs == ours:
         return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    pa, pb = Path(theirs).expanduser(), Path(ours).expanduser()
+    if not pa.exists():
+        pa = next((run / "base_model" for run in adapter.resolve().parents if (run / "config.yaml").is_file()), pa)
     if pa.exists() and pb.exists() and pa.resolve() == pb.resolve():
         return True
     source_a, source_b = gguf_source(pa), gguf_source(pb)
