@@ -201,6 +201,9 @@ def preset_names() -> list[str]:
 def read_preset(name: str) -> tuple[dict[str, Any], str]:
     """The preset's mapping and its one-line description (the file's first comment)."""
     path = _preset_dir() / f"{name}.yaml"
+    if not path.is_file() and (name.lower().endswith((".yaml", ".yml")) or Path(name).expanduser().is_file()):
+        raise ConfigError(f"`{name}` is a file, and --preset takes the name of a built-in preset",
+                          f"a YAML file goes with --config: `--config {name}` (see `sapo-lite presets` for the names)")
     if not path.is_file():
         near = difflib.get_close_matches(name, preset_names(), n=3, cutoff=0.4)
         hint = f"did you mean {', '.join(near)}?" if near else f"presets: {', '.join(preset_names())}"
