@@ -30,6 +30,7 @@ from ..models.roles import (
 )
 from ..models.threads import apply_threads
 from ..models.tiny import TINY_NAME, build_tiny_base
+from ..run.folders import normal_permissions
 from ..run.layout import RunDir
 from ..run.testhook import pause_point
 from ..sapo.buffer import StoredPair
@@ -197,12 +198,16 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_model_name(cfg: Config, run_dir: Path) -> str:
-    """`tiny` and GGUF bases are built into RUN/base_model so the run's adapters load with plain peft."""
+    """`tiny` and GGUF bases are built into RUN/base_model so the run's adapters load with plain peft,
+    with the user's usual file permissions (transformers saves safetensors owner-only)."""
     if cfg.model.name == TINY_NAME:
-        return str(build_tiny_base(RunDir(run_dir).base_model))
-    if is_gguf_base(cfg.model.name):
-        return str(gguf_base(cfg.model.name, RunDir(run_dir).base_model))
-    return cfg.model.name
+        folder = build_tiny_base(RunDir(run_dir).base_model)
+    elif is_gguf_base(cfg.model.name):
+        folder = gguf_base(cfg.model.name, RunDir(run_dir).base_model)
+    else:
+        return cfg.model.name
+    normal_permissions(folder)
+    return str(folder)
 
 
 def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
