@@ -63,9 +63,9 @@ def buffer(
 
         tokenizer = load_tokenizer(RunDir(run).base_model_name(cfg), cfg.model.trust_remote_code)
         install_chat_template(tokenizer, cfg.data.chat_template)
-        stop_ids = stop_token_ids(tokenizer)  # to tell a rewrite the EMA ended from one cut at its length limit
+        stop_ids = stop_token_ids(tokenizer)  # the ending of pairs added before endings were recorded
         if stats or not show:
-            for line in buffer_stats(db, cfg.sapo.buffer_size, stop_ids).lines():
+            for line in buffer_stats(db, cfg.sapo.buffer_size).lines():
                 console.print(line, highlight=False)
         if show:
             def decode(ids) -> str:
