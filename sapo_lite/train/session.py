@@ -150,7 +150,7 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         console.print(line, highlight=False, markup=False)
     try:
         peak_gb = estimate(cfg, architecture_from_config(base.config.to_dict())).total
-        console.print(f"estimated peak memory per GPU: {peak_gb:.1f} GB (term by term: sapo-lite estimate)")
+        console.print(_estimate_line(peak_gb, device), highlight=False)
     except ModelError:
         pass  # an architecture the estimate does not model: nothing to show, nothing wrong
 
@@ -189,6 +189,14 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         processes=processes,
         score=processes.data_parallel(model, cfg.train.grad_accum),
     )
+
+
+def _estimate_line(peak_gb: float, device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"estimated peak memory per GPU: {peak_gb:.1f} GB (term by term: sapo-lite estimate)"
+    # The estimate models CUDA memory; on the CPU it still tells a user what card the same config needs.
+    return (f"estimated peak memory per GPU, were this config run on one: {peak_gb:.1f} GB "
+            "(this run uses the CPU and its RAM; term by term: sapo-lite estimate)")
 
 
 def seed_everything(seed: int) -> None:

