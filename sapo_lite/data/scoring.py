@@ -52,6 +52,7 @@ class RoleScore:
     prompts_satisfied: Tally = field(default_factory=Tally)  # prompts with all their constraints met
     answers: Tally = field(default_factory=Tally)  # rows with a reference answer
     exact_match: Tally = field(default_factory=Tally)  # rows without constraints
+    texts: list[str] = field(default_factory=list, repr=False)  # the answers scored, in the examples' order
 
     @property
     def headline(self) -> float:
@@ -80,7 +81,7 @@ class RoleScore:
 
 def score_answers(role: str, answers: Sequence[str], examples: Sequence[Example]) -> RoleScore:
     """Score decoded answers against their examples' constraints, answers or reference responses."""
-    score = RoleScore(role, prompts=len(examples))
+    score = RoleScore(role, prompts=len(examples), texts=list(answers))
     for text, ex in zip(answers, examples, strict=True):
         if ex.constraints:
             met = [check(text, c) for c in ex.constraints]
@@ -93,3 +94,24 @@ def score_answers(role: str, answers: Sequence[str], examples: Sequence[Example]
         if ex.answer is not None:
             score.answers.add(answer_correct(text, ex.answer))
     return score
+
+
+def answer_records(examples: Sequence[Example], prompts: Sequence[str], scores: dict[str, RoleScore]) -> list[dict]:
+    """One plain-JSON object a prompt, for a person to read what each role answered and which checks it passed:
+    the prompt, the reference response, each role's answer, then per constraint whether each role met it, and
+    answer correctness (rows with an `answer`) or exact match (rows without constraints)."""
+    records = []
+    for index, (example, prompt) in enumerate(zip(examples, prompts, strict=True)):
+        answers = {role: score.texts[index] for role, score in scores.items()}
+        record: dict[str, Any] = {"prompt": prompt, "reference": example.response_text, "answers": answers}
+        if example.constraints:
+            record["constraints"] = [{**constraint, "passed": {role: check(text, constraint)
+                                                               for role, text in answers.items()}}
+                                     for constraint in example.constraints]
+        else:
+            record["exact_match"] = {role: text == example.response_text for role, text in answers.items()}
+        if example.answer is not None:
+            record["answer"] = example.answer
+            record["answer_correct"] = {role: answer_correct(text, example.answer) for role, text in answers.items()}
+        records.append(record)
+    return records

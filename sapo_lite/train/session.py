@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from ..config.schema import Config, to_yaml
+from ..config.schema import HOLDOUT, Config, to_yaml
 from ..data.examples import Example, held_out_set, install_chat_template, load_examples, stop_token_ids
 from ..data.streams import random_stream
 from ..errors import ModelError
@@ -38,6 +38,7 @@ from ..sapo.logps import response_token_logps
 from ..sapo.losses import PairLogps
 from ..sapo.pair_logps import pair_logps, why_not_packable
 from .distributed import SINGLE, Processes, share_stream, start_processes
+from .held_out import write_held_out_rows
 from .metrics import Reporter, make_reporter
 from .preflight import check_init_adapter, check_lora_targets, data_warnings, model_warnings, optimizer_choice
 from .validation import split_validation
@@ -137,6 +138,8 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
 
     if processes.is_main:
         RunDir(run_dir).config.write_text(to_yaml(cfg))
+        if cfg.data.eval_path == HOLDOUT and eval_examples:
+            write_held_out_rows(run_dir, data, eval_examples)
     report_to = cfg.train.report_to if processes.is_main else "none"
     reporter = make_reporter(report_to, run_dir, cfg.to_dict())  # fails fast, before the model loads
     console.print(f"model: {model_name} ({cfg.model.quant}) on {device.type}")

@@ -150,5 +150,6 @@ def test_a_run_warns_about_unknown_tokens_positions_and_the_cpu_optimizer(tmp_pa
     assert out.count("of the data's response tokens are unknown to the tokenizer (<unk>)") == 1, out
     assert out.count("data.max_len=300 is longer than the model's max_position_embeddings=256") == 1, out
     assert out.count("optimizer: paged_adamw_8bit needs CUDA; using torch AdamW on cpu") == 1, out
-    assert "eval: none: 8 examples are too few to hold 10% out (bundled:tiny-reverse-eval belongs to" in out
+    assert "config: data.eval_path=holdout (bundled:tiny-reverse-eval belongs to bundled:tiny-reverse: held " in out
+    assert "eval: none: 8 examples are too few to hold 10% out" in out
     assert "Paged optimizers are not supported" not in out
