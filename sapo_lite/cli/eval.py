@@ -48,7 +48,7 @@ def evaluate_run(
     with the reference response.
     """
     from ..data.examples import detect_column, load_rows, prompt_text, row_metadata, tokenize_dataset
-    from ..data.scoring import answer_records
+    from ..data.scoring import answer_records, counted
     from ..run.layout import RunDir
 
     roles = parse_roles(adapter)
@@ -87,7 +87,7 @@ def evaluate_run(
     examples = tokenized.examples
     new_tokens = max_new_tokens or cfg.data.eval_max_new_tokens
     dropped = f" ({tokenized.dropped_long_prompt} dropped: prompt > {cfg.data.max_prompt_len} tokens)"
-    console.print(f"eval: {count(len(examples), 'prompt')} from {described}"
+    console.print(f"eval: {counted(len(examples), 'prompt')} from {described}"
                   f"{dropped if tokenized.dropped_long_prompt else ''}, greedy, at most {new_tokens} new tokens",
                   highlight=False)
     scores = {}
@@ -124,9 +124,6 @@ def run_held_out_set(run_dir: RunDir, cfg: Config) -> tuple[str, str]:
     return cfg.data.eval_path, cfg.data.eval_path
 
 
-def count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"
-
 
 def _cell(tally: dict[str, Any] | None) -> str:
     return "-" if tally is None else f"{tally['rate']:.1%} ({tally['hits']}/{tally['total']})"
@@ -134,8 +131,10 @@ def _cell(tally: dict[str, Any] | None) -> str:
 
 def results_table(report: dict[str, Any]) -> Table:
     """Rows: each constraint kind, all constraints, prompts fully satisfied, answers; a column a role."""
+    from ..data.scoring import counted  # here: --help loads no numpy
+
     roles = report["roles"]
-    table = Table("", *roles, title=f"{report['data']}: {count(report['prompts'], 'prompt')}")
+    table = Table("", *roles, title=f"{report['data']}: {counted(report['prompts'], 'prompt')}")
     kinds = sorted({kind for score in roles.values() for kind in score.get("per_kind", {})})
     for kind in kinds:
         table.add_row(kind, *(_cell(score["per_kind"].get(kind)) for score in roles.values()))

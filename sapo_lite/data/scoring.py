@@ -19,6 +19,11 @@ from .examples import Example
 ROLE_LABELS = {"base": "base (adapters off)", "policy": "trained policy", "ema": "EMA adapter"}
 
 
+def counted(number: int, noun: str) -> str:
+    """`1 prompt`, `3 prompts`."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def held_out_metric(examples: Sequence[Example]) -> str:
     """What a run's before/after figure measures on these examples."""
     return "instruction following" if any(ex.constraints for ex in examples) else "exact match"
@@ -63,7 +68,7 @@ class RoleScore:
         label = ROLE_LABELS.get(self.role, self.role)
         if self.constraints.total:
             return (f"held-out instruction following, {label}: [bold]{self.constraints.rate:.1%}[/] of "
-                    f"{self.constraints.total} constraints ({self.prompts} prompts)")
+                    f"{counted(self.constraints.total, 'constraint')} ({counted(self.prompts, 'prompt')})")
         return f"held-out exact match, {label}: [bold]{self.exact_match.rate:.1%}[/] of {self.exact_match.total}"
 
     def to_dict(self) -> dict[str, Any]:
