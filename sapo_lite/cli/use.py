@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RunDirError
 from .common import app, console, parse_roles, quiet_libraries, reports_errors
 
 
@@ -59,14 +60,20 @@ def merge(
 @app.command()
 @reports_errors
 def generate(
-    run: Annotated[Path, typer.Argument(help="Run directory (the --out of `sapo-lite train`)")],
+    run: Annotated[Path, typer.Argument(help="Run directory (the --out of `sapo-lite train`), or a model folder "
+                                        "such as a `merge` output")],
     prompt: Annotated[list[str] | None, typer.Option(help="A prompt; repeat for several")] = None,
     prompts_file: Annotated[Path | None, typer.Option(help="A file with one prompt a line")] = None,
-    adapter: Annotated[str, typer.Option(help="Roles side by side, from base, policy, ema")] = "base,policy,ema",
+    adapter: Annotated[str | None, typer.Option(help="A run's roles side by side, from base, policy, ema "
+                                                     "(default all three)")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens")] = 128,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding, else sampling temperature")] = 0.0,
 ) -> None:
-    """Answer prompts with the base and the run's adapters, side by side."""
+    """Answer prompts with the base and the run's adapters, side by side.
+
+    Given a plain model folder instead (a merged model, any folder with config.json), it answers with that
+    model alone, in the chat template the folder carries.
+    """
     prompts = list(prompt or [])
     if any(not text.strip() for text in prompts):
         raise ConfigError("--prompt is empty", "give the text to answer, e.g. --prompt \"What is 2 + 2?\"")
@@ -78,19 +85,29 @@ def generate(
         prompts += [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("no prompt given", "pass --prompt TEXT or --prompts-file FILE")
-    roles = parse_roles(adapter)
     if max_new_tokens < 1 or temperature < 0:
         raise ConfigError("--max-new-tokens must be >= 1 and --temperature >= 0")
+    from ..run.layout import RunDir
+    from ..tools.open_run import is_model_folder
+
+    plain = is_model_folder(run)
+    if not plain and not RunDir(run).is_run():
+        raise RunDirError(f"`{run}` is neither a sapo-lite run (no config.yaml) nor a model folder (no config.json)",
+                          "pass the --out folder of `sapo-lite train`, or a model folder such as `sapo-lite merge`'s")
+    if plain and adapter is not None:
+        raise ConfigError(f"`{run}` is a model folder, not a run: it has no adapters to pick with --adapter",
+                          "drop --adapter: the folder answers as one model")
+    roles = ["answer"] if plain else parse_roles(adapter or "base,policy,ema")
     quiet_libraries()
     from ..models.generation import generate_answers
     from ..models.roles import acting_as
-    from ..tools.open_run import open_run
+    from ..tools.open_run import open_model_folder, open_run
 
-    loaded = open_run(run, roles)
+    loaded = open_model_folder(run) if plain else open_run(run, roles)
     prompt_ids = [loaded.prompt_ids(text) for text in prompts]
     answers = {}
     for role in roles:
-        with acting_as(loaded.model, role):
+        with contextlib.nullcontext() if plain else acting_as(loaded.model, role):
             answers[role] = generate_answers(
                 loaded.model, loaded.tokenizer, prompt_ids, max_new_tokens, loaded.stop_ids, temperature
             )

@@ -14,6 +14,8 @@ import yaml
 from ..errors import ConfigError
 
 SECTION_NAMES = ("model", "lora", "data", "sapo", "loss", "train")
+BUNDLED_PREFIX = "bundled:"  # `data.path=bundled:NAME`: data shipped with sapo-lite (data/files.py reads it)
+HOLDOUT = "holdout"  # `data.eval_path=holdout`: the held-out set comes out of the training data
 # Keys a resumed run may change: none of them changes what a checkpoint's tensors mean.
 RESUMABLE_KEYS = frozenset({
     "train.max_steps", "train.lr", "train.save_every", "train.keep_checkpoints", "train.max_bad_steps",
@@ -73,9 +75,9 @@ class DataConfig:
     max_examples: int | None = None
     """Use only the first N usable examples of the dataset (in file order)."""
     eval_path: str | None = None
-    """Held-out data for the before/after exact-match figure; `holdout` sets `eval_size` examples of the
-    training data aside; unset skips it. A bundled eval set is only used with its own bundled data:
-    with other data the eval set is held out from that data instead (and the log says so)."""
+    """Held-out data for the before/after figure; `holdout` sets `eval_size` examples (at most a tenth) of the
+    training data aside, written to RUN/held_out.jsonl; unset skips it. A bundled eval set is only used with its
+    own bundled data: with other data the resolved config says `holdout` instead, and why."""
     eval_size: int = 100
     """How many held-out prompts to score."""
     eval_max_new_tokens: int = 64
@@ -196,9 +198,12 @@ class Config:
     sapo: SapoConfig = field(default_factory=SapoConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    notes: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    """Why resolving the config changed a key (`data.eval_path` -> why): printed by `train` and written beside the
+    key in RUN/config.yaml as a comment. Not a setting."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTION_NAMES}
 
 
 def validate(cfg: Config) -> None:
@@ -261,4 +266,12 @@ def validate(cfg: Config) -> None:
 
 
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """Every key, one section after another; a key that resolving changed carries its note as a comment."""
+    lines = []
+    for name in SECTION_NAMES:
+        section = yaml.safe_dump({name: dataclasses.asdict(getattr(cfg, name))}, sort_keys=False).splitlines()
+        for line in section:
+            key = line.strip().split(":")[0]
+            note = cfg.notes.get(f"{name}.{key}") if line.startswith("  ") and not line.startswith("   ") else None
+            lines.append(f"{line}  # {note}" if note else line)
+    return "\n".join(lines) + "\n"

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from ..errors import ConfigError
-from .schema import SECTION_NAMES, Config, validate
+from .schema import BUNDLED_PREFIX, HOLDOUT, SECTION_NAMES, Config, validate
 
 # ---------------------------------------------------------------- keys and types
 
@@ -201,6 +201,9 @@ def preset_names() -> list[str]:
 def read_preset(name: str) -> tuple[dict[str, Any], str]:
     """The preset's mapping and its one-line description (the file's first comment)."""
     path = _preset_dir() / f"{name}.yaml"
+    if not path.is_file() and (name.lower().endswith((".yaml", ".yml")) or Path(name).expanduser().is_file()):
+        raise ConfigError(f"`{name}` is a file, and --preset takes the name of a built-in preset",
+                          f"a YAML file goes with --config: `--config {name}` (see `sapo-lite presets` for the names)")
     if not path.is_file():
         near = difflib.get_close_matches(name, preset_names(), n=3, cutoff=0.4)
         hint = f"did you mean {', '.join(near)}?" if near else f"presets: {', '.join(preset_names())}"
@@ -222,10 +225,44 @@ def load_config(
     if config_file:
         path = Path(config_file)
         merge_mapping(cfg, read_config_file(path), f"config file `{path}`")
+        cfg.notes.update(written_notes(path.read_text(encoding="utf-8")))
     for text in overrides:
         set_value(cfg, *parse_override(text))
+    hold_out_from_own_data(cfg)
     validate(cfg)
     return cfg
+
+
+RESOLVED_VALUES = {"data.eval_path": HOLDOUT}  # keys that resolving may set, and the value it sets
+
+
+def hold_out_from_own_data(cfg: Config) -> None:
+    """A bundled eval set (`bundled:NAME-eval`) belongs to its bundled data (`bundled:NAME`): with other data it
+    would score a task the model never trained on, so the held-out set comes from that data (`holdout`).
+
+    Decided from the two paths alone, so it is made here, where the config is resolved: `--dry-run` and
+    RUN/config.yaml show what the run holds out, and `sapo-lite eval RUN` scores the same rows.
+    """
+    data = cfg.data
+    own = data.eval_path.removesuffix("-eval") if data.eval_path else None
+    if data.eval_path and data.eval_path.startswith(BUNDLED_PREFIX) and own != data.path:
+        cfg.notes["data.eval_path"] = (f"{data.eval_path} belongs to {own}: held out from {data.path} instead, "
+                                       "into RUN/held_out.jsonl")
+        data.eval_path = HOLDOUT
+
+
+def written_notes(text: str) -> dict[str, str]:
+    """The notes `to_yaml` wrote beside keys that resolving set (`  eval_path: holdout  # why`), so a run's
+    config.yaml read back on resume keeps saying why. Only those keys: a user's own comments stay comments."""
+    notes, section = {}, ""
+    for line in text.splitlines():
+        if line and not line.startswith((" ", "#")):
+            section = line.split(":")[0]
+        key, _, rest = line.strip().partition(": ")
+        value, marked, note = rest.partition("  # ")
+        if marked and RESOLVED_VALUES.get(f"{section}.{key}") == value:
+            notes[f"{section}.{key}"] = note
+    return notes
 
 
 def read_config_file(path: Path) -> Any:

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from ..config.schema import DataConfig
+from ..config.schema import HOLDOUT, DataConfig
 from ..errors import DataError
 from .constraints import check
-from .files import BUNDLED_PREFIX, Rows, load_rows
+from .files import Rows, load_rows
 from .rows import RowProblem, RowReport, detect_column, shape_name, to_conversation
 from .streams import random_stream
 
@@ -61,6 +61,7 @@ class Example:
     response_text: str
     constraints: list[dict] | None = None  # checkable instructions (data/constraints.py), when the data has them
     answer: str | None = None  # the reference answer, when the data has one
+    row_index: int | None = None  # its row in the data it was read from (TokenizedData.rows), e.g. to write it out
 
 
 @dataclass
@@ -74,6 +75,8 @@ class TokenizedData:
     unknown_share: float = 0.0
     """Share of response tokens the tokenizer maps to its unknown token."""
     notes: list[str] = field(default_factory=list)
+    rows: Rows | None = None
+    """The rows the examples came from, as read (`Example.row_index` points into them)."""
 
     def describe(self, cfg: DataConfig) -> str:
         """The `data:` line: what was read, which shape, and what happened to every row."""
@@ -233,6 +236,7 @@ def tokenize_dataset(rows: Rows, tokenizer: Any, cfg: DataConfig) -> TokenizedDa
             dropped += 1
             continue
         truncated += cut
+        example.row_index = index
         examples.append(example)
         if unk is not None:
             content = [t for t in example.response_ids.tolist() if t not in stops]
@@ -248,7 +252,15 @@ def tokenize_dataset(rows: Rows, tokenizer: Any, cfg: DataConfig) -> TokenizedDa
             "raise `data.max_prompt_len` (and `data.max_len`) or use shorter prompts",
         )
     return TokenizedData(examples, dropped, truncated, rows.source, column, report,
-                         unknown / response_tokens if response_tokens else 0.0, rows.notes)
+                         unknown / response_tokens if response_tokens else 0.0, rows.notes, rows)
+
+
+def prompt_text(data: TokenizedData, example: Example) -> str:
+    """The prompt of an example as its row wrote it (the last turn before the answer), for people to read."""
+    if data.rows is None or example.row_index is None:
+        return ""
+    prompt_messages, _ = to_conversation(data.rows.rows[example.row_index], data.column)
+    return prompt_messages[-1]["content"]
 
 
 def load_examples(
@@ -262,23 +274,21 @@ def held_out_set(
 ) -> tuple[list[Example], list[Example], str, str | None]:
     """(training examples, eval examples, where the eval set comes from, a line saying so).
 
-    A bundled eval set (`bundled:NAME-eval`) belongs to its bundled data (`bundled:NAME`): with the
-    user's own data it would score a task the model never trained on, so the eval set is held out
-    from the user's data instead. `holdout` asks for that explicitly.
+    `holdout` sets `eval_size` examples (at most a tenth) of the training data aside, never trained on; the
+    config resolves a bundled eval set paired with other data to `holdout` (config/sources.py). The held-out
+    examples keep their `row_index`, so the rows themselves can be written out (RUN/held_out.jsonl).
     """
     path = cfg.eval_path
     if not path:
         return data.examples, [], "", None
-    belongs_elsewhere = path.startswith(BUNDLED_PREFIX) and path.removesuffix("-eval") != cfg.path
-    if path != "holdout" and not belongs_elsewhere:
+    if path != HOLDOUT:
         examples = load_examples(path, None, tokenizer, cfg, key="data.eval_path").examples[: cfg.eval_size]
         return data.examples, examples, path, None
     count = min(cfg.eval_size, len(data.examples) // 10)
-    why = f" ({path} belongs to {path.removesuffix('-eval')})" if belongs_elsewhere else ""
     if count == 0:
-        return data.examples, [], "", f"eval: none: {len(data.examples)} examples are too few to hold 10% out{why}"
+        return data.examples, [], "", f"eval: none: {len(data.examples)} examples are too few to hold 10% out"
     chosen = set(random_stream(seed, "held_out").permutation(len(data.examples))[:count].tolist())
     train = [e for i, e in enumerate(data.examples) if i not in chosen]
     held_out = [e for i, e in enumerate(data.examples) if i in chosen]
     source = f"held out from {cfg.path}"
-    return train, held_out, source, f"eval: {count} examples {source}, not trained on{why}"
+    return train, held_out, source, f"eval: {count} examples {source}, not trained on"

@@ -22,9 +22,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..config.schema import BUNDLED_PREFIX
 from ..errors import DataError
 
-BUNDLED_PREFIX = "bundled:"
 LOCAL_FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 SPLIT_NAMES = ("train", "test", "validation", "valid", "eval", "dev")
 

@@ -19,6 +19,11 @@ from .examples import Example
 ROLE_LABELS = {"base": "base (adapters off)", "policy": "trained policy", "ema": "EMA adapter"}
 
 
+def counted(number: int, noun: str) -> str:
+    """`1 prompt`, `3 prompts`."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def held_out_metric(examples: Sequence[Example]) -> str:
     """What a run's before/after figure measures on these examples."""
     return "instruction following" if any(ex.constraints for ex in examples) else "exact match"
@@ -52,6 +57,7 @@ class RoleScore:
     prompts_satisfied: Tally = field(default_factory=Tally)  # prompts with all their constraints met
     answers: Tally = field(default_factory=Tally)  # rows with a reference answer
     exact_match: Tally = field(default_factory=Tally)  # rows without constraints
+    texts: list[str] = field(default_factory=list, repr=False)  # the answers scored, in the examples' order
 
     @property
     def headline(self) -> float:
@@ -62,7 +68,7 @@ class RoleScore:
         label = ROLE_LABELS.get(self.role, self.role)
         if self.constraints.total:
             return (f"held-out instruction following, {label}: [bold]{self.constraints.rate:.1%}[/] of "
-                    f"{self.constraints.total} constraints ({self.prompts} prompts)")
+                    f"{counted(self.constraints.total, 'constraint')} ({counted(self.prompts, 'prompt')})")
         return f"held-out exact match, {label}: [bold]{self.exact_match.rate:.1%}[/] of {self.exact_match.total}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,7 +86,7 @@ class RoleScore:
 
 def score_answers(role: str, answers: Sequence[str], examples: Sequence[Example]) -> RoleScore:
     """Score decoded answers against their examples' constraints, answers or reference responses."""
-    score = RoleScore(role, prompts=len(examples))
+    score = RoleScore(role, prompts=len(examples), texts=list(answers))
     for text, ex in zip(answers, examples, strict=True):
         if ex.constraints:
             met = [check(text, c) for c in ex.constraints]
@@ -93,3 +99,24 @@ def score_answers(role: str, answers: Sequence[str], examples: Sequence[Example]
         if ex.answer is not None:
             score.answers.add(answer_correct(text, ex.answer))
     return score
+
+
+def answer_records(examples: Sequence[Example], prompts: Sequence[str], scores: dict[str, RoleScore]) -> list[dict]:
+    """One plain-JSON object a prompt, for a person to read what each role answered and which checks it passed:
+    the prompt, the reference response, each role's answer, then per constraint whether each role met it, and
+    answer correctness (rows with an `answer`) or exact match (rows without constraints)."""
+    records = []
+    for index, (example, prompt) in enumerate(zip(examples, prompts, strict=True)):
+        answers = {role: score.texts[index] for role, score in scores.items()}
+        record: dict[str, Any] = {"prompt": prompt, "reference": example.response_text, "answers": answers}
+        if example.constraints:
+            record["constraints"] = [{**constraint, "passed": {role: check(text, constraint)
+                                                               for role, text in answers.items()}}
+                                     for constraint in example.constraints]
+        else:
+            record["exact_match"] = {role: text == example.response_text for role, text in answers.items()}
+        if example.answer is not None:
+            record["answer"] = example.answer
+            record["answer_correct"] = {role: answer_correct(text, example.answer) for role, text in answers.items()}
+        records.append(record)
+    return records

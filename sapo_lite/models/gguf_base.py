@@ -11,14 +11,22 @@ but not equal to, the original full-precision model.
 Named models (`smollm2-135m-instruct`) are GGUF files inside a pip-installed package, found
 with `importlib.util.find_spec` without importing the package (its `__init__` pulls in a
 llama.cpp build that sapo-lite does not need).
+
+`gguf_config` gives the memory estimate a GGUF model's shape from the file's header alone, offline
+and without dequantising anything.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import mmap
 import shutil
+import struct
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from ..errors import ModelError
 
@@ -144,3 +152,92 @@ def gguf_source(folder: Path) -> Path | None:
     if not marker.is_file():
         return None
     return Path(marker.read_text().strip()).expanduser().resolve()
+
+
+# config.json key <- GGUF key (after `ARCH.`), for the shape the memory estimate reads.
+GGUF_SHAPE_KEYS = {
+    "hidden_size": "embedding_length", "intermediate_size": "feed_forward_length", "num_hidden_layers": "block_count",
+    "num_attention_heads": "attention.head_count", "num_key_value_heads": "attention.head_count_kv",
+    "vocab_size": "vocab_size",
+}
+
+
+def gguf_config(name: str) -> dict[str, Any]:
+    """config.json-like shape values of a GGUF model (`vocab_size`, `hidden_size`, ..., `tie_word_embeddings`),
+    read from the file's header: no tensor is read or dequantised."""
+    path = gguf_path(name)
+    if not path.is_file():
+        raise ModelError(f"GGUF file `{path}` does not exist", "check `model.name`")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"reading `{path.name}` needs the `gguf` package, which is not installed", "pip install gguf")
+    try:
+        fields, tensor_names = _read_header(path)
+    except (ValueError, struct.error, OSError) as exc:
+        raise ModelError(f"cannot read the header of GGUF file `{path}`: {exc}",
+                         "the file may be cut short or not be GGUF; download it again") from exc
+    arch = fields.get("general.architecture", "unknown")
+    values = {key: fields[f"{arch}.{gguf_key}"] for key, gguf_key in GGUF_SHAPE_KEYS.items()
+              if f"{arch}.{gguf_key}" in fields}
+    values.setdefault("vocab_size", fields.get("tokenizer.ggml.tokens"))  # older files: the token list's length
+    values["tie_word_embeddings"] = "output.weight" not in tensor_names  # no output head: it reuses the embeddings
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], set[str]]:
+    """The scalar and string metadata of a GGUF file (arrays as their length) and its tensor names.
+
+    gguf's GGUFReader parses every element of every array, the tokenizer's 49k token strings and merges
+    included, which takes seconds; the shape needs a dozen scalars, so arrays are skipped here by size.
+    Layout: magic, version, tensor count, KV count; KV pairs (key, type, value); tensor infos (name, dims,
+    type, offset). Little-endian, as llama.cpp writes it.
+    """
+    from gguf import GGUFValueType
+    from gguf.gguf_reader import GGUFReader
+
+    sizes = {kind: np.dtype(dtype).itemsize for kind, dtype in GGUFReader.gguf_scalar_to_np.items()}
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        offset = 0
+
+        def take(fmt: str) -> Any:
+            nonlocal offset
+            (value,) = struct.unpack_from("<" + fmt, data, offset)
+            offset += struct.calcsize("<" + fmt)
+            return value
+
+        def text() -> str:
+            nonlocal offset
+            length = take("Q")
+            offset += length
+            return data[offset - length : offset].decode("utf-8", errors="replace")
+
+        def value(kind: int) -> Any:
+            nonlocal offset
+            if kind == GGUFValueType.STRING:
+                return text()
+            if kind == GGUFValueType.ARRAY:
+                item_kind, count = take("I"), take("Q")
+                if item_kind in sizes:
+                    offset += count * sizes[item_kind]
+                else:  # strings (or nested arrays): each has its own length
+                    for _ in range(count):
+                        value(item_kind)
+                return count
+            if kind not in sizes:
+                raise ValueError(f"unknown value type {kind} at byte {offset}")
+            offset += sizes[kind]
+            return np.frombuffer(data, GGUFReader.gguf_scalar_to_np[kind], 1, offset - sizes[kind])[0].item()
+
+        if data[:4] != GGUF_MAGIC:
+            raise ValueError(f"it starts with {data[:4]!r}, not {GGUF_MAGIC!r}")
+        offset = 4
+        take("I")  # version
+        tensors, kv_count = take("Q"), take("Q")
+        fields = {}
+        for _ in range(kv_count):
+            key = text()
+            fields[key] = value(take("I"))
+        names = set()
+        for _ in range(tensors):
+            names.add(text())
+            offset += 4 + 8 * take("I") + 4 + 8  # dimension count, dimensions, type, data offset
+    return fields, names

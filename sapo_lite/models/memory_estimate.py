@@ -43,6 +43,7 @@ from pathlib import Path
 
 from ..config.schema import Config
 from ..errors import ModelError
+from .gguf_base import gguf_config, is_gguf_base
 from .tiny import MODEL_SHAPE, SPECIAL_TOKENS, TINY_NAME, WORDS
 
 GB = 1e9
@@ -81,11 +82,14 @@ class Architecture:
 
 
 def architecture(model_name: str) -> Architecture:
-    """Shape of a model: the tiny one, a local/cached config.json, or a known hub model."""
+    """Shape of a model, found as `train` finds the model, and offline: the tiny one, a GGUF file or named GGUF
+    model (its header), a local folder's config.json, a known hub model, or a hub model's cached config.json."""
     if model_name == TINY_NAME:
         values = {**MODEL_SHAPE, "vocab_size": len(SPECIAL_TOKENS) + len(WORDS), "tie_word_embeddings": False}
-    elif (Path(model_name) / "config.json").is_file():
-        values = json.loads((Path(model_name) / "config.json").read_text())
+    elif is_gguf_base(model_name):
+        values = gguf_config(model_name)
+    elif (Path(model_name).expanduser() / "config.json").is_file():
+        values = json.loads((Path(model_name).expanduser() / "config.json").read_text())
     elif model_name in KNOWN_ARCHITECTURES:
         values = KNOWN_ARCHITECTURES[model_name]
     else:
@@ -111,9 +115,11 @@ def architecture_from_config(values: dict) -> Architecture:
 
 def _cached_config(model_name: str) -> dict:
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-        return json.loads(Path(hf_hub_download(model_name, "config.json")).read_text())
+        cached = try_to_load_from_cache(model_name, "config.json")  # no network: a model already downloaded
+        path = cached if isinstance(cached, str) else hf_hub_download(model_name, "config.json")
+        return json.loads(Path(path).read_text())
     except Exception as exc:
         raise ModelError(
             f"cannot read the architecture of `{model_name}`: {str(exc).splitlines()[0]}",

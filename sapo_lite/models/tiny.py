@@ -12,8 +12,6 @@ import json
 import random
 from pathlib import Path
 
-import torch
-
 from ..data.examples import BUILTIN_TEMPLATES
 
 TINY_NAME = "tiny"
@@ -53,6 +51,7 @@ def build_tokenizer():
 
 def build_tiny_base(folder: Path, seed: int = 0) -> Path:
     """Build (once) and save the tiny Llama and its tokenizer into `folder`."""
+    import torch  # here, not at the top: `sapo-lite estimate` reads this module's shape without loading torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(folder)

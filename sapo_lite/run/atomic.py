@@ -3,7 +3,8 @@
 Folders (checkpoints, final adapters) are published in four moves:
 
     1. fill `.tmp-NAME/`                      (a kill here leaves a `.tmp-*` leftover)
-    2. fsync every file, write manifest.json last   (its presence says every file above is complete)
+    2. give every file the user's usual permissions (safetensors writes owner-only files),
+       fsync it, write manifest.json last      (its presence says every file above is complete)
     3. rename an existing `NAME/` to `.del-NAME/`   (never a half-deleted `NAME/`)
     4. rename `.tmp-NAME/` to `NAME/`, delete `.del-NAME/`
 
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import writing
+from .folders import normal_permissions
 from .manifest import write_manifest
 from .testhook import pause_point
 
@@ -51,6 +53,7 @@ def fsync_tree(folder: Path) -> None:
 def publish_folder(tmp: Path, final: Path, run_dir: Path | None = None) -> Path:
     """Steps 2-4 above: `tmp` becomes `final`, replacing what was there, or nothing changes."""
     with writing(tmp, run_dir), removed_on_failure(tmp):
+        normal_permissions(tmp)
         fsync_tree(tmp)
         write_manifest(tmp)
         doomed = _deletion_name(final)

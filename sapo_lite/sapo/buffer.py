@@ -2,8 +2,11 @@
 
 One row a pair: token ids as int32 blobs, prompt length, truncation point, segment length,
 the reference log-probs computed when the pair entered (NULL for reference-free losses),
-how often it was drawn, and the step that added it. Adding, evicting and counting draws
-each happen in a single transaction, so a crash never leaves half a pair behind.
+how often it was drawn, the step that added it, and how its rewrite ends (`ending`: tail kept,
+stopped by the EMA, or cut at the length limit; NULL for pairs without a rewrite). Storing the
+ending makes `pairs/cut_off` (the share of the buffer's pairs cut at the length limit) one SQL
+count a step, the same count `sapo-lite buffer --stats` makes. Adding, evicting and counting
+draws each happen in a single transaction, so a crash never leaves half a pair behind.
 
 Sampling is with replacement, weight 1 / (1 + times drawn), as in the official code's
 buffer: fresh pairs are favoured without starving old ones.
@@ -21,6 +24,7 @@ Departures from the official code:
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sqlite3
@@ -32,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RunDirError, writing
-from .augment import Pair
+from .augment import CUT_OFF, STOPPED, TAIL_KEPT, Pair, pair_ending
 
 # Two tables: the small per-pair facts that sampling, counting and eviction scan, and the
 # token blobs (8 KB a pair at 1,000 tokens) that are read only for the pairs drawn. Keeping
@@ -46,7 +50,8 @@ CREATE TABLE IF NOT EXISTS pairs (
     ref_logp_chosen REAL,
     ref_logp_rejected REAL,
     times_drawn INTEGER NOT NULL DEFAULT 0,
-    step_added INTEGER NOT NULL
+    step_added INTEGER NOT NULL,
+    ending TEXT
 );
 CREATE TABLE IF NOT EXISTS pair_tokens (
     id INTEGER PRIMARY KEY,
@@ -56,20 +61,57 @@ CREATE TABLE IF NOT EXISTS pair_tokens (
 """
 PAIR_COLUMNS = (
     "p.id, t.chosen_ids, t.rejected_ids, p.prompt_len, p.trunc_point, p.segment_len, p.ref_logp_chosen,"
-    " p.ref_logp_rejected, p.times_drawn, p.step_added"
+    " p.ref_logp_rejected, p.times_drawn, p.step_added, p.ending"
 )
 JOINED = "pairs p JOIN pair_tokens t ON t.id = p.id"
-SCHEMA_VERSION = 1  # PRAGMA user_version; bump when the layout changes
+SCHEMA_VERSION = 2  # PRAGMA user_version; bump when the layout changes (2: the `ending` column)
+ENDINGS_SINCE = 2  # buffers of version 1 are read with every ending unknown (NULL)
+# How a rewrite ends, as stored in the `ending` column: short stable codes, not the labels people read.
+ENDING_CODES = {TAIL_KEPT: "tail_kept", STOPPED: "stopped", CUT_OFF: "cut_off"}
+ENDING_LABELS = {code: label for label, code in ENDING_CODES.items()}
 
 
-def check_schema(db: sqlite3.Connection, path: Path) -> None:
-    """Refuse a buffer laid out by another version of sapo-lite rather than misread it."""
+def check_schema(db: sqlite3.Connection, path: Path) -> int:
+    """The buffer's layout version; a layout this sapo-lite does not know is refused rather than misread."""
     version = db.execute("PRAGMA user_version").fetchone()[0]
-    if version != SCHEMA_VERSION:
+    if version not in (1, SCHEMA_VERSION):
         raise RunDirError(
-            f"replay buffer `{path}` has layout version {version}, this sapo-lite reads version {SCHEMA_VERSION}",
+            f"replay buffer `{path}` has layout version {version}, this sapo-lite reads versions 1 to {SCHEMA_VERSION}",
             "finish that run with the sapo-lite version that started it, or start a new run",
         )
+    return version
+
+
+def migrate(db: sqlite3.Connection, path: Path) -> None:
+    """Bring an older buffer to SCHEMA_VERSION in place, in one transaction (a resumed run, a restored snapshot).
+
+    Version 1 had no `ending` column: its pairs keep an unknown (NULL) ending, which the cut-off share
+    leaves out (and says so), rather than guessing one from the tokens without the run's stop tokens.
+    """
+    if check_schema(db, path) < ENDINGS_SINCE:
+        with _Transaction(db):
+            db.execute("ALTER TABLE pairs ADD COLUMN ending TEXT")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def read_as_current(db: sqlite3.Connection, path: Path) -> None:
+    """Let a read-only connection query an older buffer with today's columns, without writing to it:
+    a temporary view named `pairs` shadows the old table, with every ending unknown."""
+    if check_schema(db, path) < ENDINGS_SINCE:
+        db.execute("CREATE TEMP VIEW pairs AS SELECT *, NULL AS ending FROM main.pairs")
+
+
+def ending_counts(db: sqlite3.Connection) -> dict[str | None, int]:
+    """Pairs in the buffer with a rewrite (SFT pairs have none) by how it ends: stored code -> count, None
+    for pairs whose ending was not recorded."""
+    return dict(db.execute("SELECT ending, COUNT(*) FROM pairs WHERE segment_len > 0 GROUP BY ending").fetchall())
+
+
+def cut_off_share(counts: dict[str | None, int]) -> float:
+    """`pairs/cut_off`: the share of the buffer's pairs with a known ending whose rewrite was cut at the
+    length limit; NaN when no pair has a known ending (SFT pairs have no rewrite, old buffers no record)."""
+    known = sum(count for code, count in counts.items() if code is not None)
+    return counts.get(ENDING_CODES[CUT_OFF], 0) / known if known else math.nan
 
 
 @dataclass
@@ -81,14 +123,21 @@ class StoredPair(Pair):
     ref_logp_rejected: float | None = None
     times_drawn: int = 0
     step_added: int = 0
+    ending: str | None = None
+    """How the rewrite ends (a label of augment.py: TAIL_KEPT, STOPPED, CUT_OFF), None when not recorded."""
 
 
 class ReplayBuffer:
-    """FIFO buffer of at most `capacity` pairs in a SQLite file (WAL mode)."""
+    """FIFO buffer of at most `capacity` pairs in a SQLite file (WAL mode).
 
-    def __init__(self, path: str | Path, capacity: int) -> None:
+    `stop_ids` (the tokens that end an answer) let `add` record how each rewrite ends; without them
+    (buffers that only store pairs, such as the validation split's) the ending stays unknown.
+    """
+
+    def __init__(self, path: str | Path, capacity: int, stop_ids: Sequence[int] | None = None) -> None:
         self.path = Path(path)
         self.capacity = capacity
+        self.stop_ids = None if stop_ids is None else list(stop_ids)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -103,7 +152,7 @@ class ReplayBuffer:
                 f"replay buffer `{self.path}` is corrupted ({exc})",
                 "delete buffer.sqlite to start an empty buffer, or start a new run",
             ) from exc
-        check_schema(self._db, self.path)
+        migrate(self._db, self.path)
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
@@ -123,8 +172,8 @@ class ReplayBuffer:
             for p, (rc, rr) in zip(pairs, refs):
                 cursor = self._db.execute(
                     "INSERT INTO pairs (prompt_len, trunc_point, segment_len, ref_logp_chosen, ref_logp_rejected,"
-                    " step_added) VALUES (?, ?, ?, ?, ?, ?)",
-                    (p.prompt_len, p.trunc_point, p.segment_len, rc, rr, step),
+                    " step_added, ending) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (p.prompt_len, p.trunc_point, p.segment_len, rc, rr, step, self._ending(p)),
                 )
                 self._db.execute(
                     "INSERT INTO pair_tokens (id, chosen_ids, rejected_ids) VALUES (?, ?, ?)",
@@ -138,6 +187,16 @@ class ReplayBuffer:
             if cutoff is not None:
                 self._db.execute("DELETE FROM pairs WHERE id <= ?", cutoff)
                 self._db.execute("DELETE FROM pair_tokens WHERE id <= ?", cutoff)
+
+    def _ending(self, pair: Pair) -> str | None:
+        if self.stop_ids is None or pair.segment_len == 0:  # no stop tokens given, or no rewrite (SFT)
+            return None
+        ending = pair_ending(pair.rejected_ids, pair.prompt_len, pair.trunc_point, pair.segment_len, self.stop_ids)
+        return ENDING_CODES[ending]
+
+    def cut_off_share(self) -> float:
+        """The share of the buffer's pairs whose rewrite was cut at the length limit (`pairs/cut_off`)."""
+        return cut_off_share(ending_counts(self._db))
 
     def sample(self, n: int, rng: np.random.Generator) -> list[StoredPair]:
         """Draw n pairs with replacement, weight 1/(1 + times drawn); count the draws."""
@@ -233,7 +292,7 @@ class _Transaction:
 
 def row_to_pair(row: tuple) -> StoredPair:
     """A row of `SELECT {PAIR_COLUMNS} FROM {JOINED}` as a StoredPair (the buffer view reads rows this way too)."""
-    (pair_id, chosen, rejected, prompt_len, t, g, ref_c, ref_r, drawn, step) = row
+    (pair_id, chosen, rejected, prompt_len, t, g, ref_c, ref_r, drawn, step, ending) = row
     return StoredPair(
         chosen_ids=np.frombuffer(chosen, dtype=np.int32),
         rejected_ids=np.frombuffer(rejected, dtype=np.int32),
@@ -245,4 +304,5 @@ def row_to_pair(row: tuple) -> StoredPair:
         ref_logp_rejected=ref_r,
         times_drawn=drawn,
         step_added=step,
+        ending=ENDING_LABELS.get(ending),
     )

@@ -13,8 +13,18 @@ from rich.text import Text
 
 from ..errors import ConfigError, RunDirError
 from ..run.layout import RunDir
-from ..sapo.augment import CUT_OFF, STOPPED, TAIL_KEPT, is_identical, pair_ending
-from ..sapo.buffer import JOINED, PAIR_COLUMNS, StoredPair, check_schema, row_to_pair
+from ..sapo.augment import CUT_OFF, TAIL_KEPT, is_identical, pair_ending
+from ..sapo.buffer import (
+    ENDING_CODES,
+    ENDING_LABELS,
+    JOINED,
+    PAIR_COLUMNS,
+    StoredPair,
+    cut_off_share,
+    ending_counts,
+    read_as_current,
+    row_to_pair,
+)
 
 
 @dataclass
@@ -24,22 +34,39 @@ class BufferStats:
     newest_step: int
     times_drawn: np.ndarray
     ages: np.ndarray
-    endings: dict[str, int]
-    """How the rejected responses end (TAIL_KEPT / STOPPED / CUT_OFF): pair counts."""
+    endings: dict[str | None, int]
+    """How the rewrites end, as recorded when each pair entered the buffer: code -> pairs (None: not recorded)."""
     identical: int
+
+    @property
+    def cut_off(self) -> float:
+        """The share `pairs/cut_off` in metrics.jsonl logs for the same buffer."""
+        return cut_off_share(self.endings)
 
     def lines(self) -> list[str]:
         drawn, ages = self.times_drawn, self.ages
-        share = {ending: self.endings.get(ending, 0) / self.pairs for ending in (TAIL_KEPT, STOPPED, CUT_OFF)}
-        return [
+        lines = [
             f"pairs: {self.pairs} of {self.capacity} ({self.pairs / self.capacity:.0%} full)",
             f"times drawn: mean {drawn.mean():.2f}, median {np.median(drawn):.0f}, max {drawn.max()}, "
             f"never drawn {np.mean(drawn == 0):.0%}",
             f"age in steps (newest step {self.newest_step}): min {ages.min()}, median {np.median(ages):.0f}, "
             f"p90 {np.percentile(ages, 90):.0f}, max {ages.max()}",
-            f"rewrites: identical to the chosen {self.identical / self.pairs:.0%}, "
-            + ", ".join(f"{ending} {value:.0%}" for ending, value in share.items()),
         ]
+        if not self.endings:
+            return [*lines, "rewrites: none (the pairs hold the chosen responses alone)"]
+        known = sum(count for code, count in self.endings.items() if code is not None)
+        identical = f"rewrites: identical to the chosen {self.identical / self.pairs:.0%}, "
+        if known:
+            cut = self.endings.get(ENDING_CODES[CUT_OFF], 0)
+            lines.append(identical + ", ".join(f"{ENDING_LABELS[code]} {self.endings.get(code, 0) / known:.0%}"
+                                               for code in ENDING_LABELS)
+                         + f" ({cut} of {known} pairs: `pairs/cut_off` in metrics.jsonl)")
+        else:
+            lines.append(identical + "how they end was not recorded")
+        if self.endings.get(None):
+            lines.append(f"{self.endings[None]} pairs added before sapo-lite recorded how rewrites end are left out "
+                         "of these shares")
+        return lines
 
 
 def buffer_path(run_dir: Path, rank: int | None = None) -> tuple[Path, int]:
@@ -66,23 +93,19 @@ def open_buffer_readonly(run_dir: Path, rank: int | None = None) -> sqlite3.Conn
         db.execute("SELECT COUNT(*) FROM pairs").fetchone()
     except sqlite3.DatabaseError as exc:
         raise RunDirError(f"`{path}` cannot be read ({exc})", "resume the run to restore it from a checkpoint") from exc
-    check_schema(db, path)
+    read_as_current(db, path)  # an older buffer is read as it is, never migrated by a reader
     return db
 
 
-def buffer_stats(db: sqlite3.Connection, capacity: int, stop_ids: list[int]) -> BufferStats:
+def buffer_stats(db: sqlite3.Connection, capacity: int) -> BufferStats:
     pairs = [row_to_pair(row) for row in db.execute(f"SELECT {PAIR_COLUMNS} FROM {JOINED}")]
     if not pairs:
         raise RunDirError("the buffer is empty", "wait for the first training step")
     drawn = np.array([p.times_drawn for p in pairs], dtype=np.int64)
     added = np.array([p.step_added for p in pairs], dtype=np.int64)
-    endings: dict[str, int] = {}
-    for pair in pairs:
-        ending = pair_ending(pair.rejected_ids, pair.prompt_len, pair.trunc_point, pair.segment_len, stop_ids)
-        endings[ending] = endings.get(ending, 0) + 1
     identical = sum(is_identical(p) for p in pairs)
     newest = int(added.max())
-    return BufferStats(len(pairs), capacity, newest, drawn, newest - added, endings, identical)
+    return BufferStats(len(pairs), capacity, newest, drawn, newest - added, ending_counts(db), identical)
 
 
 def newest_pairs(db: sqlite3.Connection, count: int) -> list[StoredPair]:
@@ -103,7 +126,7 @@ def render_pair(pair: StoredPair, decode, stop_ids: list[int]) -> Panel:
     """Prompt, shared prefix, then the chosen segment (green) against the EMA's rewrite (red)."""
     p, t, g = pair.prompt_len, pair.trunc_point, pair.segment_len
     chosen, rejected = pair.chosen_ids, pair.rejected_ids
-    ending = pair_ending(rejected, p, t, g, stop_ids)
+    ending = pair.ending or pair_ending(rejected, p, t, g, stop_ids)  # recorded when added; else from the tokens
     kept_tail = ending == TAIL_KEPT  # the rejected response goes on with the chosen R[t+g:]
     cut = min(p + t + g, len(chosen))  # under sapo.short_rewrite=free the segment may outrun the chosen response
     prompt, prefix, chosen_segment, tail = decode_pieces(decode, chosen, [0, p, p + t, cut, len(chosen)])

@@ -1,4 +1,5 @@
-"""Open a finished (or checkpointed) run for inference: its config, base, tokenizer and adapters."""
+"""Open a model for inference: a finished (or checkpointed) run with its config, base, tokenizer and adapters, or
+a plain model folder (a `merge` output, a downloaded model) with the tokenizer and chat template it carries."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Any
 
 from rich.console import Console
 
+from ..config.schema import ModelConfig
 from ..data.examples import install_chat_template, render_prompt_ids, stop_token_ids
+from ..errors import ModelError
 from ..models.roles import POLICY, load_base, load_tokenizer, pick_device
 from ..models.threads import apply_threads
 from ..run.layout import RunDir
@@ -41,5 +44,25 @@ def open_run(run_dir: Path, adapters: list[str]) -> RunModel:
     model = PeftModel.from_pretrained(base, adapter_dirs[names[0]], adapter_name=names[0])
     for adapter in names[1:]:
         model.load_adapter(adapter_dirs[adapter], adapter_name=adapter)
+    model.eval()
+    return RunModel(model, tokenizer, stop_token_ids(tokenizer))
+
+
+def is_model_folder(folder: Path) -> bool:
+    """A plain Hugging Face model folder (config.json), as `merge` writes one: not a sapo-lite run."""
+    return (Path(folder) / "config.json").is_file() and not RunDir(folder).is_run()
+
+
+def open_model_folder(folder: Path) -> RunModel:
+    """A plain model folder, full precision, with the chat template its tokenizer carries (a merged folder: the
+    base's). No adapters: it answers as one model."""
+    tokenizer = load_tokenizer(str(folder))
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(f"the model folder `{folder}` carries no chat template, so prompts cannot be put in one",
+                         "add its chat_template.jinja (or `chat_template` in tokenizer_config.json) to the folder")
+    install_chat_template(tokenizer, None)  # its own template, checked for syntax
+    if threads_line := apply_threads(None, pick_device()):  # after the checks: an error is the only line
+        Console(stderr=True).print(threads_line, highlight=False)
+    model = load_base(ModelConfig(name=str(folder), quant="none"), str(folder), pick_device())
     model.eval()
     return RunModel(model, tokenizer, stop_token_ids(tokenizer))

@@ -22,9 +22,11 @@ PANELS = (
     ("learning rate", ["lr"], "lr"),
     ("generation share of the step", ["gen_share"], "share of step time"),
     ("buffer fill", ["buffer_fill"], "pairs / capacity"),
-    ("pairs without a signal", ["pairs/identical", "pairs/cut_off"],
-     "share of new pairs"),
+    ("pairs without a signal", ["pairs/identical", "pairs/cut_off"], "share"),
 )
+# Legends where a panel's curves are shares of different sets (README, "The run directory").
+LEGENDS = {"pairs/identical": "identical (of the step's new rewrites)",
+           "pairs/cut_off": "cut off (of the pairs in the buffer)"}
 NOISY = {"loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "gen_share",
          "pairs/identical", "pairs/cut_off"}
 
@@ -37,6 +39,18 @@ def read_records(run_dir: Path) -> list[dict]:
     if not records:
         raise RunDirError(f"`{path}` has no complete step yet", "wait for the first optimizer step")
     return records
+
+
+def smoothing_window(steps: int) -> int:
+    """Steps in the trailing mean: a tenth of the run, at least 5 (so 32 steps are smoothed too), at most 50."""
+    return min(50, max(5, steps // 10))
+
+
+def series(records: list[dict], key: str, buffer_capacity: int) -> np.ndarray:
+    """The values a curve plots, one a step (NaN where a step logged none): metrics.jsonl's numbers as they are."""
+    if key == "buffer_fill":
+        return np.array([r.get("buffer_size", np.nan) for r in records], dtype=float) / buffer_capacity
+    return np.array([np.nan if r.get(key) is None else r[key] for r in records], dtype=float)
 
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -60,19 +74,13 @@ def plot_run(run_dir: Path, out: Path, buffer_capacity: int) -> Path:
                         'pip install "sapo-lite[plot]" (or pip install matplotlib)') from exc
     records = read_records(run_dir)
     steps = np.array([r["step"] for r in records])
-    window = max(1, len(records) // 30)
-
-    def series(key: str) -> np.ndarray:
-        if key == "buffer_fill":
-            return np.array([r.get("buffer_size", np.nan) for r in records], dtype=float) / buffer_capacity
-        return np.array([np.nan if r.get(key) is None else r[key] for r in records], dtype=float)
-
+    window = smoothing_window(len(records))
     fig, axes = plt.subplots(2, 4, figsize=(18, 7.5), constrained_layout=True)
     for ax, (title, keys, ylabel) in zip(axes.flat, PANELS):
         for key in keys:
-            values = series(key)
-            label = key.split("/")[-1] if len(keys) > 1 else None
-            if key in NOISY and window > 1:
+            values = series(records, key, buffer_capacity)
+            label = LEGENDS.get(key, key.split("/")[-1]) if len(keys) > 1 else None
+            if key in NOISY:
                 line = ax.plot(steps, values, alpha=0.25, linewidth=0.8)[0]
                 ax.plot(steps, smooth(values, window), color=line.get_color(), linewidth=1.8, label=label)
             else:
@@ -82,8 +90,8 @@ def plot_run(run_dir: Path, out: Path, buffer_capacity: int) -> Path:
         ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)
         if len(keys) > 1:
-            ax.legend()
-    fig.suptitle(f"{run_dir.name}: {len(records)} steps (faint: raw, solid: mean of {window} steps)")
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{run_dir.name}: {len(records)} steps (faint: raw, solid: trailing mean over {window} steps)")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
     plt.close(fig)

@@ -1,4 +1,5 @@
-"""The run's before/after evaluation on held-out data: RUN/held-out.json and summary fields."""
+"""The run's before/after evaluation on held-out data: RUN/held-out.json and summary fields, and the rows a
+`holdout` run sets aside (RUN/held_out.jsonl), so `sapo-lite eval RUN` scores what the run held out."""
 
 from __future__ import annotations
 
@@ -6,8 +7,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..data.examples import Example, TokenizedData
 from ..data.scoring import RoleScore
+from ..run.atomic import replace_file
 from ..run.layout import RunDir
+
+
+def write_held_out_rows(run_dir: Path, data: TokenizedData, held_out: list[Example]) -> None:
+    """The held-out examples' rows as they were read, one JSON object a line (`eval --data` reads them back)."""
+    rows = [data.rows.rows[example.row_index] for example in held_out]
+    text = "".join(json.dumps(dict(row), ensure_ascii=False, default=str) + "\n" for row in rows)
+    replace_file(RunDir(run_dir).held_out_rows, text, run_dir)
 
 
 def record_held_out(run_dir: Path, score: RoleScore) -> None:

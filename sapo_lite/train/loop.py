@@ -43,7 +43,7 @@ from ..models.generation import evaluate_role
 from ..models.roles import EMA, acting_as, ema_update, reference, refresh_reference, training_mode
 from ..run.layout import RunDir
 from ..run.testhook import pause_point
-from ..sapo.augment import CUT_OFF, chosen_only_pairs, pair_ending, self_augment
+from ..sapo.augment import chosen_only_pairs, self_augment
 from ..sapo.buffer import ReplayBuffer
 from ..sapo.losses import LOSSES, LossSpec
 from ..sapo.pair_logps import pair_logps
@@ -85,7 +85,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
     watch = ValidationWatch(session, loop_state)  # the validation split, best step and early stopping
     loss_spec = LOSSES[cfg.loss.name]
     procs = session.processes  # one process, or this rank of N (distributed.py)
-    buffer = ReplayBuffer(run_dir / procs.buffer_file, cfg.sapo.buffer_size)
+    buffer = ReplayBuffer(run_dir / procs.buffer_file, cfg.sapo.buffer_size, session.stop_ids)
     metrics = MetricsWriter(RunDir(run_dir).metrics, enabled=procs.is_main)
     if not resume and (before := watch.before_training()) is not None:
         metrics.write({"step": 0, **before})  # where the best step starts from
@@ -221,7 +221,7 @@ def _add_new_pairs(session: TrainSession, buffer: ReplayBuffer, loss_spec: LossS
                 short_rewrite=cfg.sapo.short_rewrite, identical=cfg.sapo.identical, buffer_empty=len(buffer) == 0,
             )
         pairs = new.pairs
-        figures = _pair_figures(new, len(examples), session.stop_ids)
+        figures = _pair_figures(new, len(examples))
     gen_s = time.perf_counter() - started
 
     pause_point("reference")  # reference log-probs once per pair, stored with it in the buffer
@@ -234,6 +234,8 @@ def _add_new_pairs(session: TrainSession, buffer: ReplayBuffer, loss_spec: LossS
     ref_s = time.perf_counter() - ref_start
     pause_point("buffer-write")
     buffer.add(pairs, step, ref_logps)
+    if loss_spec.needs_rejected:  # of the whole buffer after this step's additions, as `buffer --stats` counts it
+        figures["pairs/cut_off"] = buffer.cut_off_share()
     return NewPairsOfStep(pairs, figures, gen_s, ref_s)
 
 
@@ -292,15 +294,13 @@ def _step_record(session: TrainSession, buffer: ReplayBuffer, step: int, new: Ne
     return session.processes.mean_over_ranks(record)
 
 
-def _pair_figures(new, examples: int, stop_ids) -> dict[str, float]:
-    """pairs/identical: share of first rewrites equal to the chosen response (the EMA has learned it);
-    pairs/cut_off: share of the buffered pairs whose rewrite was cut at the length limit (often
-    mid-sentence); pairs/added: pairs written to the buffer (fewer than examples when identical ones drop)."""
-    cut = sum(pair_ending(p.rejected_ids, p.prompt_len, p.trunc_point, p.segment_len, stop_ids) == CUT_OFF
-              for p in new.pairs)
+def _pair_figures(new, examples: int) -> dict[str, float]:
+    """pairs/identical: share of the step's first rewrites equal to the chosen response (the EMA has learned it);
+    pairs/added: pairs written to the buffer (fewer than examples when identical ones drop). pairs/cut_off,
+    the share of the buffer's pairs whose rewrite was cut at the length limit, is counted once they are in it."""
     return {
         "pairs/identical": new.identical / examples,
-        "pairs/cut_off": cut / len(new.pairs) if new.pairs else math.nan,
+        "pairs/cut_off": math.nan,
         "pairs/added": float(len(new.pairs)),
     }
 

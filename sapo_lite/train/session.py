@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from ..config.schema import Config, to_yaml
+from ..config.schema import HOLDOUT, Config, to_yaml
 from ..data.examples import Example, held_out_set, install_chat_template, load_examples, stop_token_ids
 from ..data.streams import random_stream
 from ..errors import ModelError
@@ -34,6 +34,7 @@ from ..models.roles import (
 )
 from ..models.threads import apply_threads
 from ..models.tiny import TINY_NAME, build_tiny_base
+from ..run.folders import normal_permissions
 from ..run.layout import RunDir
 from ..run.testhook import pause_point
 from ..sapo.buffer import StoredPair
@@ -41,6 +42,7 @@ from ..sapo.logps import response_token_logps
 from ..sapo.losses import LOSSES, PairLogps
 from ..sapo.pair_logps import pair_logps, why_not_packable
 from .distributed import SINGLE, Processes, share_stream, start_processes
+from .held_out import write_held_out_rows
 from .metrics import Reporter, make_reporter
 from .preflight import check_init_adapter, check_lora_targets, data_warnings, model_warnings, optimizer_choice
 from .validation import split_validation
@@ -141,6 +143,8 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
 
     if processes.is_main:
         RunDir(run_dir).config.write_text(to_yaml(cfg))
+        if cfg.data.eval_path == HOLDOUT and eval_examples:
+            write_held_out_rows(run_dir, data, eval_examples)
     report_to = cfg.train.report_to if processes.is_main else "none"
     reporter = make_reporter(report_to, run_dir, cfg.to_dict())  # fails fast, before the model loads
     console.print(f"model: {model_name} ({cfg.model.quant}) on {device.type}")
@@ -154,7 +158,7 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         console.print(line, highlight=False, markup=False)
     try:
         peak_gb = estimate(cfg, architecture_from_config(base.config.to_dict())).total
-        console.print(f"estimated peak memory per GPU: {peak_gb:.1f} GB (term by term: sapo-lite estimate)")
+        console.print(_estimate_line(peak_gb, device), highlight=False)
     except ModelError:
         pass  # an architecture the estimate does not model: nothing to show, nothing wrong
 
@@ -216,6 +220,14 @@ def ema_generation(cfg: Config, model: Any, device: torch.device) -> tuple[Merge
     return (MergedAdapter(model, EMA) if merge else None), None
 
 
+def _estimate_line(peak_gb: float, device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"estimated peak memory per GPU: {peak_gb:.1f} GB (term by term: sapo-lite estimate)"
+    # The estimate models CUDA memory; on the CPU it still tells a user what card the same config needs.
+    return (f"estimated peak memory per GPU, were this config run on one: {peak_gb:.1f} GB "
+            "(this run uses the CPU and its RAM; term by term: sapo-lite estimate)")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -223,12 +235,16 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_model_name(cfg: Config, run_dir: Path) -> str:
-    """`tiny` and GGUF bases are built into RUN/base_model so the run's adapters load with plain peft."""
+    """`tiny` and GGUF bases are built into RUN/base_model so the run's adapters load with plain peft,
+    with the user's usual file permissions (transformers saves safetensors owner-only)."""
     if cfg.model.name == TINY_NAME:
-        return str(build_tiny_base(RunDir(run_dir).base_model))
-    if is_gguf_base(cfg.model.name):
-        return str(gguf_base(cfg.model.name, RunDir(run_dir).base_model))
-    return cfg.model.name
+        folder = build_tiny_base(RunDir(run_dir).base_model)
+    elif is_gguf_base(cfg.model.name):
+        folder = gguf_base(cfg.model.name, RunDir(run_dir).base_model)
+    else:
+        return cfg.model.name
+    normal_permissions(folder)
+    return str(folder)
 
 
 def build_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:

@@ -120,6 +120,25 @@ def test_flash_attention_falls_back_to_sdpa_with_a_warning(tmp_path):
                                  "model.attn_implementation=flash_attention_2"])
     assert result.exit_code == 0, result.output
     assert "warning: flash-attn is not usable here" in result.output and "using sdpa" in result.output
+    # On the CPU the GPU estimate is printed for what it is: the card this config would need.
+    assert "estimated peak memory per GPU, were this config run on one: " in result.output
+    assert "(this run uses the CPU and its RAM; term by term: sapo-lite estimate)" in result.output
+
+
+@pytest.mark.parametrize("command", ["train", "estimate", "eval", "generate", "merge", "buffer"])
+def test_help_breaks_no_sentence_where_the_source_breaks_its_lines(command):
+    """Each paragraph of a command's docstring is one line of --help on a wide terminal."""
+    import inspect
+
+    from sapo_lite.cli.common import paragraphs_as_lines
+
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    lines = [" ".join(line.split()) for line in result.output.splitlines()]
+    callbacks = {info.name or info.callback.__name__: info.callback for info in app.registered_commands}
+    paragraphs = paragraphs_as_lines(inspect.getdoc(callbacks[command])).split("\n\n")
+    for paragraph in paragraphs:
+        assert paragraph in lines, (paragraph, result.output)
 
 
 def test_a_jinja_chat_template_file(tmp_path):

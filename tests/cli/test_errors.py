@@ -29,6 +29,7 @@ def train_args(tmp_path):
 
 @pytest.mark.parametrize("args,expected", [
     (["--preset", "llama3"], ["unknown preset `llama3`", "llama3-8b-qlora"]),
+    (["--preset", "presets/my-run.yaml"], ["`presets/my-run.yaml` is a file", "--config presets/my-run.yaml"]),
     (["sapo.ema_decy=0.3"], ["unknown config key `sapo.ema_decy`", "sapo.ema_decay"]),
     (["train.lr=abc"], ["train.lr='abc'", "a number"]),
     (["train.lr=-1"], ["train.lr must be > 0"]),
@@ -41,6 +42,15 @@ def train_args(tmp_path):
 ])
 def test_bad_config(tmp_path, args, expected):
     fails(["train", "--out", str(tmp_path / "run"), *args], *expected)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_passed_as_a_preset_points_to_config(tmp_path):
+    """Any existing file given to --preset, whatever its name, is answered with --config; so is `estimate`'s."""
+    settings = tmp_path / "settings.conf"
+    settings.write_text("train:\n  lr: 1.0e-4\n")
+    fails(["train", "--out", str(tmp_path / "run"), "--preset", str(settings)], "is a file", f"--config {settings}")
+    fails(["estimate", "--preset", "mine.yml"], "`mine.yml` is a file", "--config mine.yml")
     assert not (tmp_path / "run").exists()
 
 

@@ -108,3 +108,17 @@ def test_unknown_keys_point_at_the_key_meant(typed, meant):
     with pytest.raises(ConfigError) as info:
         load_config("tiny", overrides=[f"{typed}=1"])
     assert info.value.hint == f"did you mean `{meant}`?"
+
+
+def test_the_reason_for_a_resolved_key_survives_writing_and_reading_the_config(tmp_path):
+    from sapo_lite.config.schema import to_yaml
+
+    cfg = load_config("smollm2-135m", overrides=["data.path=chats.jsonl"])
+    written = tmp_path / "config.yaml"
+    written.write_text(to_yaml(cfg))
+    again = load_config(None, written)  # what a resumed run and `sapo-lite eval RUN` read
+    assert again.data.eval_path == "holdout" and again.notes == cfg.notes
+    assert again.notes["data.eval_path"].startswith("bundled:instruct-eval belongs to bundled:instruct: held out")
+    mine = tmp_path / "mine.yaml"  # a user's own comments are no notes
+    mine.write_text("train:\n  lr: 1.0e-4  # halved\n")
+    assert load_config(None, mine).notes == {}

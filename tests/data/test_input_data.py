@@ -8,6 +8,7 @@ from helpers import fails, write_jsonl
 from typer.testing import CliRunner
 
 from sapo_lite.config.schema import DataConfig
+from sapo_lite.config.sources import load_config
 from sapo_lite.data.examples import held_out_set, load_examples
 
 runner = CliRunner()
@@ -140,14 +141,20 @@ def test_a_folder_without_data_files(tmp_path):
 
 
 def test_a_bundled_eval_set_is_not_used_with_other_data(tmp_path, tiny_tokenizer):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"reverse : {i}", "response": str(i)} for i in range(50)])
-    cfg = DataConfig(path=str(path), eval_path="bundled:tiny-reverse-eval", eval_size=200)
-    data = load_examples(str(path), "train", tiny_tokenizer, cfg)
-    train, held_out, source, note = held_out_set(cfg, data, tiny_tokenizer, seed=0)
+    rows = [{"prompt": f"reverse : {i}", "response": str(i)} for i in range(50)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = load_config("tiny", overrides=[f"data.path={path}", "data.eval_size=200"])  # the preset's bundled eval set
+    assert cfg.data.eval_path == "holdout"  # decided from the two paths, when the config is resolved
+    assert cfg.notes["data.eval_path"].startswith("bundled:tiny-reverse-eval belongs to bundled:tiny-reverse: "
+                                                  f"held out from {path} instead")
+    data = load_examples(str(path), "train", tiny_tokenizer, cfg.data)
+    train, held_out, source, note = held_out_set(cfg.data, data, tiny_tokenizer, seed=0)
     assert (len(train), len(held_out)) == (45, 5) and source == f"held out from {path}"
-    assert note == (f"eval: 5 examples held out from {path}, not trained on "
-                    "(bundled:tiny-reverse-eval belongs to bundled:tiny-reverse)")
+    assert note == f"eval: 5 examples held out from {path}, not trained on"
     assert not {e.response_text for e in train} & {e.response_text for e in held_out}
+    assert [rows[e.row_index]["response"] for e in held_out] == [e.response_text for e in held_out]
+    own = load_config("tiny")  # the preset's own bundled data: its bundled eval set stays
+    assert own.data.eval_path == "bundled:tiny-reverse-eval" and not own.notes
 
 
 def test_a_file_of_an_unknown_format(tmp_path):

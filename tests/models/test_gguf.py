@@ -109,3 +109,41 @@ def test_the_cli_reports_a_bad_gguf_in_one_line_and_leaves_no_base(tmp_path):
     assert lines[0].startswith("error: ") and "is not a GGUF file" in lines[0] and lines[1].startswith("hint: ")
     assert "Traceback" not in result.output
     assert not (out / "base_model").exists()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_shape_comes_from_the_header_as_gguf_reads_it(tmp_path, tied):
+    from gguf import GGUFReader, GGUFWriter
+
+    from sapo_lite.models.gguf_base import gguf_config
+
+    path = tmp_path / "m.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(3)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(24)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_token_list([f"t{i}" for i in range(5)])  # an array of strings between the keys, skipped by length
+    writer.add_vocab_size(5)
+    writer.add_tensor("token_embd.weight", np.zeros((5, 8), np.float32))
+    if not tied:
+        writer.add_tensor("output.weight", np.zeros((5, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert gguf_config(str(path)) == {"hidden_size": 8, "intermediate_size": 24, "num_hidden_layers": 3,
+                                      "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 5,
+                                      "tie_word_embeddings": tied}
+    reader = GGUFReader(path)  # the package's own reader agrees
+    assert reader.fields["llama.block_count"].contents() == 3 and len(reader.tensors) == 2 - tied
+
+
+def test_a_cut_short_gguf_header_is_one_error(tmp_path):
+    from sapo_lite.models.gguf_base import gguf_config
+
+    path = write_gguf(tmp_path / "m.gguf")
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ModelError, match="cannot read the header of GGUF file"):
+        gguf_config(str(path))

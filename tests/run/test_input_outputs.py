@@ -7,6 +7,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import fails, snapshot
@@ -104,6 +105,28 @@ def test_merged_files_have_the_users_normal_permissions(run, tmp_path):
     assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
 
 
+def test_every_file_a_run_writes_has_the_users_normal_permissions(tmp_path):
+    """Under umask 022 a user's files are 0644 and folders 0755: the base model, adapters and checkpoints
+    too, which safetensors would write owner-only (0600)."""
+    umask = os.umask(0o022)
+    try:
+        result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "data.eval_path=null",
+                                     "train.max_steps=3", "train.save_every=2"])
+    finally:
+        os.umask(umask)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    files = {p.relative_to(run): stat.S_IMODE(p.stat().st_mode) for p in run.rglob("*") if p.is_file()}
+    folders = {p.relative_to(run): stat.S_IMODE(p.stat().st_mode) for p in [run, *run.rglob("*")] if p.is_dir()}
+    for written in ("base_model/model.safetensors", "adapters/policy/adapter_model.safetensors",
+                    "adapters/ema/adapter_model.safetensors",
+                    "checkpoints/step-2/adapters/ema/adapter_model.safetensors",
+                    "checkpoints/step-3/trainer_state.pt", "config.yaml", "metrics.jsonl", "buffer.sqlite"):
+        assert files.get(Path(written)) == 0o644, (written, oct(files.get(Path(written), 0)))
+    assert {path: oct(mode) for path, mode in files.items() if mode != 0o644} == {}
+    assert {path: oct(mode) for path, mode in folders.items() if mode != 0o755} == {}
+
+
 @pytest.mark.slow
 def test_nf4_roundtrip_merge_prints_no_library_notice(run, tmp_path):
     result = subprocess.run([sys.executable, "-m", "sapo_lite.cli", "merge", str(run), "--out", str(tmp_path / "m"),
@@ -127,5 +150,6 @@ def test_a_run_warns_about_unknown_tokens_positions_and_the_cpu_optimizer(tmp_pa
     assert out.count("of the data's response tokens are unknown to the tokenizer (<unk>)") == 1, out
     assert out.count("data.max_len=300 is longer than the model's max_position_embeddings=256") == 1, out
     assert out.count("optimizer: paged_adamw_8bit needs CUDA; using torch AdamW on cpu") == 1, out
-    assert "eval: none: 8 examples are too few to hold 10% out (bundled:tiny-reverse-eval belongs to" in out
+    assert "config: data.eval_path=holdout (bundled:tiny-reverse-eval belongs to bundled:tiny-reverse: held " in out
+    assert "eval: none: 8 examples are too few to hold 10% out" in out
     assert "Paged optimizers are not supported" not in out

@@ -83,3 +83,41 @@ def test_invalidated_reference_log_probs_are_refilled(tmp_path):
     buffer.set_reference([first], [(-5.0, -6.0)])
     refs = [(p.ref_logp_chosen, p.ref_logp_rejected) for p in buffer.all_pairs()]
     assert refs == [(-5.0, -6.0), (None, None)]
+
+
+# A buffer as sapo-lite wrote it before endings were recorded (layout version 1).
+V1_SCHEMA = """
+CREATE TABLE pairs (id INTEGER PRIMARY KEY AUTOINCREMENT, prompt_len INTEGER NOT NULL, trunc_point INTEGER NOT NULL,
+    segment_len INTEGER NOT NULL, ref_logp_chosen REAL, ref_logp_rejected REAL,
+    times_drawn INTEGER NOT NULL DEFAULT 0, step_added INTEGER NOT NULL);
+CREATE TABLE pair_tokens (id INTEGER PRIMARY KEY, chosen_ids BLOB NOT NULL, rejected_ids BLOB NOT NULL);
+INSERT INTO pairs (prompt_len, trunc_point, segment_len, step_added) VALUES (1, 0, 2, 1), (1, 0, 2, 1);
+INSERT INTO pair_tokens VALUES (1, x'', x''), (2, x'', x'');
+PRAGMA user_version = 1;
+"""
+STOP = 9
+CUT = Pair(np.array([1, 5, 6, STOP], np.int32), np.array([1, 7, 8], np.int32), 1, 0, 2)  # no stop within 2 tokens
+STOPPED = Pair(np.array([1, 5, 6, STOP], np.int32), np.array([1, 7, STOP], np.int32), 1, 0, 2)
+TAIL = Pair(np.array([1, 5, 6, 4, 3, STOP], np.int32), np.array([1, 7, 8, 4, 3, STOP], np.int32), 1, 0, 2)
+
+
+def test_each_pair_records_how_its_rewrite_ends_and_the_cut_off_share_is_of_the_whole_buffer(tmp_path):
+    buffer = ReplayBuffer(tmp_path / "b.sqlite", capacity=4, stop_ids=[STOP])
+    buffer.add([CUT, CUT, STOPPED], step=1)
+    assert buffer.cut_off_share() == pytest.approx(2 / 3)
+    buffer.add([TAIL, STOPPED], step=2)  # evicts the first CUT: 1 of the 4 buffered pairs is cut off
+    assert buffer.cut_off_share() == pytest.approx(1 / 4)
+    assert [p.ending for p in buffer.all_pairs()] == ["cut at the length limit", "ended by the EMA's stop token",
+                                                      "tail kept", "ended by the EMA's stop token"]
+
+
+def test_an_older_buffer_is_migrated_in_place_and_its_unknown_endings_left_out(tmp_path):
+    path = tmp_path / "b.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(V1_SCHEMA)
+    old.close()
+    buffer = ReplayBuffer(path, capacity=10, stop_ids=[STOP])  # as a resumed run opens it
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert [p.ending for p in buffer.all_pairs()] == [None, None] and np.isnan(buffer.cut_off_share())
+    buffer.add([CUT, STOPPED], step=2)
+    assert buffer.cut_off_share() == 0.5  # the two old pairs count for neither side

@@ -15,6 +15,7 @@ from sapo_lite.data.constraints import CHECKERS
 runner = CliRunner()
 ASSETS = Path(__file__).resolve().parents[2] / "sapo_lite" / "assets"
 EVAL_ROWS = [json.loads(line) for line in (ASSETS / "instruct-eval.jsonl").read_text().splitlines()]
+TRAIN_ROWS = [json.loads(line) for line in (ASSETS / "instruct.jsonl").read_text().splitlines()]
 HELD_OUT = 8
 
 
@@ -94,6 +95,77 @@ def test_data_without_constraints_falls_back_to_exact_match(run, tmp_path):
     base = json.loads(json_path.read_text())["roles"]["base"]
     assert base["exact_match"]["total"] == 3 and "constraints" not in base
     assert "exact match" in result.output and "all constraints" not in result.output
+
+
+@pytest.fixture(scope="module")
+def own_run(tmp_path_factory):
+    """A user's own `messages` file of 40 rows under the tiny preset, whose bundled eval set belongs to its
+    bundled data: the run holds 4 of the user's rows out instead."""
+    folder = tmp_path_factory.mktemp("own")
+    rows = [{"messages": [{"role": "user", "content": row["prompt"]},
+                          {"role": "assistant", "content": row["response"]}],
+             "constraints": row["constraints"], "answer": row["answer"]} for row in TRAIN_ROWS[:40]]
+    data = folder / "mine.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = folder / "run"
+    result = runner.invoke(app, ["train", "--out", str(out), f"data.path={data}", "train.max_steps=2",
+                                 "sapo.gen_per_step=4", "train.micro_batch=4"])
+    assert result.exit_code == 0, result.output
+    return out, data, rows, result.output
+
+
+def test_the_resolved_config_says_what_the_run_holds_out_and_why(own_run, tmp_path):
+    out, data, rows, output = own_run
+    why = f"bundled:tiny-reverse-eval belongs to bundled:tiny-reverse: held out from {data} instead"
+    assert f"config: data.eval_path=holdout ({why}" in output
+    assert f"eval: 4 examples held out from {data}, not trained on" in output
+    config_text = (out / "config.yaml").read_text()
+    assert f"  eval_path: holdout  # {why}" in config_text
+    dry = runner.invoke(app, ["train", "--out", str(tmp_path / "never"), f"data.path={data}", "--dry-run"])
+    assert f"  eval_path: holdout  # {why}" in dry.output and not (tmp_path / "never").exists()
+    held_out = [json.loads(line) for line in (out / "held_out.jsonl").read_text().splitlines()]
+    assert len(held_out) == 4 and all(row in rows for row in held_out)  # the user's rows, as written
+
+
+def test_eval_of_a_run_scores_its_own_held_out_rows_and_says_so(own_run, tmp_path):
+    out, data, _, _ = own_run
+    result = runner.invoke(app, ["eval", str(out), "--json", str(tmp_path / "eval.json")], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert (f"eval: 4 prompts from {out / 'held_out.jsonl'} (the rows this run held out of {data}, never trained "
+            "on), greedy") in result.output
+    report = json.loads((tmp_path / "eval.json").read_text())
+    recorded = json.loads((out / "held-out.json").read_text())
+    assert report["prompts"] == 4 and report["roles"]["policy"] == recorded["policy"]  # what the run reported
+    again = runner.invoke(app, ["eval", str(out), "--data", str(out / "held_out.jsonl"), "--adapter", "base",
+                                "--json", str(tmp_path / "again.json")])
+    assert again.exit_code == 0, again.output  # the file reads back as data too
+    assert json.loads((tmp_path / "again.json").read_text())["roles"]["base"] == recorded["base"]
+
+
+def test_eval_answers_writes_each_prompts_answers_and_checks(own_run, tmp_path):
+    out, _, _, _ = own_run
+    answers = tmp_path / "answers.jsonl"
+    result = runner.invoke(app, ["eval", str(out), "--adapter", "base,policy", "--answers", str(answers),
+                                 "--json", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in answers.read_text().splitlines()]
+    held_out = [json.loads(line) for line in (out / "held_out.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == [row["messages"][0]["content"] for row in held_out]
+    assert [r["reference"] for r in records] == [row["messages"][1]["content"] for row in held_out]
+    report = json.loads((tmp_path / "eval.json").read_text())["roles"]
+    for role in ("base", "policy"):
+        assert all(isinstance(r["answers"][role], str) for r in records)
+        passed = [c["passed"][role] for r in records for c in r["constraints"]]
+        assert (sum(passed), len(passed)) == (report[role]["constraints"]["hits"], report[role]["constraints"]["total"])
+        assert sum(r["answer_correct"][role] for r in records) == report[role]["answer_accuracy"]["hits"]
+    assert [c["kind"] for c in records[0]["constraints"]] == [c["kind"] for c in held_out[0]["constraints"]]
+
+
+def test_one_prompt_is_one_prompt(run, tmp_path):
+    out, _ = run
+    result = runner.invoke(app, ["eval", str(out), "--limit", "1", "--adapter", "base"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "eval: 1 prompt from " in result.output and "1 prompts" not in result.output
 
 
 def _eval_error(args):

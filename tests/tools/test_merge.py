@@ -151,6 +151,54 @@ def test_generate_shows_every_role_side_by_side(run, tmp_path):
     assert all(p in result.output for p in ("reverse : 9 9 1 2", "reverse : 1 2 3 4", "reverse : 5 6 7 8"))
 
 
+def answer_table(output):
+    """{prompt: [answers...]} from generate's table (one line a row at a wide terminal)."""
+    rows = [[cell.strip() for cell in line.strip("│").split("│")] for line in output.splitlines()
+            if line.startswith("│")]
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_generate_answers_with_a_merged_folder_as_the_run_policy_does(run, tmp_path):
+    merged = tmp_path / "merged"
+    assert runner.invoke(app, ["merge", str(run), "--out", str(merged), "--dtype", "fp32"]).exit_code == 0
+    prompts = ["--prompt", "reverse : 9 9 1 2", "--prompt", "reverse : 3 1 4", "--max-new-tokens", "8"]
+    from_run = runner.invoke(app, ["generate", str(run), "--adapter", "base,policy", *prompts],
+                             env={"COLUMNS": "200"})
+    from_merged = runner.invoke(app, ["generate", str(merged), *prompts], env={"COLUMNS": "200"})
+    assert from_merged.exit_code == 0, from_merged.output
+    header = next(line for line in from_merged.output.splitlines() if "prompt" in line)
+    assert "answer" in header and "policy" not in header  # one answer column: the merged model
+    merged_answers, run_answers = answer_table(from_merged.output), answer_table(from_run.output)
+    assert set(merged_answers) == {"reverse : 9 9 1 2", "reverse : 3 1 4"}
+    assert {p: [policy] for p, (_, policy) in run_answers.items()} == merged_answers  # the policy, folded in
+    assert {p: [base] for p, (base, _) in run_answers.items()} != merged_answers
+
+
+def test_generate_answers_with_any_model_folder_in_its_own_chat_template(run):
+    prompts = ["--prompt", "reverse : 9 9 1 2", "--max-new-tokens", "8"]
+    base_folder = run / "base_model"  # a plain Hugging Face folder: config.json, weights, tokenizer, chat template
+    plain = runner.invoke(app, ["generate", str(base_folder), *prompts], env={"COLUMNS": "200"})
+    from_run = runner.invoke(app, ["generate", str(run), "--adapter", "base", *prompts], env={"COLUMNS": "200"})
+    assert plain.exit_code == 0, plain.output
+    assert answer_table(plain.output) == answer_table(from_run.output)
+
+
+def test_generate_on_a_folder_it_cannot_use_says_what_it_takes(run, tmp_path):
+    from helpers import fails
+
+    fails(["generate", str(tmp_path), "--prompt", "hi"], "is neither a sapo-lite run (no config.yaml) nor a model "
+          "folder (no config.json)", "sapo-lite merge")
+    fails(["generate", str(run / "base_model"), "--prompt", "hi", "--adapter", "policy"],
+          "is a model folder, not a run", "drop --adapter")
+    no_template = tmp_path / "bare"
+    shutil.copytree(run / "base_model", no_template)
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((no_template / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
+    fails(["generate", str(no_template), "--prompt", "hi"], "carries no chat template")
+
+
 def test_merge_errors(run, tmp_path):
     not_a_run = runner.invoke(app, ["merge", str(tmp_path), "--out", str(tmp_path / "m")])
     assert not_a_run.exit_code == 1 and "is not a sapo-lite run" in not_a_run.stderr
