@@ -31,20 +31,22 @@ PROMPTS = ["What is the capital of France?", "Name three primary colors.", "Writ
 PARAMS_8B = 8.03e9
 
 
-def measured(command: list[str]) -> tuple[str, float, float]:
-    """Run `command`; its output, wall seconds and peak RSS in MB.
+def measured(command: list[str]) -> tuple[str, float, float, float]:
+    """Run `command`; its output, wall seconds, CPU seconds (a steadier figure on a shared machine) and peak
+    RSS in MB.
 
     Through `/usr/bin/time`: a child's ru_maxrss starts at its parent's RSS at the fork (Linux folds the
     forked copy's high-water mark in at exec), so this process, holding models, cannot measure its children.
     """
     with tempfile.NamedTemporaryFile("r") as peak:
         started = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", peak.name, *command], stdout=subprocess.PIPE,
+        proc = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", peak.name, *command], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         seconds = time.perf_counter() - started
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(command)} failed:\n{proc.stdout[-3000:]}")
-        return proc.stdout, seconds, int(peak.read().split()[-1]) / 1024
+        user_s, system_s, peak_kb = peak.read().split()[-3:]
+        return proc.stdout, seconds, float(user_s) + float(system_s), int(peak_kb) / 1024
 
 
 def cli(*args: str) -> list[str]:
@@ -89,8 +91,8 @@ def scaling(workdir: Path, smol_base: Path) -> None:
         make_random_lora(base, workdir / "random-adapter", r=16, std=0.02)
     code = ("import sys, torch; torch.set_num_threads(1); from sapo_lite.tools.gguf_export import export_gguf; "
             "export_gguf(sys.argv[1], sys.argv[2], sys.argv[3], adapter_dir=sys.argv[4], overwrite=True)")
-    print("\n| model (checkpoint) | quant | file MB | export s | peak RSS MB |")
-    print("|---|---|---|---|---|")
+    print("\n| model (checkpoint) | quant | file MB | wall s | CPU s | peak RSS MB |")
+    print("|---|---|---|---|---|---|")
     cases = [("SmolLM2-135M (fp32, 1 file)", smol_base, workdir / "smol-adapter"),
              ("random Llama 0.6B (bf16, 3 shards)", base, workdir / "random-adapter")]
     if not (workdir / "smol-adapter" / "adapter_model.safetensors").is_file():
@@ -98,8 +100,9 @@ def scaling(workdir: Path, smol_base: Path) -> None:
     for label, folder, adapter in cases:
         for quant in ("q8_0", "f16"):
             out = workdir / f"scaling.{quant}.gguf"
-            _, seconds, rss = measured([sys.executable, "-c", code, str(folder), str(out), quant, str(adapter)])
-            print(f"| {label} | {quant} | {out.stat().st_size / 2**20:.0f} | {seconds:.1f} | {rss:.0f} |", flush=True)
+            _, seconds, cpu_s, rss = measured([sys.executable, "-c", code, str(folder), str(out), quant, str(adapter)])
+            print(f"| {label} | {quant} | {out.stat().st_size / 2**20:.0f} | {seconds:.1f} | {cpu_s:.1f} | {rss:.0f} |",
+                  flush=True)
             out.unlink()
 
 
@@ -123,9 +126,9 @@ def main() -> None:
     files, exports = {}, {}
     for quant in QUANTS:  # before this process loads any model (see measured())
         files[quant] = args.workdir / f"smol.{quant}.gguf"
-        output, wall_s, rss_mb = measured(cli("merge", str(run), "--out", str(files[quant]), "--quant", quant,
-                                              "--overwrite"))
-        exports[quant] = (float(re.search(r" in (\d+)s", output)[1]), wall_s, rss_mb)
+        output, wall_s, cpu_s, rss_mb = measured(cli("merge", str(run), "--out", str(files[quant]), "--quant", quant,
+                                                     "--overwrite"))
+        exports[quant] = (float(re.search(r" in (\d+)s", output)[1]), wall_s, cpu_s, rss_mb)
         print(f"exported {quant}", flush=True)
     torch.set_num_threads(1)
     cfg = RunDir(run).read_config()
@@ -154,13 +157,13 @@ def main() -> None:
 
     total32 = sum(len(g) for g in greedy32.values())
     print(f"\nrun {run}: {sum(p.numel() for p in reference.parameters()) / 1e6:.0f}M parameters")
-    print("| quant | file MB | write s | command s | peak RSS MB | max logit diff | transformers agree | "
+    print("| quant | file MB | write s | command s (CPU s) | peak RSS MB | max logit diff | transformers agree | "
           "llama.cpp agree | llama.cpp stopped |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for quant, mb, write_s, wall_s, rss_mb, diff, hf, cpp in rows:
+    for quant, mb, write_s, wall_s, cpu_s, rss_mb, diff, hf, cpp in rows:
         cpp_cells = f"{cpp[0]}/{cpp[1]} | {cpp[2]}/5" if cpp else "- | -"
-        print(f"| {quant} | {mb:.1f} | {write_s:.0f} | {wall_s:.1f} | {rss_mb:.0f} | {diff:.3g} | {hf}/{total32} | "
-              f"{cpp_cells} |")
+        print(f"| {quant} | {mb:.1f} | {write_s:.0f} | {wall_s:.1f} ({cpu_s:.1f}) | {rss_mb:.0f} | {diff:.3g} | "
+              f"{hf}/{total32} | {cpp_cells} |")
     scale = PARAMS_8B / sum(p.numel() for p in reference.parameters())
     print(f"\n8B extrapolation (x{scale:.0f} parameters): write time "
           + ", ".join(f"{q} ~{w * scale / 60:.0f} min" for q, _, w, *_ in rows if q in ("f16", "q8_0", "q4_0"))
