@@ -198,7 +198,7 @@ class GgufExport:
         eot_id = self.tok.token_id(eot_token) if eot_token else None
         tmp = out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
         try:
-            self._write(tmp, eot_id, on_tensor)
+            self._write(tmp, out_file.stem, eot_id, on_tensor)
             os.replace(tmp, out_file)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -209,12 +209,12 @@ class GgufExport:
             tokenizer_source=self.tok.source, lora_weights=len(self.adapter.pairs) if self.adapter else 0,
         )
 
-    def _write(self, path: Path, eot_id: int | None, on_tensor: Callable[[str], None] | None) -> None:
+    def _write(self, path: Path, stem: str, eot_id: int | None, on_tensor: Callable[[str], None] | None) -> None:
         spec, tok = self.spec, self.tok
         writer = _StreamingWriter(path, spec.arch_name)
         try:
             writer.add_type(gguf.GGUFType.MODEL)
-            writer.add_name(str(spec.config.get("_name_or_path") or "model").rstrip("/").split("/")[-1])
+            writer.add_name(str(spec.config.get("_name_or_path") or stem).rstrip("/").split("/")[-1])
             add_hparams(writer, spec)
             writer.add_file_type(self.ftype)
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

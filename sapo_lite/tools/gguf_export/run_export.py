@@ -84,14 +84,18 @@ def export_run(run_dir: Path, out_file: Path, quant: str = "q8_0", adapter: str 
             no_modelfile_because = exc.message
         eot_token = end_of_turn_token(shape, stop_tokens)
         created = make_dir(out_file.parent, "--out")
+        written = False
         try:
             with writing(out_file):  # a full disk or a read-only folder: one line, and the temporary file is gone
                 report = export.write(out_file, eot_token, on_tensor)
+            written = True
             if text is not None:
                 _write_text(modelfile, text)
             elif modelfile.is_file():  # --overwrite: a Modelfile of an earlier export would not match this file
                 modelfile.unlink()
-        except BaseException:
+        except BaseException:  # the file and its Modelfile come as a pair, or not at all
+            if written:
+                out_file.unlink(missing_ok=True)
             if created is not None:
                 shutil.rmtree(created, ignore_errors=True)
             raise
