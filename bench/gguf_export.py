@@ -128,7 +128,7 @@ def main() -> None:
         files[quant] = args.workdir / f"smol.{quant}.gguf"
         output, wall_s, cpu_s, rss_mb = measured(cli("merge", str(run), "--out", str(files[quant]), "--quant", quant,
                                                      "--overwrite"))
-        exports[quant] = (float(re.search(r" in (\d+)s", output)[1]), wall_s, cpu_s, rss_mb)
+        exports[quant] = (float(re.search(r" in ([\d.]+)s", output)[1]), wall_s, cpu_s, rss_mb)
         print(f"exported {quant}", flush=True)
     torch.set_num_threads(1)
     cfg = RunDir(run).read_config()
@@ -162,7 +162,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for quant, mb, write_s, wall_s, cpu_s, rss_mb, diff, hf, cpp in rows:
         cpp_cells = f"{cpp[0]}/{cpp[1]} | {cpp[2]}/5" if cpp else "- | -"
-        print(f"| {quant} | {mb:.1f} | {write_s:.0f} | {wall_s:.1f} ({cpu_s:.1f}) | {rss_mb:.0f} | {diff:.3g} | "
+        print(f"| {quant} | {mb:.1f} | {write_s:.1f} | {wall_s:.1f} ({cpu_s:.1f}) | {rss_mb:.0f} | {diff:.3g} | "
               f"{hf}/{total32} | {cpp_cells} |")
     scale = PARAMS_8B / sum(p.numel() for p in reference.parameters())
     print(f"\n8B extrapolation (x{scale:.0f} parameters): write time "

@@ -103,7 +103,7 @@ def _export_gguf(run: Path, out: Path, quant: str | None, adapter: str, dtype: s
     types = ", ".join(f"{count} {name}" for name, count in sorted(report.tensor_types.items()))
     lines = [
         f"wrote {out}: {report.file_size / 2**20:.1f} MB, {report.quant}, {report.tensors} tensors ({types}), "
-        f"in {report.seconds:.0f}s",
+        f"in {report.seconds:.1f}s",
         f"  {adapter} adapter ({result.adapter_dir}) folded into {report.lora_weights} weights of {result.base_dir}",
         f"  tokenizer: {_tokenizer_words(report.tokenizer_source)}; chat template: the run's "
         f"({result.template_family or 'no fixed shape'}); stop tokens: {' '.join(result.stop_tokens)}",
