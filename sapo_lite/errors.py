@@ -53,6 +53,11 @@ class TrainingDiverged(SapoError):
 class StorageError(SapoError):
     """A run's file could not be written or read: full disk, read-only folder, damaged file."""
 
+
+class ExportError(SapoError):
+    """A model cannot be written in the asked format: an architecture, tokenizer, chat template or
+    quantisation type the GGUF exporter does not handle, or a missing `gguf` package."""
+
 DISK_FULL_TEXT = ("no space left on device", "database or disk is full", "disk quota exceeded")
 LOW_FREE_BYTES = 256 * 2**20  # below this, torch's "unexpected pos" is read as a full disk
 

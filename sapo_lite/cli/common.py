@@ -134,6 +134,7 @@ def quiet_libraries() -> None:
     # kernel; the gradients are right (tests/test_nf4.py compares them with the dense model).
     warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels package notice
+    logging.getLogger("gguf").setLevel(logging.ERROR)  # its tokenizer reader's notes on templates it does not use
     import datasets
     import transformers
 

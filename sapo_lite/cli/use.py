@@ -1,8 +1,10 @@
-"""`sapo-lite merge` and `generate`: from a trained run to a model people can use and look at."""
+"""`sapo-lite merge` and `generate`: from a trained run to a model people can use and look at
+(a Hugging Face folder, or one GGUF file for llama.cpp and Ollama)."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -12,32 +14,57 @@ from rich.table import Table
 from ..errors import ConfigError, RunDirError
 from .common import app, console, parse_roles, quiet_libraries, reports_errors
 
+FORMATS = ("hf", "gguf")
+
 
 @app.command()
 @reports_errors
 def merge(
     run: Annotated[Path, typer.Argument(help="Run directory (the --out of `sapo-lite train`)")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the merged model")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the merged model, or FILE.gguf for one GGUF file")],
+    output_format: Annotated[
+        str | None, typer.Option("--format", help="hf (a model folder) or gguf (llama.cpp, Ollama); a --out "
+                                 "ending in .gguf means gguf")
+    ] = None,
+    quant: Annotated[
+        str | None, typer.Option(help="GGUF weights: f16, bf16, q8_0 (default), q5_1, q5_0, q4_1, q4_0 or f32")
+    ] = None,
     adapter: Annotated[str, typer.Option(help="Adapter to merge: policy or ema")] = "policy",
-    dtype: Annotated[str, typer.Option(help="Weights dtype: bf16, fp16 or fp32")] = "bf16",
+    dtype: Annotated[str | None, typer.Option(help="Folder weights: bf16 (default), fp16 or fp32")] = None,
     nf4_roundtrip: Annotated[
         bool, typer.Option("--nf4-roundtrip", help="Merge into dequantize(quantize_nf4(W)), the weights training saw")
     ] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out")] = False,
 ) -> None:
-    """Fold an adapter into a full-precision copy of the base: a plain Hugging Face model folder.
+    """Fold an adapter into a full-precision copy of the base: a Hugging Face model folder, or one GGUF file.
 
-    Works shard by shard: peak RAM about twice the largest base shard plus the adapter (about
-    10 GB for Llama-3-8B's 5 GB shards, so 32 GB of RAM is plenty); disk about the model's size
-    at --dtype (16 GB for an 8B model in bf16).
+    The folder is written shard by shard: peak RAM about twice the largest base shard plus the
+    adapter (about 10 GB for Llama-3-8B's 5 GB shards); disk about the model's size at --dtype. The
+    GGUF file (with --out FILE.gguf) is streamed a block of rows at a time, with the chat template
+    and stop tokens training used and an Ollama Modelfile beside it (FILE.Modelfile).
     """
+    chosen = output_format or ("gguf" if out.suffix.lower() == ".gguf" else "hf")
+    if chosen not in FORMATS:
+        raise ConfigError(f"--format {output_format} is not a format merge writes", "use --format hf or --format gguf")
+    if adapter not in ("policy", "ema"):
+        raise ConfigError(f"--adapter {adapter} is not an adapter of a run", "use --adapter policy or --adapter ema")
+    if chosen == "gguf":
+        _export_gguf(run, out, quant, adapter, dtype, nf4_roundtrip, overwrite)
+        return
+    if out.suffix.lower() == ".gguf":
+        raise ConfigError(f"--out `{out}` names a GGUF file, but --format hf writes a folder",
+                          "leave out --format hf to write GGUF, or give --out a folder name such as merged/")
+    if quant is not None:
+        raise ConfigError("--quant is for GGUF files (--format gguf)", "a model folder takes --dtype bf16|fp16|fp32")
+    _merge_folder(run, out, adapter, dtype or "bf16", nf4_roundtrip, overwrite)
+
+
+def _merge_folder(run: Path, out: Path, adapter: str, dtype: str, nf4_roundtrip: bool, overwrite: bool) -> None:
     from ..models.roles import DTYPES
     from ..run.folders import check_merge_out, write_merge_marker
     from ..run.layout import RunDir
     from ..tools.merge import merge_adapter, resolve_base_dir
 
-    if adapter not in ("policy", "ema"):
-        raise ConfigError(f"--adapter {adapter} is not an adapter of a run", "use --adapter policy or --adapter ema")
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype} is not supported", f"use one of {', '.join(DTYPES)}")
     cfg = RunDir(run).read_config()
@@ -55,6 +82,50 @@ def merge(
         f"{base_dir} in {dtype}{' after an NF4 round trip' if nf4_roundtrip else ''}, {report.shards} shard(s)",
         highlight=False,
     )
+
+
+def _export_gguf(run: Path, out: Path, quant: str | None, adapter: str, dtype: str | None, nf4_roundtrip: bool,
+                 overwrite: bool) -> None:
+    if out.suffix.lower() != ".gguf":
+        raise ConfigError(f"--format gguf writes one file, and --out `{out}` does not end in .gguf",
+                          f"name the file, e.g. --out {out.with_suffix('') if out.suffix else out}.gguf")
+    if dtype is not None:
+        raise ConfigError("--dtype is for model folders (--format hf)", "a GGUF file takes --quant, e.g. --quant f16")
+    if nf4_roundtrip:
+        raise ConfigError("--nf4-roundtrip is not available for GGUF files",
+                          "merge to a folder with --nf4-roundtrip, or export the original weights (no flag)")
+    quiet_libraries()
+    from ..tools.gguf_export import export_run  # a missing `gguf` package is one line from here
+
+    with console.status("writing GGUF tensors") as status:
+        result = export_run(run, out, quant or "q8_0", adapter, overwrite=overwrite,
+                            on_tensor=lambda name: status.update(f"wrote {name}"))
+    report = result.report
+    types = ", ".join(f"{count} {name}" for name, count in sorted(report.tensor_types.items()))
+    lines = [
+        f"wrote {out}: {report.file_size / 2**20:.1f} MB, {report.quant}, {report.tensors} tensors ({types}), "
+        f"in {report.seconds:.1f}s",
+        f"  {adapter} adapter ({result.adapter_dir}) folded into {report.lora_weights} weights of {result.base_dir}",
+        f"  tokenizer: {_tokenizer_words(report.tokenizer_source)}; chat template: the run's "
+        f"({result.template_family or 'no fixed shape'}); stop tokens: {' '.join(result.stop_tokens)}",
+    ]
+    if result.modelfile is not None:
+        lines.append(f"wrote {result.modelfile}: the template for Ollama and one stop line per stop token")
+    else:
+        lines.append(f"no Modelfile: {result.no_modelfile_because}; llama.cpp uses the template inside the file")
+    lines.append("try it:")
+    lines.append(f"  llama-cli -m {out} -cnv")
+    if result.modelfile is not None:
+        name = re.sub(r"[^a-z0-9_-]+", "-", out.name.split(".")[0].lower()).strip("-") or "sapo-lite"
+        lines.append(f"  ollama create {name} -f {result.modelfile} && ollama run {name}")
+    for line in lines:
+        console.print(line, highlight=False)
+
+
+def _tokenizer_words(source: str) -> str:
+    if source.startswith("gguf:"):
+        return f"copied from {source.removeprefix('gguf:')}"
+    return "built from tokenizer.json"
 
 
 @app.command()

@@ -2,7 +2,8 @@
 and never one the user did not get from sapo-lite.
 
 A merged model folder carries MERGE_MARKER, so `merge --overwrite` replaces only folders that an
-earlier merge wrote, never a downloaded base model or any other folder.
+earlier merge wrote, never a downloaded base model or any other folder; a GGUF export replaces only
+a GGUF file.
 """
 
 from __future__ import annotations
@@ -55,14 +56,18 @@ def remove_unstarted_run(run_dir: Path, created: Path | None) -> None:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
-def check_merge_out(run_dir: Path, out: Path, overwrite: bool) -> None:
-    """`merge --out` is never inside the run being merged, nor a folder sapo-lite did not write."""
+def _check_outside_run(run_dir: Path, out: Path, example: str) -> None:
     run, target = run_dir.resolve(), out.resolve()
     if target == run or run in target.parents:
         raise RunDirError(f"--out `{out}` is inside the run `{run_dir}` being merged",
-                          "write the merged model outside the run, e.g. --out merged/")
+                          f"write the merged model outside the run, e.g. --out {example}")
     if target in run.parents:
         raise RunDirError(f"--out `{out}` holds the run `{run_dir}` being merged", "choose another --out")
+
+
+def check_merge_out(run_dir: Path, out: Path, overwrite: bool) -> None:
+    """`merge --out` is never inside the run being merged, nor a folder sapo-lite did not write."""
+    _check_outside_run(run_dir, out, "merged/")
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out `{out}` is a file", "choose a folder name for --out")
     if out.is_dir() and any(out.iterdir()):
@@ -72,6 +77,25 @@ def check_merge_out(run_dir: Path, out: Path, overwrite: bool) -> None:
             raise RunDirError(f"`{out}` was not written by `sapo-lite merge`: refusing to replace it",
                               "choose another --out")
     check_writable_dir(out, "--out")
+
+
+def check_gguf_out(run_dir: Path, out: Path, modelfile: Path, overwrite: bool) -> None:
+    """`merge --out FILE.gguf` and its Modelfile: outside the run, and an existing file replaced only with
+    --overwrite and only when it is a GGUF file (never a folder or another file that shares the name)."""
+    from ..models.gguf_base import GGUF_MAGIC
+
+    _check_outside_run(run_dir, out, out.name)
+    for path in (out, modelfile):
+        if path.is_dir():
+            raise RunDirError(f"`{path}` is a folder", "GGUF export writes files: choose another --out")
+    existing = next((path for path in (out, modelfile) if path.exists()), None)
+    if existing is not None and not overwrite:
+        raise RunDirError(f"`{existing}` already exists", "choose another --out, or pass --overwrite to replace it")
+    if out.is_file():
+        with out.open("rb") as handle:
+            if handle.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+                raise RunDirError(f"`{out}` is not a GGUF file: refusing to replace it", "choose another --out")
+    check_writable_dir(out.parent, "--out")
 
 
 def write_merge_marker(folder: Path, run_dir: Path, adapter: str, dtype: str) -> None:
