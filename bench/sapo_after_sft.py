@@ -19,8 +19,9 @@ Protocol, in this order; the held-out set is read only by the last step:
    GRID_STEPS steps, validation (100 examples carved from the training data) every 50 steps;
 2. choice: each method's learning rate is the one with the best val/constraints at GRID_STEPS
    (ties: lower val/nll); no held-out figure is looked at;
-3. final: the chosen seed-0 run resumed to BUDGETS[-1] steps (a constant rate makes that exactly
-   a longer run), and seeds 1 and 2 at the chosen rate;
+3. final: continued SFT, SAPO-DPO (the paper's loss) and the ORPO variant with the better
+   val/constraints, each at its chosen rate with seeds 1 and 2 beside the grid's seed 0 (a budget
+   in BUDGETS beyond GRID_STEPS resumes seed 0: a constant rate makes that exactly a longer run);
 4. held-out: the policy of every final run at each budget (its checkpoint at that step), the SFT
    starting adapter, and the base: bundled:instruct-eval, 200 prompts, greedy, 64 new tokens.
 
@@ -51,7 +52,7 @@ METHODS = {
     "sapo-orpo-l0.5": ["loss.name=orpo", "loss.beta=0.5"],
 }
 LRS = ("1e-4", "4e-4")
-GRID_STEPS, BUDGETS, SEEDS = 100, (100, 200), (0, 1, 2)
+GRID_STEPS, BUDGETS, SEEDS = 100, (100,), (0, 1, 2)
 COMMON = ["data.eval_path=null", "train.lr_scheduler=constant", "train.warmup_steps=3", "data.val_size=100",
           "train.eval_every=50", "train.best_metric=val/constraints", "train.save_every=50",
           "train.keep_checkpoints=10", "train.num_threads=1"]
@@ -100,6 +101,15 @@ def train(sft: Path, run: Path, method: str, lr: str, seed: int, steps: int) -> 
     walls[str(steps)] = time.perf_counter() - started
     (run / "wall.json").write_text(json.dumps(walls))
     return run
+
+
+def finalists(choice: dict[str, dict]) -> list[str]:
+    """SFT, SAPO-DPO, and of the ORPO variants the one with the best val/constraints (ties: lower val/nll)."""
+    def seen(method: str) -> dict:
+        return choice[method]["grid"][choice[method]["lr"]]
+
+    orpo = max((m for m in choice if "orpo" in m), key=lambda m: (seen(m)["val/constraints"], -seen(m)["val/nll"]))
+    return [m for m in choice if m in ("sft", "sapo-dpo", orpo)]
 
 
 def choose_lr(out: Path, method: str) -> tuple[str, dict[str, dict]]:
@@ -174,9 +184,7 @@ def table(out: Path) -> str:
             figures = json.loads(path.read_text())
             cells = [mean_spread([rate(figures, "constraints")]), mean_spread([rate(figures, "prompts_all_satisfied")])]
             lines.append("| " + " | ".join([label, "", "", *cells * len(BUDGETS), "", "", ""]) + " |")
-    for method in METHODS:
-        if method not in choice:
-            continue
+    for method in finalists(choice) if choice else []:
         lr = choice[method]["lr"]
         runs = [out / f"{method}-lr{lr}-s{seed}" for seed in SEEDS]
         cells = []
@@ -240,14 +248,17 @@ def run_all(args: argparse.Namespace) -> None:
             lr, seen = choose_lr(out, method)
             choice[method] = {"lr": lr, "grid": seen}
         (out / "choice.json").write_text(json.dumps(choice, indent=1))
-        final = [pool.submit(train, sft, out / f"{m}-lr{c['lr']}-s{seed}", m, c["lr"], seed, BUDGETS[-1])
-                 for m, c in choice.items() for seed in SEEDS]
-        for future in final:
-            future.result()
+        chosen = finalists(choice)
+        # the longest runs first, so the two workers finish together
+        final = [pool.submit(train, sft, out / f"{m}-lr{choice[m]['lr']}-s{seed}", m, choice[m]["lr"], seed,
+                             BUDGETS[-1]) for m in sorted(chosen, key=lambda m: m != "sapo-dpo") for seed in SEEDS]
         base_dir = sft / "base_model"
         scoring = [pool.submit(held_out, out / "heldout" / "base.json", base_dir, None),
                    pool.submit(held_out, out / "heldout" / "sft-stage.json", base_dir, sft / "adapters" / "best")]
-        for method, c in choice.items():
+        for future in final:
+            future.result()
+        for method in chosen:
+            c = choice[method]
             for seed in SEEDS:
                 run = out / f"{method}-lr{c['lr']}-s{seed}"
                 for budget in BUDGETS:

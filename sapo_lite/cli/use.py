@@ -60,7 +60,8 @@ def merge(
 
 
 def _merge_folder(run: Path, out: Path, adapter: str, dtype: str, nf4_roundtrip: bool, overwrite: bool) -> None:
-    from ..models.roles import DTYPES
+    from ..data.examples import install_chat_template, stop_token_ids
+    from ..models.roles import DTYPES, load_tokenizer
     from ..run.folders import check_merge_out, write_merge_marker
     from ..run.layout import RunDir
     from ..tools.merge import merge_adapter, resolve_base_dir
@@ -72,9 +73,12 @@ def _merge_folder(run: Path, out: Path, adapter: str, dtype: str, nf4_roundtrip:
     check_merge_out(run, out, overwrite)
     quiet_libraries()  # bitsandbytes announces its optional CPU kernels when --nf4-roundtrip imports it
     base_dir = resolve_base_dir(RunDir(run).base_model_name(cfg))
+    tokenizer = load_tokenizer(str(base_dir), cfg.model.trust_remote_code)
+    install_chat_template(tokenizer, cfg.data.chat_template)  # the template training rendered with
     report = merge_adapter(
         base_dir, adapter_dir, out, dtype=dtype, roundtrip=nf4_roundtrip, double_quant=cfg.model.double_quant,
         on_shard=lambda shard: console.print(f"merged {shard}", highlight=False),
+        chat_template=tokenizer.chat_template, stop_ids=stop_token_ids(tokenizer),
     )
     write_merge_marker(out, run, adapter, dtype)
     console.print(

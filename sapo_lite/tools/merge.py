@@ -124,8 +124,13 @@ def merge_adapter(
     roundtrip: bool = False,
     double_quant: bool = True,
     on_shard: Callable[[str], None] | None = None,
+    chat_template: str | None = None,
+    stop_ids: list[int] | None = None,
 ) -> MergeReport:
-    """Write base + adapter as a plain HF folder, one shard in memory at a time."""
+    """Write base + adapter as a plain HF folder, one shard in memory at a time.
+
+    chat_template and stop_ids: what training used (`data.chat_template` and its end-of-turn token),
+    written over the base's own, so the folder chats and stops the way the model was trained to."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -164,6 +169,7 @@ def merge_adapter(
         index["metadata"] = {**index.get("metadata", {}), "total_size": total_bytes}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     _copy_side_files(base_dir, tmp, dtype)
+    _write_chat_settings(tmp, chat_template, stop_ids)
     normal_permissions(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -181,3 +187,21 @@ def _copy_side_files(base_dir: Path, out_dir: Path, dtype: str) -> None:
     for name in ("generation_config.json", *TOKENIZER_FILES):
         if (base_dir / name).is_file():
             shutil.copy2(base_dir / name, out_dir / name)
+
+
+def _write_chat_settings(out_dir: Path, chat_template: str | None, stop_ids: list[int] | None) -> None:
+    """The training's template as chat_template.jinja (which transformers reads first; the copy in
+    tokenizer_config.json goes, so no reader finds two), and its stop tokens as generate()'s EOS."""
+    if chat_template:
+        (out_dir / "chat_template.json").unlink(missing_ok=True)
+        tokenizer_config = out_dir / "tokenizer_config.json"
+        if tokenizer_config.is_file():
+            settings = json.loads(tokenizer_config.read_text())
+            if settings.pop("chat_template", None) is not None:
+                tokenizer_config.write_text(json.dumps(settings, indent=2, ensure_ascii=False))
+        (out_dir / "chat_template.jinja").write_text(chat_template)
+    if stop_ids:
+        generation = out_dir / "generation_config.json"
+        settings = json.loads(generation.read_text()) if generation.is_file() else {}
+        settings["eos_token_id"] = stop_ids[0] if len(stop_ids) == 1 else list(stop_ids)
+        generation.write_text(json.dumps(settings, indent=2))

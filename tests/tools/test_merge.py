@@ -90,6 +90,24 @@ def test_merged_folder_loads_without_peft_and_keeps_the_chat_template(run, tmp_p
     assert proc.stdout.split() == ["LlamaForCausalLM", "True"]
 
 
+def test_merged_folder_chats_and_stops_as_training_did(tmp_path):
+    """A run trained in a template other than the base's: the merged folder carries the run's."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from sapo_lite.data.examples import BUILTIN_TEMPLATES, install_chat_template, stop_token_ids
+
+    zephyr_run = train_tiny(tmp_path / "zephyr", "data.chat_template=zephyr", "train.max_steps=2")
+    assert runner.invoke(app, ["merge", str(zephyr_run), "--out", str(tmp_path / "m")]).exit_code == 0
+    merged = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert merged.chat_template == BUILTIN_TEMPLATES["zephyr"]
+    assert "<|user|>" in merged.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert "chat_template" not in json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
+    trained = AutoTokenizer.from_pretrained(zephyr_run / "base_model")
+    install_chat_template(trained, "zephyr")
+    eos = GenerationConfig.from_pretrained(tmp_path / "m").eos_token_id
+    assert sorted(eos if isinstance(eos, list) else [eos]) == stop_token_ids(trained)
+
+
 def test_shard_by_shard_merge_equals_an_in_memory_merge(run, tmp_path):
     from peft import PeftModel
 
