@@ -52,7 +52,7 @@ METHODS = {
     "sapo-orpo-l0.5": ["loss.name=orpo", "loss.beta=0.5"],
 }
 LRS = ("1e-4", "4e-4")
-GRID_STEPS, BUDGETS, SEEDS = 100, (100,), (0, 1, 2)
+GRID_STEPS, BUDGETS, SEEDS = 100, (100, 200), (0, 1, 2)
 COMMON = ["data.eval_path=null", "train.lr_scheduler=constant", "train.warmup_steps=3", "data.val_size=100",
           "train.eval_every=50", "train.best_metric=val/constraints", "train.save_every=50",
           "train.keep_checkpoints=10", "train.num_threads=1"]
@@ -136,12 +136,13 @@ def score_adapter(base_dir: Path, adapter_dir: Path | None) -> dict:
     tokenizer = load_tokenizer(str(base_dir))
     install_chat_template(tokenizer, cfg.data.chat_template)
     examples = load_examples(EVAL_DATA, None, tokenizer, cfg.data, key="eval").examples[: cfg.data.eval_size]
-    model = load_base(cfg.model, str(base_dir), torch.device("cpu"))
-    role = "base"
-    if adapter_dir is not None:
-        from peft import PeftModel
+    from peft import PeftModel
 
-        model, role = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name="policy"), "policy"
+    # evaluate_role switches adapters, so the base is scored as a PeftModel with its adapter off
+    model = load_base(cfg.model, str(base_dir), torch.device("cpu"))
+    model = PeftModel.from_pretrained(model, str(adapter_dir or base_dir.parent / "adapters" / "best"),
+                                      adapter_name="policy")
+    role = "policy" if adapter_dir is not None else "base"
     started = time.perf_counter()
     score = evaluate_role(model, tokenizer, examples, role, cfg.data.eval_max_new_tokens, stop_token_ids(tokenizer))
     return {**score.to_dict(), "eval_s": time.perf_counter() - started}
