@@ -17,6 +17,7 @@ sliding-window model is accepted; `fits` says whether a call stays inside its wi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +122,17 @@ def why_not_lean(model: nn.Module) -> str | None:
     except NotLeanDecodable as exc:
         return str(exc)
     return None
+
+
+def plan_for(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> DecodePlan | None:
+    """The lean loop's plan of `model` for these prompts, or None where `generate` must decode them
+    (a model it does not cover, an empty prompt, or a sequence past the model's window)."""
+    try:
+        plan = build_plan(model)
+    except NotLeanDecodable:
+        return None
+    fits = plan.fits(max(len(p) for p in prompts) + max_new_tokens) and all(len(p) for p in prompts)
+    return plan if fits else None
 
 
 def build_plan(model: nn.Module) -> DecodePlan:

@@ -15,7 +15,7 @@ import torch
 
 from ..data.examples import Example
 from ..data.scoring import RoleScore, score_answers
-from .decode_plan import DecodePlan, NotLeanDecodable, build_plan
+from .decode_plan import plan_for
 from .decoding import lean_generate
 from .roles import acting_as
 
@@ -47,7 +47,7 @@ def generate_answers(
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        plan = _greedy_plan(model, batch, max_new_tokens) if temperature <= 0 else None
+        plan = plan_for(model, batch, max_new_tokens) if temperature <= 0 else None
         if plan is not None:
             tokens = lean_generate(plan, batch, max_new_tokens, tokenizer.pad_token_id, stop_ids, _argmax)
             answers += tokenizer.batch_decode(tokens, skip_special_tokens=True)
@@ -60,15 +60,6 @@ def generate_answers(
         answers += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     return [a.strip() for a in answers]
 
-
-def _greedy_plan(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> DecodePlan | None:
-    """The lean loop's plan of the model for these prompts, or None where `generate` must decode."""
-    try:
-        plan = build_plan(model)
-    except NotLeanDecodable:
-        return None
-    fits = plan.fits(max(len(p) for p in prompts) + max_new_tokens) and all(len(p) for p in prompts)
-    return plan if fits else None
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:

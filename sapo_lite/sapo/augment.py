@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from ..errors import TrainingDiverged
-from ..models.decode_plan import DecodePlan, NotLeanDecodable, build_plan
+from ..models.decode_plan import plan_for
 from ..models.decoding import lean_generate
 from ..models.generation import left_pad
 from ..models.sampling import sample_next
@@ -143,7 +143,7 @@ def generate_segments(
     cache and on CUDA transformers then compiles the decoding step with torch.compile (slow first
     steps, faster after).
     """
-    plan = _lean_plan(model, contexts, max_new_tokens) if decoder == "lean" else None
+    plan = plan_for(model, contexts, max_new_tokens) if decoder == "lean" else None
     try:
         if plan is not None:
             pick = partial(sample_next, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -158,15 +158,6 @@ def generate_segments(
             "lower `train.lr` and resume from the last good checkpoint with `sapo-lite train --resume RUN`",
         ) from exc
 
-
-def _lean_plan(model: torch.nn.Module, contexts: Sequence[Sequence[int]], max_new_tokens: int) -> DecodePlan | None:
-    """The lean loop's plan of the model, or None where `generate` must decode (models/decode_plan.py)."""
-    try:
-        plan = build_plan(model)
-    except NotLeanDecodable:
-        return None
-    fits = plan.fits(max(len(c) for c in contexts) + max_new_tokens) and all(len(c) for c in contexts)
-    return plan if fits else None
 
 
 def _hf_generate(model: torch.nn.Module, contexts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int,
