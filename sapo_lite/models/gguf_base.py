@@ -124,6 +124,8 @@ def gguf_base(name: str, folder: Path) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(**source)
         loaded = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
+    # transformers' GGUF reader raises ValueError/NotImplementedError for an architecture or tensor type it
+    # cannot convert, OSError for an unreadable file: each becomes one line for the user
     except (ValueError, NotImplementedError, OSError) as exc:
         raise ModelError(f"cannot load GGUF file `{path}`: {str(exc).splitlines()[0]}",
                          "use a Hugging Face model folder instead") from exc
