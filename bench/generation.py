@@ -14,6 +14,8 @@ smollm2 preset's segment; no row stops early, so all do the same work):
 - `TRL-style generate`: `generate` on the PeftModel with a left-padded batch: what TRL's online
   trainers' `_generate` calls, and sapo-lite's `sapo.decoder=hf`, the path before the lean decoder;
 - `generate, merged copy`: plain `generate` on a copy with the EMA merged into it (no peft at all);
+  both reference paths run on a copy whose weights are stored as transformers loads them (load_base
+  re-stores CPU fp32 weights for the lean loop, models/weight_layout.py);
 - `lean`: the lean decode loop, adapter unmerged (what NF4 and CUDA runs use);
 - `lean, merged`: the same inside the merged EMA phase, merge time included (what a CPU run on a
   full-precision base uses); `lean, merged, F.linear`: without the oneDNN route.
@@ -54,6 +56,8 @@ from sapo_lite.config.schema import ModelConfig  # noqa: E402
 from sapo_lite.models import matmul  # noqa: E402
 from sapo_lite.models.merged_phase import MergedAdapter  # noqa: E402
 from sapo_lite.models.roles import EMA, acting_as, attach_adapters, load_base  # noqa: E402
+from sapo_lite.models.threads import DecodeThreads  # noqa: E402
+from sapo_lite.models.weight_layout import store_transposed_for_decoding  # noqa: E402
 from sapo_lite.sapo import augment  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,7 +83,8 @@ def trl_style(model) -> Callable[[list, int, int], Timing]:
     def run(contexts, new_tokens, stop):
         stamps: list[float] = []
         tick = LogitsProcessorList([Tick(lambda: stamps.append(time.perf_counter()))])
-        with patched(model, "generate", with_processor(model.generate, tick)):
+        role = acting_as(model, EMA) if hasattr(model, "peft_config") else nullcontext()
+        with role, patched(model, "generate", with_processor(model.generate, tick)):
             start = time.perf_counter()
             augment.generate_segments(model, contexts, new_tokens, 0, [stop], **SAMPLING, decoder="hf")
         return Timing(time.perf_counter() - start, stamps[0] - start, stamps[-1] - stamps[0], len(stamps) - 1)
@@ -118,7 +123,20 @@ def with_random_adapters(base: torch.nn.Module, seed: int = 1) -> torch.nn.Modul
 
 def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
     with acting_as(model, EMA):
-        return copy.deepcopy(model).merge_and_unload().eval()
+        return as_transformers_stores_it(copy.deepcopy(model).merge_and_unload().eval())
+
+
+def as_transformers_stores_it(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every weight in torch's usual [out, in] order (load_base stores CPU fp32 weights transposed
+    for the lean loop, weight_layout.py): the reference paths run on the model as TRL would have loaded it."""
+    for param in model.parameters():
+        if not param.is_contiguous():
+            param.data = param.data.contiguous()
+    return model
+
+
+def standard_copy(model: torch.nn.Module) -> torch.nn.Module:
+    return as_transformers_stores_it(copy.deepcopy(model))
 
 
 def contexts_of(batch: int, seed: int, vocab: int) -> list[list[int]]:
@@ -179,14 +197,15 @@ def compare(title: str, model: torch.nn.Module, paths: dict[str, Callable], batc
     return figures
 
 
-def print_profile(model: torch.nn.Module, phase: MergedAdapter, new_tokens: int, repeats: int = 3) -> None:
+def print_profile(model: torch.nn.Module, standard: torch.nn.Module, phase: MergedAdapter, new_tokens: int,
+                  repeats: int = 3) -> None:
     vocab = model.get_base_model().config.vocab_size
     contexts, stop = contexts_of(4, 0, vocab), vocab + 7
-    runs = {f"before: {TRL}": lambda: profile_hf(model, contexts, new_tokens, stop, SAMPLING),
+    runs = {f"before: {TRL}": lambda: profile_hf(standard, contexts, new_tokens, stop, SAMPLING),
             "after: lean": lambda: profile_lean(model, contexts, new_tokens, stop, SAMPLING),
             "after: lean, merged": lambda: profile_lean(model, contexts, new_tokens, stop, SAMPLING, phase)}
     splits: dict[str, list[tuple[dict[str, float], float]]] = {name: [] for name in runs}
-    with acting_as(model, EMA):
+    with acting_as(model, EMA), acting_as(standard, EMA):
         for _ in range(repeats):
             for name, run in runs.items():
                 splits[name].append(run())
@@ -204,6 +223,13 @@ def print_profile(model: torch.nn.Module, phase: MergedAdapter, new_tokens: int,
     print("| whole step | " + " | ".join(f"{statistics.median(t for _, t in splits[n]):.2f} ms" for n in runs) + " |")
 
 
+def generation_threads() -> int:
+    """The count `DecodeThreads` would choose for a run training on one thread, from a 2-second look."""
+    chooser = DecodeThreads(1)
+    time.sleep(2.0)
+    return chooser.choose()
+
+
 def smollm2_folder(given: str | None, scratch: Path) -> str:
     if given:
         return given
@@ -218,46 +244,56 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--smollm2", help="a dequantised SmolLM2-135M-Instruct folder (default: built from the GGUF)")
     parser.add_argument("--no-nf4", action="store_true", help="leave out SmolLM2 in NF4 (slow on the CPU)")
+    parser.add_argument("--threads", type=int, help="torch threads for every path (default: what a training run's "
+                        "generation would take now: the cores the rest of the machine leaves idle)")
     args = parser.parse_args()
-    threads = fix_threads(1)
+    threads = fix_threads(args.threads or generation_threads())
     ceilings = Ceilings()
-    print(f"torch {torch.__version__}, {threads} thread, oneDNN linear: {matmul.onednn_usable()}, load average "
-          f"{os.getloadavg()[0]:.1f} at start; {ceilings.describe()}")
+    print(f"torch {torch.__version__}, {threads} thread{'s' if threads > 1 else ''} (every path and probe), oneDNN "
+          f"linear: {matmul.onednn_usable()}, load average {os.getloadavg()[0]:.1f} at start; {ceilings.describe()}")
     cpu = torch.device("cpu")
     bench = with_random_adapters(build_model().eval())
+    bench_standard = standard_copy(bench)
+    store_transposed_for_decoding(bench)  # as load_base stores a CPU fp32 base
     bench_phase = MergedAdapter(bench, EMA)
-    paths = {TRL: trl_style(bench), "generate, merged copy": trl_style(merged_copy(bench)), "lean": lean(bench),
-             LEAN_MERGED: lean(bench, bench_phase)}
+    paths = {TRL: trl_style(bench_standard), "generate, merged copy": trl_style(merged_copy(bench_standard)),
+             "lean": lean(bench), LEAN_MERGED: lean(bench, bench_phase)}
     for batch, seed in ((4, 1), (8, 2)):
         compare("bench model (Llama 512 x 8) fp32", bench, paths, batch, args, ceilings, seed)
-    del bench, bench_phase, paths
+    del bench, bench_standard, bench_phase, paths
     gc.collect()
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = smollm2_folder(args.smollm2, Path(scratch))
         smol = with_random_adapters(load_base(ModelConfig(quant="none", dtype="fp32"), folder, cpu))
+        smol_standard = standard_copy(smol)
         phase = MergedAdapter(smol, EMA)
-        paths = {TRL: trl_style(smol), "generate, merged copy": trl_style(merged_copy(smol)), "lean": lean(smol),
+        paths = {TRL: trl_style(smol_standard), "generate, merged copy": trl_style(merged_copy(smol_standard)),
+                 "lean": lean(smol),
                  LEAN_MERGED: lean(smol, phase), "lean, merged, F.linear": lean(smol, phase, onednn=False)}
         smol4 = compare("SmolLM2-135M fp32", smol, paths, 4, args, ceilings, seed=0)[LEAN_MERGED]
         del paths["lean, merged, F.linear"]
         compare("SmolLM2-135M fp32", smol, paths, 8, args, ceilings, seed=3)
-        print_profile(smol, phase, args.new_tokens)
-        del smol, phase, paths
+        print_profile(smol, smol_standard, phase, args.new_tokens)
+        del smol, smol_standard, phase, paths
         gc.collect()
         if not args.no_nf4:
-            nf4 = with_random_adapters(load_base(ModelConfig(quant="nf4", dtype="fp32"), folder, cpu))
+            nf4_config = ModelConfig(quant="nf4", dtype="fp32")
+            nf4 = with_random_adapters(load_base(nf4_config, folder, cpu))
+            nf4_standard = as_transformers_stores_it(with_random_adapters(load_base(nf4_config, folder, cpu)))
             nf4_args = argparse.Namespace(**{**vars(args), "rounds": min(args.rounds, 2)})
-            compare("SmolLM2-135M NF4 (bitsandbytes, CPU)", nf4, {TRL: trl_style(nf4), "lean": lean(nf4)}, 4,
+            compare("SmolLM2-135M NF4 (bitsandbytes, CPU)", nf4, {TRL: trl_style(nf4_standard), "lean": lean(nf4)}, 4,
                     nf4_args, ceilings, seed=0)
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end; {ceilings.describe()}")
-    # against the best bandwidth seen in the whole run, which may have come after SmolLM2's own rounds
-    ceiling = ceilings.bandwidth / smol4["step_bytes"] * smol4["batch"]
+    # shares of the bandwidth measured during SmolLM2's own rounds (same load); the best seen in the whole
+    # run, possibly one fast probe under other conditions, beside it
+    best_ceiling = ceilings.bandwidth / smol4["step_bytes"] * smol4["batch"]
+    decode = statistics.median(smol4["decode"])
     print(f"SmolLM2 fp32, batch 4, {LEAN_MERGED}: decode {spread(smol4['decode'])} tokens/s, "
-          f"{statistics.median(smol4['decode']) / ceiling:.0%} of a {ceiling:.0f} tokens/s ceiling at the run's best "
-          f"bandwidth ({smol4['in_round_share']:.0%} of the bandwidth during its rounds); whole call "
-          f"{spread(smol4['speedup'], 2, 'x')} {TRL}'s tokens/s")
-    print(f"decode_roofline_share: {statistics.median(smol4['decode']) / ceiling:.2f}")
+          f"{smol4['in_round_share']:.0%} of the ceiling at the bandwidth measured during its rounds "
+          f"({decode / best_ceiling:.0%} of a {best_ceiling:.0f} tokens/s ceiling at the best bandwidth of the run); "
+          f"whole call {spread(smol4['speedup'], 2, 'x')} {TRL}'s tokens/s")
+    print(f"decode_roofline_share: {smol4['in_round_share']:.2f}")
     print(f"speedup_vs_trl_generate: {statistics.median(smol4['speedup']):.2f}")
 
 

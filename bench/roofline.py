@@ -3,9 +3,9 @@
 Decoding a token for a batch reads every weight once: at batch B its ceiling is bandwidth / (bytes of
 weights a step) * B tokens/s. Prefill is matmul-bound: its ceiling is matmul FLOP/s / (2 x the
 multiply-adds of the decoder layers' linear layers a token). The machine is shared, so bandwidth and
-FLOP/s are probed between rounds: a table's shares are of what the probes during its own rounds saw
-(median), and the summary's share is of the best bandwidth seen anywhere in the run (start-up and every
-probe), the conservative figure.
+FLOP/s are probed between rounds (each probe the best of 3 trials): a share is of what the probes during
+its own rounds saw (median), a ratio of two things measured under the same load; the summary also gives
+the share of the best bandwidth seen anywhere in the run, which a single fast probe can set.
 """
 
 from __future__ import annotations
@@ -35,16 +35,26 @@ class Ceilings:
         for _ in range(reps):
             self.probe()
 
-    def probe(self) -> None:
-        start = time.perf_counter()
-        self._target.copy_(self._source)
-        self.copy_gb_s.append(2 * self._source.numel() * 4 / (time.perf_counter() - start) / GB)
-        start = time.perf_counter()
-        self._source.sum()
-        self.read_gb_s.append(self._source.numel() * 4 / (time.perf_counter() - start) / GB)
+    def probe(self, trials: int = 3) -> None:
+        """One figure each: the best of `trials` back-to-back timings (as STREAM reports), so that a probe
+        that happened to be preempted does not lower the ceiling of its rounds."""
+        self.copy_gb_s.append(2 * self._source.numel() * 4 / self._best_of(trials, self._copy) / GB)
+        self.read_gb_s.append(self._source.numel() * 4 / self._best_of(trials, self._source.sum) / GB)
         start = time.perf_counter()
         matmul_t(self._a, self._b)  # the route the lean loop's matmuls take (oneDNN where usable)
         self.gflop_s.append(2 * 2048**3 / (time.perf_counter() - start) / GB)
+
+    def _copy(self) -> None:
+        self._target.copy_(self._source)
+
+    @staticmethod
+    def _best_of(trials: int, work) -> float:
+        best = float("inf")
+        for _ in range(trials):
+            start = time.perf_counter()
+            work()
+            best = min(best, time.perf_counter() - start)
+        return best
 
     def during(self, first: int) -> tuple[float, float]:
         """Median bandwidth (bytes/s; the better of each probe's copy and read) and FLOP/s of probes `first`..."""

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .weight_layout import side_by_side
+
 LEAN_ARCHITECTURES = {"llama": "Llama", "mistral": "Mistral"}  # model_type -> class-name prefix
 # Generation-config fields that make `generate` add a logits processor the lean sampler does not
 # apply; each is compared with transformers' default.
@@ -56,16 +58,21 @@ class Projection:
 class ProjectionGroup:
     """Projections that read the same input (q/k/v, gate/up), outputs side by side in one tensor.
 
-    When every part has an adapter, their A matrices are stacked so the group's LoRA input
-    projection is one matmul (x @ cat(A)^T), and each part adds its own B @ (rows of that)."""
+    When the base weights lie side by side in one buffer (`weight_layout.py`), `joined` is that
+    buffer as one weight: the group's base projection is one matmul. When every part has an
+    adapter, their A matrices are stacked so the group's LoRA input projection is one matmul
+    (x @ cat(A)^T), and each part adds its own B @ (rows of that)."""
 
     parts: list[Projection]
     width: int = 0
+    joined: torch.Tensor | None = None
     stacked_a: torch.Tensor | None = None
     rank_slices: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.width = sum(p.out_features for p in self.parts)
+        if all(p.weight is not None and p.bias is None for p in self.parts):
+            self.joined = side_by_side([p.weight for p in self.parts])
         loras = [p.lora for p in self.parts]
         if all(lora is not None for lora in loras) and len({lora[0].dtype for lora in loras}) == 1:
             self.stacked_a = torch.cat([lora[0] for lora in loras]) if len(loras) > 1 else loras[0][0]

@@ -138,6 +138,9 @@ def project(x: torch.Tensor, group: ProjectionGroup) -> torch.Tensor:
 
 
 def project_base(x: torch.Tensor, group: ProjectionGroup, out: torch.Tensor) -> None:
+    if group.joined is not None:  # q/k/v or gate/up side by side in memory: one matmul
+        linear_into(x, group.joined, out)
+        return
     start = 0
     for part in group.parts:
         y = out[:, start : start + part.out_features]

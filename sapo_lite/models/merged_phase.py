@@ -30,7 +30,7 @@ class MergedAdapter:
 
     def __init__(self, model: nn.Module, adapter: str) -> None:
         self.model, self.adapter = model, adapter
-        self._scratch: dict[int, torch.Tensor] = {}
+        self._scratch: dict[tuple[str, int], torch.Tensor] = {}  # kept between phases
         self._swapped: list[tuple[nn.Module, nn.Parameter, torch.Tensor]] = []
 
     def mergeable_layers(self) -> list[nn.Module]:
@@ -52,25 +52,53 @@ class MergedAdapter:
     @torch.no_grad()
     def __enter__(self) -> MergedAdapter:
         try:
-            for layer in self.mergeable_layers():
+            layers = self.mergeable_layers()
+            scratch = self._scratch_views(layers)
+            for layer in layers:
                 if list(layer.active_adapters) != [self.adapter]:
                     raise RuntimeError(f"merging adapter `{self.adapter}` needs it to be the only active one "
                                        f"(active: {list(layer.active_adapters)})")
                 weight = layer.get_base_layer().weight
-                scratch = self._scratch.get(id(layer))
-                if scratch is None or scratch.shape != weight.shape or scratch.dtype != weight.dtype:
-                    scratch = self._scratch[id(layer)] = torch.empty_like(weight.data)
                 a = layer.lora_A[self.adapter].weight.to(weight.dtype)
                 b = layer.lora_B[self.adapter].weight.to(weight.dtype)
                 # W + s * B @ A in one addmm; W itself is only read
-                torch.addmm(weight.data, b, a, alpha=float(layer.scaling[self.adapter]), out=scratch)
+                torch.addmm(weight.data, b, a, alpha=float(layer.scaling[self.adapter]), out=scratch[id(layer)])
                 self._swapped.append((layer, weight, weight.data))
-                weight.data = scratch
+                weight.data = scratch[id(layer)]
                 layer.merged_adapters.append(self.adapter)
         except BaseException:
             self._restore()
             raise
         return self
+
+    def _scratch_views(self, layers: list[nn.Module]) -> dict[int, torch.Tensor]:
+        """Per layer a scratch tensor laid out as its base weight: where the weights of several layers
+        fill one buffer together (q/k/v side by side, `weight_layout.py`), views of one scratch buffer
+        of the same shape, so the merged weights lie side by side too; else a tensor of its own."""
+        by_storage: dict[int, list[torch.Tensor]] = {}
+        for layer in layers:
+            weight = layer.get_base_layer().weight.data
+            by_storage.setdefault(weight.untyped_storage().data_ptr(), []).append(weight)
+        views: dict[int, torch.Tensor] = {}
+        for layer in layers:
+            weight = layer.get_base_layer().weight.data
+            storage = weight.untyped_storage()
+            sharing = by_storage[storage.data_ptr()]
+            if len(sharing) > 1 and sum(w.numel() for w in sharing) * weight.element_size() == storage.nbytes():
+                flat = self._kept(("buffer", storage.data_ptr()), storage.nbytes() // weight.element_size(), weight)
+                views[id(layer)] = flat.as_strided(weight.shape, weight.stride(), weight.storage_offset())
+            else:
+                kept = self._scratch.get(("layer", id(layer)))
+                if kept is None or kept.shape != weight.shape or kept.dtype != weight.dtype:
+                    kept = self._scratch["layer", id(layer)] = torch.empty_like(weight)  # its strides too
+                views[id(layer)] = kept
+        return views
+
+    def _kept(self, key: tuple[str, int], numel: int, like: torch.Tensor) -> torch.Tensor:
+        flat = self._scratch.get(key)
+        if flat is None or flat.numel() != numel or flat.dtype != like.dtype:
+            flat = self._scratch[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return flat
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  traceback: TracebackType | None) -> None:

@@ -214,7 +214,7 @@ def _add_new_pairs(session: TrainSession, buffer: ReplayBuffer, loss_spec: LossS
     else:  # the EMA rewrites a segment of each new good response
         sampling = {"temperature": cfg.sapo.temperature, "top_k": cfg.sapo.top_k, "top_p": cfg.sapo.top_p}
         # merged for the whole round (resampled rewrites too), the base weights back exactly after it
-        with acting_as(model, EMA), session.merged_ema or contextlib.nullcontext():
+        with acting_as(model, EMA), session.merged_ema or contextlib.nullcontext(), session.generating():
             new = self_augment(
                 model, examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id, session.stop_ids,
                 session.data_rng, cfg.sapo.gen_batch_size, sampling, cfg.sapo.static_cache, cfg.sapo.decoder,
@@ -323,10 +323,11 @@ def _fill_missing_reference(session: TrainSession, buffer: ReplayBuffer, batch) 
 def _held_out_score(session: TrainSession, role: str, console: Console, run_dir: Path) -> float | None:
     if not session.eval_examples or not session.processes.is_main:
         return None
-    score = evaluate_role(
-        session.model, session.tokenizer, session.eval_examples, role,
-        session.cfg.data.eval_max_new_tokens, session.stop_ids,
-    )
+    with session.generating():
+        score = evaluate_role(
+            session.model, session.tokenizer, session.eval_examples, role,
+            session.cfg.data.eval_max_new_tokens, session.stop_ids,
+        )
     console.print(f"{score.describe()} ({session.eval_source})", highlight=False)
     record_held_out(run_dir, score)
     return score.headline

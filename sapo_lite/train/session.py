@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import resource
 import sys
@@ -32,7 +33,7 @@ from ..models.roles import (
     policy_parameters,
     training_mode,
 )
-from ..models.threads import apply_threads
+from ..models.threads import DecodeThreads, apply_threads
 from ..models.tiny import TINY_NAME, build_tiny_base
 from ..run.folders import normal_permissions
 from ..run.layout import RunDir
@@ -101,6 +102,11 @@ class TrainSession:
     processes: Processes = SINGLE
     score: Callable[..., Any] = response_token_logps  # the training forward (through DDP with several processes)
     merged_ema: MergedAdapter | None = None  # the EMA merged for generation (`ema_generation`), else unmerged
+    decode_threads: DecodeThreads | None = None  # CPU threads raised for generating, when chosen automatically
+
+    def generating(self) -> contextlib.AbstractContextManager:
+        """Around every generation (rewrites, greedy answers): the idle cores' threads on the CPU."""
+        return self.decode_threads or contextlib.nullcontext()
 
     def decode_pairs(self, pairs: Sequence[Any], count: int = 3) -> list[tuple[str, str, str]]:
         """(prompt, chosen response, rejected response) texts of the first `count` pairs."""
@@ -127,7 +133,12 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
     seed_everything(cfg.train.seed)
     processes = start_processes()
     device = processes.device
+    decode_threads = None
     if threads_line := apply_threads(cfg.train.num_threads, device):
+        if device.type == "cpu" and cfg.train.num_threads is None:
+            decode_threads = DecodeThreads(torch.get_num_threads())
+            if decode_threads.cores > decode_threads.train_threads:
+                threads_line += f"; generating: up to {decode_threads.cores} while the other cores are idle"
         console.print(threads_line)
     with processes.main_first():  # the tiny base is built once, into the run directory
         model_name = resolve_model_name(cfg, run_dir)
@@ -200,6 +211,7 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         processes=processes,
         score=processes.data_parallel(model, cfg.train.grad_accum),
         merged_ema=merged_ema,
+        decode_threads=decode_threads,
     )
 
 

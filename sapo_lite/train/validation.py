@@ -121,7 +121,7 @@ class Validation:
                 store = ReplayBuffer(path, capacity=len(self.examples))
                 sampling = {"temperature": cfg.sapo.temperature, "top_k": cfg.sapo.top_k, "top_p": cfg.sapo.top_p}
                 rng = random_stream(cfg.train.seed, "validation", 1)
-                with torch.random.fork_rng(devices=[]), acting_as(session.model, EMA):
+                with torch.random.fork_rng(devices=[]), acting_as(session.model, EMA), session.generating():
                     torch.manual_seed(int(rng.integers(2**31)))
                     new = self_augment(
                         session.model, self.examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id,
@@ -160,8 +160,9 @@ class Validation:
                    "val/margin": float(np.mean(margins))}
         if self.has_constraints:
             s = self.session
-            score = evaluate_role(s.model, s.tokenizer, self.examples, POLICY, s.cfg.data.eval_max_new_tokens,
-                                  s.stop_ids)
+            with s.generating():
+                score = evaluate_role(s.model, s.tokenizer, self.examples, POLICY, s.cfg.data.eval_max_new_tokens,
+                                      s.stop_ids)
             figures["val/constraints"] = score.constraints.rate
         figures["val_s"] = time.perf_counter() - started
         return figures

@@ -19,7 +19,7 @@ TINY = ["--preset", "tiny", "data.eval_path=null", "train.max_steps=3", "sapo.ge
 def train_watching_generation(tmp_path, monkeypatch, *overrides):
     """Train the tiny model; return its session, its base weights at setup and, per generation round,
     whether the EMA was merged and which decoder ran."""
-    seen: dict = {"rounds": [], "hf_calls": 0}
+    seen: dict = {"rounds": [], "hf_calls": 0, "threads": []}
     real_setup, real_augment, real_hf = (sapo_lite.train.loop.setup_session, sapo_lite.train.loop.self_augment,
                                          augment._hf_generate)
 
@@ -30,6 +30,7 @@ def train_watching_generation(tmp_path, monkeypatch, *overrides):
 
     def watched_augment(model, *args, **kwargs):
         seen["rounds"].append(any(getattr(m, "merged_adapters", None) for m in model.modules()))
+        seen["threads"].append(torch.get_num_threads())
         return real_augment(model, *args, **kwargs)
 
     def watched_hf(*args, **kwargs):
@@ -77,3 +78,41 @@ def test_static_cache_asks_for_the_hf_decoder():
     with pytest.raises(ConfigError, match="set sapo.decoder=hf"):
         load_config("tiny", overrides=["sapo.static_cache=true"])
     assert load_config("tiny", overrides=["sapo.static_cache=true", "sapo.decoder=hf"]).sapo.static_cache
+
+
+@pytest.fixture
+def idle_two_core_machine(monkeypatch):
+    """threads.py sees 2 cores and nobody else working: every look 2 s later, the machine exactly as busy
+    as this process."""
+    from sapo_lite.models import threads
+
+    clock = {"wall": 0.0}
+
+    def cpu_times():
+        clock["wall"] += 2.0
+        return clock["wall"], 0.0, 0.0
+
+    monkeypatch.setattr(threads, "cpu_times", cpu_times)
+    monkeypatch.setattr(threads, "physical_cores", lambda: 2)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_generation_takes_the_idle_core_and_training_keeps_one(tmp_path, monkeypatch, idle_two_core_machine):
+    updates: list[int] = []
+    real_update = sapo_lite.train.loop._policy_update
+
+    def watched_update(*args, **kwargs):
+        updates.append(torch.get_num_threads())
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(sapo_lite.train.loop, "_policy_update", watched_update)
+    seen = train_watching_generation(tmp_path, monkeypatch)
+    assert seen["threads"] == [2, 2, 2] and updates == [1, 1, 1]
+
+
+def test_an_explicit_thread_count_holds_for_generation_too(tmp_path, monkeypatch, idle_two_core_machine):
+    seen = train_watching_generation(tmp_path, monkeypatch, "train.num_threads=1")
+    assert seen["threads"] == [1, 1, 1] and seen["session"].decode_threads is None
