@@ -91,8 +91,9 @@ def evaluate_run(
                   f"{dropped if tokenized.dropped_long_prompt else ''}, greedy, at most {new_tokens} new tokens",
                   highlight=False)
     scores = {}
-    for role in roles:
-        scores[role] = evaluate_role(loaded.model, loaded.tokenizer, examples, role, new_tokens, loaded.stop_ids)
+    with loaded.generating():
+        for role in roles:
+            scores[role] = evaluate_role(loaded.model, loaded.tokenizer, examples, role, new_tokens, loaded.stop_ids)
     wall_s = time.perf_counter() - started
 
     report = {

@@ -182,7 +182,7 @@ def generate(
     prompt_ids = [loaded.prompt_ids(text) for text in prompts]
     answers = {}
     for role in roles:
-        with contextlib.nullcontext() if plain else acting_as(loaded.model, role):
+        with contextlib.nullcontext() if plain else acting_as(loaded.model, role), loaded.generating():
             answers[role] = generate_answers(
                 loaded.model, loaded.tokenizer, prompt_ids, max_new_tokens, loaded.stop_ids, temperature
             )

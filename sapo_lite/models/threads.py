@@ -86,6 +86,18 @@ def apply_threads(requested: int | None, device: torch.device) -> str | None:
     return f"CPU threads: {threads} (auto: {why}; set train.num_threads to choose)"
 
 
+def choose_threads(requested: int | None, device: torch.device) -> tuple[str | None, DecodeThreads | None]:
+    """`apply_threads`, plus the chooser for generating when the count is automatic on the CPU; the line
+    to print says both."""
+    line = apply_threads(requested, device)
+    if line is None or requested or device.type != "cpu":
+        return line, None
+    decode = DecodeThreads(torch.get_num_threads())
+    if decode.cores > decode.train_threads:
+        line += f"; generating: up to {decode.cores} while the other cores are idle"
+    return line, decode
+
+
 def decode_thread_count(train_threads: int, cores: int, others_busy: float, slack: float = 0.25) -> int:
     """Threads for a generation phase: the cores others left idle (`others_busy` cores' worth of their
     work), never fewer than training's own count; a core counts as idle when others took at most `slack` of it."""

@@ -3,6 +3,7 @@ a plain model folder (a `merge` output, a downloaded model) with the tokenizer a
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from ..config.schema import ModelConfig
 from ..data.examples import install_chat_template, render_prompt_ids, stop_token_ids
 from ..errors import ModelError
 from ..models.roles import POLICY, load_base, load_tokenizer, pick_device
-from ..models.threads import apply_threads
+from ..models.threads import DecodeThreads, choose_threads
 from ..run.layout import RunDir
 
 
@@ -22,6 +23,11 @@ class RunModel:
     model: Any
     tokenizer: Any
     stop_ids: list[int]
+    decode_threads: DecodeThreads | None = None
+
+    def generating(self) -> contextlib.AbstractContextManager:
+        """Around answering: the idle cores' threads on the CPU when the count is automatic."""
+        return self.decode_threads or contextlib.nullcontext()
 
     def prompt_ids(self, text: str) -> list[int]:
         return render_prompt_ids(self.tokenizer, [{"role": "user", "content": text}])
@@ -35,7 +41,8 @@ def open_run(run_dir: Path, adapters: list[str]) -> RunModel:
     names = [a for a in adapters if a != "base"] or [POLICY]  # peft needs one adapter to wrap the base
     # Checked before anything is printed or loaded, so a damaged adapter is the only line a user sees.
     adapter_dirs = {adapter: str(RunDir(run_dir).adapter_to_load(adapter)) for adapter in names}
-    if threads_line := apply_threads(cfg.train.num_threads, pick_device()):
+    threads_line, decode_threads = choose_threads(cfg.train.num_threads, pick_device())
+    if threads_line:
         Console(stderr=True).print(threads_line, highlight=False)  # stdout stays the answers
     name = RunDir(run_dir).base_model_name(cfg)
     tokenizer = load_tokenizer(name, cfg.model.trust_remote_code)
@@ -45,7 +52,7 @@ def open_run(run_dir: Path, adapters: list[str]) -> RunModel:
     for adapter in names[1:]:
         model.load_adapter(adapter_dirs[adapter], adapter_name=adapter)
     model.eval()
-    return RunModel(model, tokenizer, stop_token_ids(tokenizer))
+    return RunModel(model, tokenizer, stop_token_ids(tokenizer), decode_threads)
 
 
 def is_model_folder(folder: Path) -> bool:
@@ -61,8 +68,9 @@ def open_model_folder(folder: Path) -> RunModel:
         raise ModelError(f"the model folder `{folder}` carries no chat template, so prompts cannot be put in one",
                          "add its chat_template.jinja (or `chat_template` in tokenizer_config.json) to the folder")
     install_chat_template(tokenizer, None)  # its own template, checked for syntax
-    if threads_line := apply_threads(None, pick_device()):  # after the checks: an error is the only line
+    threads_line, decode_threads = choose_threads(None, pick_device())  # after the checks: an error is the only line
+    if threads_line:
         Console(stderr=True).print(threads_line, highlight=False)
     model = load_base(ModelConfig(name=str(folder), quant="none"), str(folder), pick_device())
     model.eval()
-    return RunModel(model, tokenizer, stop_token_ids(tokenizer))
+    return RunModel(model, tokenizer, stop_token_ids(tokenizer), decode_threads)

@@ -213,8 +213,9 @@ def _add_new_pairs(session: TrainSession, buffer: ReplayBuffer, loss_spec: LossS
         figures = {"pairs/identical": math.nan, "pairs/cut_off": math.nan, "pairs/added": float(len(pairs))}
     else:  # the EMA rewrites a segment of each new good response
         sampling = {"temperature": cfg.sapo.temperature, "top_k": cfg.sapo.top_k, "top_p": cfg.sapo.top_p}
-        # merged for the whole round (resampled rewrites too), the base weights back exactly after it
-        with acting_as(model, EMA), session.merged_ema or contextlib.nullcontext(), session.generating():
+        # merged for the whole round (resampled rewrites too), the base weights back exactly after it; the
+        # idle cores' threads from the merge on
+        with acting_as(model, EMA), session.generating(), session.merged_ema or contextlib.nullcontext():
             new = self_augment(
                 model, examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id, session.stop_ids,
                 session.data_rng, cfg.sapo.gen_batch_size, sampling, cfg.sapo.static_cache, cfg.sapo.decoder,

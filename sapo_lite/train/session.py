@@ -33,7 +33,7 @@ from ..models.roles import (
     policy_parameters,
     training_mode,
 )
-from ..models.threads import DecodeThreads, apply_threads
+from ..models.threads import DecodeThreads, choose_threads
 from ..models.tiny import TINY_NAME, build_tiny_base
 from ..run.folders import normal_permissions
 from ..run.layout import RunDir
@@ -133,12 +133,8 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
     seed_everything(cfg.train.seed)
     processes = start_processes()
     device = processes.device
-    decode_threads = None
-    if threads_line := apply_threads(cfg.train.num_threads, device):
-        if device.type == "cpu" and cfg.train.num_threads is None:
-            decode_threads = DecodeThreads(torch.get_num_threads())
-            if decode_threads.cores > decode_threads.train_threads:
-                threads_line += f"; generating: up to {decode_threads.cores} while the other cores are idle"
+    threads_line, decode_threads = choose_threads(cfg.train.num_threads, device)
+    if threads_line:
         console.print(threads_line)
     with processes.main_first():  # the tiny base is built once, into the run directory
         model_name = resolve_model_name(cfg, run_dir)
