@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .decode_plan import DecodePlan, LayerPlan, ProjectionGroup
-from .matmul import linear_into
+from .matmul import linear_into, matmul_t
 
 Picker = Callable[[torch.Tensor], torch.Tensor]  # [B, V] fp32 logits -> [B] token ids
 
@@ -130,17 +130,19 @@ def _logits(plan: DecodePlan, h_last: torch.Tensor) -> torch.Tensor:
 
 def project(x: torch.Tensor, group: ProjectionGroup) -> torch.Tensor:
     """[M, group.width]: every projection of the group applied to x, base and adapter."""
-    out = torch.empty(x.shape[0], group.width, dtype=x.dtype, device=x.device)
-    project_base(x, group, out)
+    out = project_base(x, group)
     if any(part.lora is not None for part in group.parts):
         project_lora(x, group, out)
     return out
 
 
-def project_base(x: torch.Tensor, group: ProjectionGroup, out: torch.Tensor) -> None:
-    if group.joined is not None:  # q/k/v or gate/up side by side in memory: one matmul
-        linear_into(x, group.joined, out)
-        return
+def project_base(x: torch.Tensor, group: ProjectionGroup) -> torch.Tensor:
+    """The base projections' output, a fresh tensor: one matmul where the group's weights are one
+    (`joined`, or a single projection), else each part into its columns."""
+    single = group.parts[0] if len(group.parts) == 1 else None
+    if group.joined is not None or (single is not None and single.weight is not None and single.bias is None):
+        return matmul_t(x, group.joined if group.joined is not None else single.weight)
+    out = torch.empty(x.shape[0], group.width, dtype=x.dtype, device=x.device)
     start = 0
     for part in group.parts:
         y = out[:, start : start + part.out_features]
@@ -151,6 +153,7 @@ def project_base(x: torch.Tensor, group: ProjectionGroup, out: torch.Tensor) -> 
         else:
             y.copy_(part.module(x))
         start += part.out_features
+    return out
 
 
 def project_lora(x: torch.Tensor, group: ProjectionGroup, out: torch.Tensor) -> None:
