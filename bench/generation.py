@@ -223,6 +223,12 @@ def print_profile(model: torch.nn.Module, standard: torch.nn.Module, phase: Merg
     print("| whole step | " + " | ".join(f"{statistics.median(t for _, t in splits[n]):.2f} ms" for n in runs) + " |")
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a thread count (a whole number, 1 or more)")
+    return int(text)
+
+
 def generation_threads() -> int:
     """The count `DecodeThreads` would choose for a run training on one thread, from a 2-second look."""
     chooser = DecodeThreads(1)
@@ -244,7 +250,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--smollm2", help="a dequantised SmolLM2-135M-Instruct folder (default: built from the GGUF)")
     parser.add_argument("--no-nf4", action="store_true", help="leave out SmolLM2 in NF4 (slow on the CPU)")
-    parser.add_argument("--threads", type=int, help="torch threads for every path (default: what a training run's "
+    parser.add_argument("--threads", type=positive, help="torch threads for every path (default: what a training run's "
                         "generation would take now: the cores the rest of the machine leaves idle)")
     args = parser.parse_args()
     threads = fix_threads(args.threads or generation_threads())

@@ -10,7 +10,7 @@ because threads that wait for a core stall every matrix multiply. The rule:
 
 A generation phase may use more (`DecodeThreads`): decoding a few rows streams every weight from
 memory, and one core cannot draw the machine's bandwidth alone (SmolLM2 fp32, batch 4: every matmul
-of a decode step at 24.9 GB/s on one thread, 37.9 on two, bench/generation.py). So when the rest of
+of a decode step, timed alone, at 24.9 GB/s on one thread, 37.9 on two). So when the rest of
 the machine left cores idle over the last stretch (measured: all CPUs' busy time from /proc/stat,
 minus this process's own), generation takes them and gives them back after; training keeps its
 count, and a machine that is busy keeps the count it had.

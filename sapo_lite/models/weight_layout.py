@@ -3,10 +3,11 @@
 A decode step multiplies a few rows by every weight, so its speed is how fast the weights stream
 from memory. oneDNN's small-batch linear (`matmul.py`) streams a weight stored as [in, out] (a
 `.t()` view of a contiguous [in, out] tensor) much closer to the memory bandwidth than one stored as
-torch's usual [out, in]: SmolLM2-135M fp32, batch 4, every matmul of a decode step, 24.9 GB/s
-against 16.6 at 1 thread and 37.9 against 28.8 at 2 (this machine copies memory at about 40 GB/s;
-bench/generation.py). For batches of hundreds of rows (training, prefill) the layouts run at the
-same speed, and `F.linear` (MKL) accepts any of them without a copy.
+torch's usual [out, in]: SmolLM2-135M fp32, batch 4, the matmuls of a decode step timed alone,
+24.9 GB/s against 16.6 at 1 thread and 37.9 against 28.8 at 2 (this machine copies memory at about
+40 GB/s); the whole decode step gains less (bench/generation.py). For batches of hundreds of rows
+(training, prefill) the layouts run at the same speed, and `F.linear` (MKL) accepts any of them
+without a copy.
 
 So a CPU base in fp32 gets every frozen `nn.Linear` weight re-stored once at load: each tensor keeps
 its shape [out, in] and its values, only the memory order changes. The projections that read the same
