@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .matmul import packed_copy
 from .weight_layout import side_by_side
 
 LEAN_ARCHITECTURES = {"llama": "Llama", "mistral": "Mistral"}  # model_type -> class-name prefix
@@ -64,6 +65,7 @@ class ProjectionGroup:
     (x @ cat(A)^T), and each part adds its own B @ (rows of that)."""
 
     parts: list[Projection]
+    packed: torch.Tensor | None = None  # oneDNN's own layout of a frozen, unadapted weight (the head)
     width: int = 0
     joined: torch.Tensor | None = None
     stacked_a: torch.Tensor | None = None
@@ -163,7 +165,7 @@ def build_plan(model: nn.Module) -> DecodePlan:
         embed=inner.embed_tokens,
         rotary=inner.rotary_emb,
         final_norm=_norm(inner.norm, prefix),
-        head=ProjectionGroup([_projection(lm.lm_head)]),
+        head=_head(lm.lm_head),
         layers=layers,
         n_heads=int(config.num_attention_heads),
         n_kv_heads=int(config.num_key_value_heads),
@@ -172,6 +174,14 @@ def build_plan(model: nn.Module) -> DecodePlan:
         dtype=inner.embed_tokens.weight.dtype,
         sliding_window=getattr(config, "sliding_window", None),
     )
+
+
+def _head(module: nn.Module) -> ProjectionGroup:
+    """The output head; one no adapter touches (not a LoRA layer, so never merged into) is frozen for the
+    whole run, and the loop reads oneDNN's packed copy of it (`matmul.packed_copy`)."""
+    head = _projection(module)
+    frozen = not _is_lora_layer(module) and head.weight is not None and head.bias is None
+    return ProjectionGroup([head], packed=packed_copy(head.weight) if frozen else None)
 
 
 def _check_generation_config(lm: nn.Module) -> None:

@@ -8,7 +8,7 @@ from helpers import hf_tokens, random_contexts, tiny_mistral, with_random_adapte
 from sapo_lite.config.schema import ModelConfig
 from sapo_lite.models import matmul
 from sapo_lite.models.decode_plan import build_plan, why_not_lean
-from sapo_lite.models.decoding import lean_generate, prefill
+from sapo_lite.models.decoding import kv_cache, lean_generate, prefill
 from sapo_lite.models.generation import left_pad
 from sapo_lite.models.roles import EMA, POLICY, load_base
 from sapo_lite.models.sampling import greedy
@@ -88,9 +88,9 @@ def test_packed_prefill_logits_equal_the_models(llama):
     with torch.no_grad():
         expected = llama(input_ids=ids, attention_mask=mask).logits[:, -1]
     plan = build_plan(llama)
-    keys = torch.zeros(len(plan.layers), 3, plan.n_kv_heads, 20, plan.head_dim)
+    keys, values = kv_cache(plan, 3, 20)
     with torch.inference_mode():
-        ours = prefill(plan, contexts, ids.shape[1], keys, torch.zeros_like(keys))
+        ours = prefill(plan, contexts, ids.shape[1], keys, values)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -127,3 +127,37 @@ def test_a_block_of_a_wider_buffer_multiplies_correctly_on_either_route(monkeypa
     expected = x @ block.contiguous().t()
     torch.testing.assert_close(matmul.matmul_t(x, block), expected)
     torch.testing.assert_close(matmul.matmul_t(x, columns.t()), x @ columns)  # [in, out] stored: oneDNN as is
+
+
+def test_a_frozen_head_is_read_from_one_packed_copy_that_follows_its_weight(tiny_base_dir):
+    if not matmul.packing_usable():
+        pytest.skip("this torch's oneDNN cannot lay a weight out its own way")
+    model = with_random_adapters(load_base(ModelConfig(quant="none"), str(tiny_base_dir), torch.device("cpu")))
+    contexts = random_contexts(9, [6, 11])
+    plan = build_plan(model)
+    assert plan.head.packed is not None and build_plan(model).head.packed is plan.head.packed  # made once
+    assert lean_generate(plan, contexts, 10, 0, NEVER, greedy) == hf_tokens(model, contexts, 10, NEVER)
+    head = model.get_base_model().lm_head
+    head.weight.data = head.weight.data * 1.5  # other memory: the packed copy must not be the old one's
+    assert build_plan(model).head.packed is not plan.head.packed
+    assert lean_generate(build_plan(model), contexts, 10, 0, NEVER, greedy) == hf_tokens(model, contexts, 10, NEVER)
+
+
+def test_an_adapted_head_gets_no_packed_copy(tiny_base_dir):
+    """A LoRA on the head changes with every EMA update and is merged into scratch memory rewritten in
+    place: a packed copy of it would go stale without torch seeing a new version."""
+    base = load_base(ModelConfig(quant="none"), str(tiny_base_dir), torch.device("cpu"))
+    model = attach_adapters(base, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "lm_head"]), None,
+                            gradient_checkpointing=False).eval()
+    model.set_adapter(EMA, inference_mode=True)
+    contexts = random_contexts(10, [5, 8])
+    assert build_plan(model).head.packed is None
+    for step in range(2):  # two phases: the second merges other values into the same scratch memory
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name and f".{EMA}." in name:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(step)) * 0.3)
+        expected = hf_tokens(model, contexts, 10, NEVER)
+        with MergedAdapter(model, EMA):
+            assert build_plan(model).head.packed is None
+            assert lean_generate(build_plan(model), contexts, 10, 0, NEVER, greedy) == expected
