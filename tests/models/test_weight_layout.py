@@ -101,13 +101,22 @@ def test_an_adapter_on_some_projections_of_a_group_merges_and_decodes_the_same(t
     assert all(torch.equal(after[name], value) for name, value in before.items())
 
 
-def test_a_tied_head_is_re_stored_once_with_its_embedding():
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_tied_head_is_re_stored_once_with_its_embedding_unless_read_packed(monkeypatch, packing):
+    if packing and not matmul.packing_usable():
+        pytest.skip("this torch's oneDNN cannot lay a weight out its own way")
+    monkeypatch.setattr(matmul, "_packing_verified", packing)
     model = tiny_mistral(tie_word_embeddings=True).requires_grad_(False)  # frozen, as load_base leaves a base
     reference = copy.deepcopy(model)
     restored(model)
-    assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.t().is_contiguous()
+    head = model.lm_head.weight
+    assert head is model.model.embed_tokens.weight and model.model.layers[0].mlp.down_proj.weight.t().is_contiguous()
+    assert head.is_contiguous() if packing else head.t().is_contiguous()  # packed: embedding rows stay contiguous
+    assert (build_plan(model).head.packed is not None) == packing
     contexts = random_contexts(2, [7, 9], high=59)
-    assert hf_tokens(model, contexts, 8, NEVER) == hf_tokens(reference, contexts, 8, NEVER)
+    expected = hf_tokens(reference, contexts, 8, NEVER)
+    assert hf_tokens(model, contexts, 8, NEVER) == expected
+    assert lean_generate(build_plan(model), contexts, 8, 0, NEVER, greedy) == expected
 
 
 def test_side_by_side_only_for_blocks_of_one_buffer_in_order():
