@@ -74,12 +74,13 @@ def lean_generate(plan: DecodePlan, contexts: Sequence[Sequence[int]], max_new_t
 
 def kv_cache(plan: DecodePlan, batch: int, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys [layers, B, KV heads, D, slots], stored transposed so a step's scores are q @ keys[..., :seen]
-    with no transpose (1.5x faster than q @ keys^T for these small batched products), and values
-    [layers, B, KV heads, slots, D]. Zeros, not empty: masked slots still enter q @ k and p @ v, and
-    garbage there could be inf or nan."""
-    shape = (len(plan.layers), batch, plan.n_kv_heads, slots, plan.head_dim)
-    keys = torch.zeros(*shape[:3], plan.head_dim, slots, dtype=plan.dtype, device=plan.device)
-    return keys, torch.zeros(shape, dtype=plan.dtype, device=plan.device)
+    with no transpose (SmolLM2, batch 4, 2 threads: 34 instead of 52 us a layer timed alone; with the
+    mask built once a step, the work of a decode step besides its matmuls went from 8.5 to 8.0 ms), and
+    values [layers, B, KV heads, slots, D]. Zeros, not empty: masked slots still enter q @ k and p @ v,
+    and garbage there could be inf or nan."""
+    layers, kv_heads, dim = len(plan.layers), plan.n_kv_heads, plan.head_dim
+    keys = torch.zeros(layers, batch, kv_heads, dim, slots, dtype=plan.dtype, device=plan.device)
+    return keys, torch.zeros(layers, batch, kv_heads, slots, dim, dtype=plan.dtype, device=plan.device)
 
 
 def _decode_rotary(plan: DecodePlan, lengths: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

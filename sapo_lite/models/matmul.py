@@ -29,7 +29,7 @@ _onednn_verified: bool | None = None  # None: not checked yet in this process
 _packing_verified: bool | None = None
 # weight -> (its data pointer and version when packed, the packed copy); gone with the weight
 _packed_copies: WeakIdKeyDictionary = WeakIdKeyDictionary()
-PACKED_FOR_ROWS = 4  # the batch oneDNN lays the packed copy out for (a SAPO generation batch); any works
+PACKED_FOR_ROWS = 4  # the rows oneDNN lays a packed copy out for (a SAPO generation batch); any count works
 ONEDNN_MIN_WEIGHT = 1 << 16  # elements; below it, oneDNN's per-call cost outweighs its arithmetic
 
 
