@@ -24,7 +24,8 @@ Interleaved rounds (order rotated), bandwidth and matmul probes between rounds; 
 [min-max] over rounds, ratios taken within a round. Decode tokens/s = rows x (steps after the first
 token) / time from the first to the last token's logits; prefill tokens/s = context tokens / time to
 the first token's logits. Ceilings: bench/roofline.py (a table's shares are of the bandwidth and FLOP/s
-measured between its own rounds; the summary's of the best bandwidth of the run). Then where a decode
+measured between its own rounds; the summary adds the share of the run's best bandwidth and each round's
+share of the probe at its start, which shows how fast this host's bandwidth moves). Then where a decode
 step's time goes (profile,
 bench/decode_profile.py). The last two lines are for scripts: SmolLM2 fp32, batch 4, lean merged.
 """
@@ -190,7 +191,9 @@ def compare(title: str, model: torch.nn.Module, paths: dict[str, Callable], batc
         speedup = [r.total / t.total for r, t in zip(ref, runs)] if ref else [float("nan")]
         decode_speedup = [d * r.decode / (batch * r.steps) for r, d in zip(ref, decode)] if ref else [float("nan")]
         figures[name] = {"decode": decode, "speedup": speedup, "step_bytes": step_bytes, "batch": batch,
-                         "in_round_share": statistics.median(decode) / decode_ceiling}
+                         "in_round_share": statistics.median(decode) / decode_ceiling,
+                         "paired_shares": [d * step_bytes / (batch * ceilings.round_bandwidth(first_probe + r))
+                                           for r, d in enumerate(decode)]}
         print(f"| {name} | {spread(decode)} | {statistics.median(decode) / decode_ceiling:.0%} | {spread(prefill, 0)} "
               f"| {statistics.median(prefill) / prefill_ceiling:.0%} | {spread(whole)} | {spread(speedup, 2, 'x')} "
               f"| {spread(decode_speedup, 2, 'x')} |")
@@ -299,6 +302,8 @@ def main() -> None:
           f"{smol4['in_round_share']:.0%} of the ceiling at the bandwidth measured during its rounds "
           f"({decode / best_ceiling:.0%} of a {best_ceiling:.0f} tokens/s ceiling at the best bandwidth of the run); "
           f"whole call {spread(smol4['speedup'], 2, 'x')} {TRL}'s tokens/s")
+    # the host's bandwidth moves within seconds: each round's decode against the probe just before it too
+    print(f"  each round against the probe at its start: share {spread(smol4['paired_shares'], 2)}")
     print(f"decode_roofline_share: {smol4['in_round_share']:.2f}")
     print(f"speedup_vs_trl_generate: {statistics.median(smol4['speedup']):.2f}")
 

@@ -61,6 +61,10 @@ class Ceilings:
         bandwidth = [max(c, r) for c, r in zip(self.copy_gb_s[first:], self.read_gb_s[first:])]
         return statistics.median(bandwidth) * GB, statistics.median(self.gflop_s[first:]) * GB
 
+    def round_bandwidth(self, index: int) -> float:
+        """Bytes/s of probe `index` (the better of its copy and read)."""
+        return max(self.copy_gb_s[index], self.read_gb_s[index]) * GB
+
     @property
     def bandwidth(self) -> float:
         """Best bytes/s seen (copy or read)."""
