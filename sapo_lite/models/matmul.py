@@ -44,13 +44,24 @@ def onednn_usable() -> bool:
 def _check_onednn() -> bool:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False
+    # both ways a weight may be stored: [N, K] and a [K, N] tensor's transpose (weight_layout.py)
+    return _agrees_with_f_linear(_onednn_linear,
+                                 lambda x, w: _onednn_linear(x, w.t().contiguous().t()))
+
+
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def _agrees_with_f_linear(*routes) -> bool:
+    """Each route (x, w) -> x @ w.T gives `F.linear`'s result on a small sample; False where one raises (an
+    op that exists in a build without its kernels)."""
     generator = torch.Generator().manual_seed(0)
     x, w = torch.randn(3, 72, generator=generator), torch.randn(5, 72, generator=generator)
     expected = F.linear(x, w)
-    try:  # both ways a weight may be stored: [N, K] and a [K, N] tensor's transpose (weight_layout.py)
-        results = [torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-                   for weight in (w, w.t().contiguous().t())]
-    except RuntimeError:  # an op that exists but refuses: a build without its kernels
+    try:
+        results = [route(x, w) for route in routes]
+    except RuntimeError:
         return False
     return all(torch.allclose(got, expected, rtol=1e-5, atol=1e-5) for got in results)
 
@@ -68,13 +79,8 @@ def packing_usable() -> bool:
 def _check_packing() -> bool:
     if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return False
-    generator = torch.Generator().manual_seed(0)
-    x, w = torch.randn(3, 72, generator=generator), torch.randn(5, 72, generator=generator)
-    try:
-        got = matmul_packed(x, torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous().t(), PACKED_FOR_ROWS))
-    except RuntimeError:
-        return False
-    return torch.allclose(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    return _agrees_with_f_linear(lambda x, w: matmul_packed(x, torch.ops.mkldnn._reorder_linear_weight(
+        w.t().contiguous().t(), PACKED_FOR_ROWS)))
 
 
 def packed_copy(weight: torch.Tensor) -> torch.Tensor | None:
@@ -94,14 +100,14 @@ def packed_copy(weight: torch.Tensor) -> torch.Tensor | None:
 
 def matmul_packed(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """x @ w.T for 2-D x [M, K] and `packed_copy(w)`, any M."""
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
+    return _onednn_linear(x.contiguous(), packed)
 
 
 def matmul_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T for 2-D x [M, K] and w [N, K], w stored either way round (`weight_layout.py`)."""
     if (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and w.numel() >= ONEDNN_MIN_WEIGHT
             and (w.is_contiguous() or w.t().is_contiguous()) and onednn_usable()):
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, None, "none", [], "")
+        return _onednn_linear(x.contiguous(), w)
     # F.linear for the rest, also a block of columns of a wider buffer (q of q/k/v side by side): MKL reads
     # it in place, where oneDNN took 15 ms instead of 0.04 for a 576 x 576 block of a 960-wide buffer
     return F.linear(x, w)
