@@ -215,6 +215,27 @@ def test_the_pages_show_the_commands_a_newcomer_needs():
     assert "sapo-lite train --preset tiny" in readme and "\npytest " in readme
 
 
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+def test_links_between_the_pages_lead_somewhere():
+    """Moving text between pages breaks links first: every relative link (images too) finds its file and
+    heading."""
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # https://...
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
+                broken.append(f"{page.relative_to(ROOT)}: ({target})")
+    assert not broken, broken
+
+
 def test_every_command_answers_help():
     root = typer.Context(cli, info_name="sapo-lite")
     for name in ["", *cli.list_commands(root)]:
