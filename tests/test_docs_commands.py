@@ -10,7 +10,8 @@ two-step tiny run) and `chats.jsonl` (a few chat rows), with the CLI in this pro
    value or a missing argument fails.
 2. `presets`, `estimate`, `env`, `--help` and any `--dry-run`: run as written.
 3. `train` on the `tiny` preset (or no preset): run with `--out` in the scratch folder and
-   `train.max_steps=2 train.num_threads=1` added (the demo's 300 steps would take the test's budget).
+   `train.max_steps=2 train.num_threads=1` added (the demo's 300 steps would take the test's budget);
+   a page with such a run is tested as `slow`.
 4. Every other `train` (the GPU presets, the real model: downloads, conversions, minutes to hours of
    training): run with `--dry-run` added, which resolves every KEY=VALUE against the config and loads
    nothing. `train --resume RUN`: with `--dry-run` when RUN is in the scratch folder (the resume's own
@@ -19,6 +20,7 @@ two-step tiny run) and `chats.jsonl` (a few chat rows), with the CLI in this pro
    folder (`runs/tiny`, or what an earlier command of the page made, e.g. `merged/`): run as written.
    On a run the docs do not make cheaply (`RUN`, `runs/smollm2-135m`, a run of your own data): parsed
    only (rule 1), since training it first is what the docs describe as minutes or hours.
+6. Any other command: parsed only (rule 1), until a rule here says how to run it cheaply.
 
 Lines that do not start with `sapo-lite` (pip, pytest, python bench/..., llama-cli, ollama) are not run.
 The command synopses in plain ``` blocks (docs/cli.md) are checked too: every option they name exists.
@@ -45,6 +47,7 @@ from sapo_lite.errors import SapoError
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL_LANGUAGES = {"bash", "sh", "console", "shell"}
+RUN_AS_WRITTEN = {"presets", "estimate", "env"}  # quick, and they write nothing
 RUN_COMMANDS = {"generate", "eval", "merge", "plot", "buffer"}  # their first argument is a run or model folder
 TINY_RUN_LIMITS = ["train.max_steps=2", "train.num_threads=1"]
 FENCE = re.compile(r"^\s*```\s*([\w-]*)\s*$")
@@ -136,11 +139,13 @@ def parsed(command: DocCommand) -> dict:
 def what_to_run(command: DocCommand, params: dict, scratch: Path) -> list[str] | None:
     """Rules 2-5: the arguments to run, or None when the command is only parsed."""
     name, args = command.args[0], list(command.args)
-    if name != "train":
-        if name in RUN_COMMANDS and "--help" not in args and not (scratch / args[1]).exists():
-            return None
+    if name in RUN_AS_WRITTEN or "--help" in args:
         return args
-    if "--dry-run" in args or "--help" in args:
+    if name in RUN_COMMANDS:
+        return args if (scratch / args[1]).exists() else None
+    if name != "train":
+        return None  # a command these rules do not know how to run cheaply (a server, say): parsed only
+    if "--dry-run" in args:
         return args
     if params["resume"] is not None:
         if (scratch / params["resume"]).is_dir():
@@ -200,7 +205,20 @@ def scratch(tmp_path, monkeypatch, finished_tiny_run):
     return tmp_path
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def trains(page: Path) -> bool:
+    """Whether a page's commands include a tiny training run (rule 3): seconds each, so `slow`."""
+    for command in doc_commands(page):
+        try:
+            args = what_to_run(command, parsed(command), ROOT) if command.shell else None
+        except (NotInTheCli, AssertionError, SapoError):
+            continue  # the test itself reports it
+        if args and args[-len(TINY_RUN_LIMITS):] == TINY_RUN_LIMITS:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("page", [pytest.param(page, marks=[pytest.mark.slow] if trains(page) else [])
+                                  for page in PAGES], ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_command_on_the_page_runs(page, scratch):
     commands = doc_commands(page)
     failures = [message for command in commands if (message := failure(command, scratch))]
