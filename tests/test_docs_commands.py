@@ -24,6 +24,8 @@ two-step tiny run) and `chats.jsonl` (a few chat rows), with the CLI in this pro
 
 Lines that do not start with `sapo-lite` (pip, pytest, python bench/..., llama-cli, ollama) are not run.
 The command synopses in plain ``` blocks (docs/cli.md) are checked too: every option they name exists.
+Beside them: every command answers --help, every relative link finds its page and heading, and
+.ci/run runs exactly the README's install and test commands in a virtual environment of its own.
 """
 
 from __future__ import annotations
@@ -239,6 +241,24 @@ def test_the_pages_show_the_commands_a_newcomer_needs():
     assert {"train", "presets", "estimate", "generate", "merge", "eval", "plot", "buffer", "env"} <= shown
     readme = ROOT.joinpath("README.md").read_text()
     assert "sapo-lite train --preset tiny" in readme and "\npytest " in readme
+
+
+def shell_lines(text: str) -> list[str]:
+    """Command lines without comments or blank lines."""
+    lines = (re.sub(r"(^|\s+)#.*$", "", line).strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def test_ci_runs_exactly_the_readme_install_and_test_commands():
+    """CI is a newcomer following the README: from its virtual environment on, .ci/run runs the README's
+    install block and then its test command, nothing else (system packages may come before)."""
+    readme = ROOT.joinpath("README.md").read_text()
+    install = re.search(r"## Install\n+```bash\n(.*?)```", readme, flags=re.S).group(1)
+    test_command = re.search(r"^pytest\b.*$", readme, flags=re.M).group(0)
+    ci = shell_lines(ROOT.joinpath(".ci", "run").read_text())
+    venv = [i for i, line in enumerate(ci) if line.startswith("python3 -m venv")]
+    assert venv, ".ci/run installs into whatever Python is active: it makes no virtual environment"
+    assert ci[venv[0]:] == [*shell_lines(install), *shell_lines(test_command)]
 
 
 def anchors(page: Path) -> set[str]:
