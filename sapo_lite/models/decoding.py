@@ -3,7 +3,7 @@
 `generate` on a PeftModel spends most of a decode step outside the matmuls that must read the
 weights: per-token Python in generate, peft's per-layer dispatch and the LoRA's separate
 small matmuls, logits processors over the whole vocabulary, a cache that grows by
-concatenation (bench/generation.py puts the split in the README). For the short, known-length
+concatenation (bench/generation.py puts the split in docs/memory-and-speed.md). For the short, known-length
 rewrites SAPO asks for, this loop does only the arithmetic:
 
 - one packed prefill: the contexts concatenated without pad tokens, attention within each row

@@ -1,4 +1,4 @@
-"""Every path of a run folder, in one place: the README's run-directory table as code.
+"""Every path of a run folder, in one place: the run-directory table of docs/run-directory.md as code.
 
     RUN/config.yaml          resolved config               RUN/summary.json     the end of a run
     RUN/metrics.jsonl        one line an optimizer step    RUN/held-out.json    before/after evaluation

@@ -24,7 +24,7 @@ PANELS = (
     ("buffer fill", ["buffer_fill"], "pairs / capacity"),
     ("pairs without a signal", ["pairs/identical", "pairs/cut_off"], "share"),
 )
-# Legends where a panel's curves are shares of different sets (README, "The run directory").
+# Legends where a panel's curves are shares of different sets (docs/run-directory.md).
 LEGENDS = {"pairs/identical": "identical (of the step's new rewrites)",
            "pairs/cut_off": "cut off (of the pairs in the buffer)"}
 NOISY = {"loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "gen_share",
