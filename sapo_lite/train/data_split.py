@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config.schema import SPLIT_KEYS, Config
+from ..config.schema import HOLDOUT, SPLIT_KEYS, Config
 from ..data.examples import Example, TokenizedData, held_out_set
 from ..errors import ConfigError, DataError
 from ..run.atomic import replace_file
@@ -81,9 +81,9 @@ def keep_split(run_dir: Path, cfg: Config, split: DataSplit, resume: bool, is_ma
             old, new = recorded["rows"][part], record["rows"][part]
             if old != new:
                 raise DataError(
-                    f"the {part.replace('_', '-')} rows of {cfg.data.path} are not the ones this run started with "
-                    f"({old['count']} rows then, {new['count']} now, {_same_or_not(old, new)}): the data changed "
-                    "since the run started, and resuming would move rows between training, validation and held-out",
+                    f"the {part.replace('_', '-')} rows are not the ones this run started with ({_counts(old, new)}): "
+                    f"{_source(cfg, part)} changed since, and resuming would train, validate or hold out other "
+                    "rows than the run did",
                     "put the run's data back as it was, or start a new run with --out",
                 )
         return
@@ -112,7 +112,7 @@ def _refuse_changed_keys(recorded: dict[str, Any], cfg: Config) -> None:
             old, new = recorded[key], _value(cfg, key)
             raise ConfigError(
                 f"`{key}` cannot change when resuming: the run split its data with {key}={old}, and {key}={new} "
-                "would move rows between training, validation and held-out",
+                "would change which rows are trained on, validated and held out",
                 f"resume without `{key}={new}`, or start a new run with it: `sapo-lite train --out NEW_RUN ...`",
             )
 
@@ -122,5 +122,13 @@ def _value(cfg: Config, key: str) -> Any:
     return getattr(getattr(cfg, section), name)
 
 
-def _same_or_not(old: dict[str, Any], new: dict[str, Any]) -> str:
-    return "other rows" if old["count"] == new["count"] else "a different count"
+def _source(cfg: Config, part: str) -> str:
+    """The file a part's rows come from: the eval file for a held-out set of its own, else the training data."""
+    own_file = part == "held_out" and cfg.data.eval_path not in (None, HOLDOUT)
+    return f"`{cfg.data.eval_path if own_file else cfg.data.path}`"
+
+
+def _counts(old: dict[str, Any], new: dict[str, Any]) -> str:
+    if old["count"] == new["count"]:
+        return f"as many, {old['count']}, but not the same"
+    return f"{old['count']} rows then, {new['count']} now"

@@ -39,7 +39,8 @@ def main(out: Path) -> None:
     validation.save_best_adapter = lambda model, run_dir, best: saved.append(best.step)
     cfg = load_config("tiny", overrides=["data.val_size=4", "train.eval_every=1", "train.patience=2",
                                          "train.max_steps=6", "train.best_metric=val/nll"])
-    session = SimpleNamespace(cfg=cfg, processes=processes, val_examples=[SimpleNamespace(constraints=None)] * 4, run_dir=out, model=None)
+    rows = [SimpleNamespace(constraints=None)] * 4
+    session = SimpleNamespace(cfg=cfg, processes=processes, val_examples=rows, run_dir=out, model=None)
     watch = validation.ValidationWatch(session, {})
     passes = [watch.before_training()]
     stopped_after = None

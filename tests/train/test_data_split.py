@@ -3,6 +3,7 @@ model loads, and RUN/validation.sqlite is read back only when it holds the pairs
 
 import shutil
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,17 +15,17 @@ from sapo_lite.train import validation
 
 # MEASUREMENTS.md's reproduction, on a file of one's own (400 rows of the tiny task) and shrunk to seconds.
 START = ["--preset", "tiny", "data.eval_path=holdout", "data.eval_size=30", "data.val_size=20",
-         "train.eval_every=5", "train.max_steps=5", "train.num_threads=1", "train.warmup_steps=2",
+         "train.eval_every=2", "train.max_steps=2", "train.num_threads=1", "train.warmup_steps=2",
          "data.eval_max_new_tokens=4", "sapo.gen_per_step=8", "sapo.gen_batch_size=8", "train.micro_batch=8"]
 
 
 @pytest.fixture(scope="module")
 def started(tmp_path_factory):
-    """A five-step run on its own data file, validated at 0 and 5, 30 rows held out: (run, data file)."""
+    """A two-step run on its own data file, validated at 0 and 2, 30 rows held out: (run, data file)."""
     folder = tmp_path_factory.mktemp("split")
     data = folder / "rows.jsonl"
-    source = validation.__file__.replace("train/validation.py", "assets/tiny-reverse.jsonl")
-    data.write_text("".join(open(source).readlines()[:400]))
+    source = Path(validation.__file__).parents[1] / "assets" / "tiny-reverse.jsonl"
+    data.write_text("".join(source.read_text().splitlines(keepends=True)[:400]))
     result = runner.invoke(app, ["train", *START, f"data.path={data}", "--out", str(folder / "run")])
     assert result.exit_code == 0, result.output
     return folder / "run", data
@@ -35,8 +36,8 @@ def copy_of(started, tmp_path):
     shutil.copytree(run, tmp_path / "run")
     shutil.copy(data, tmp_path / "rows.jsonl")
     for name in ("config.yaml", "split.json"):  # the copy's own data file, as if it had started on it
-        path = tmp_path / "run" / name
-        path.write_text(path.read_text().replace(str(data), str(tmp_path / "rows.jsonl")))
+        if (path := tmp_path / "run" / name).is_file():
+            path.write_text(path.read_text().replace(str(data), str(tmp_path / "rows.jsonl")))
     return tmp_path / "run", tmp_path / "rows.jsonl"
 
 
@@ -50,7 +51,7 @@ def test_a_resume_that_changes_eval_size_is_refused_and_the_held_out_rows_stay(s
     assert (run / "held_out.jsonl").read_text() == held_out and (run / "metrics.jsonl").read_text() == metrics
     assert len(held_out.splitlines()) == 30
     # The same value again is no change, and resumes.
-    result = runner.invoke(app, ["train", "--resume", str(run), "train.max_steps=6", "data.eval_size=30"])
+    result = runner.invoke(app, ["train", "--resume", str(run), "train.max_steps=3", "data.eval_size=30"])
     assert result.exit_code == 0, result.output
     assert (run / "held_out.jsonl").read_text() == held_out
 
@@ -82,7 +83,7 @@ def test_validation_pairs_are_read_back_on_resume_and_made_again_only_when_they_
     before = stored_pairs(run)
     assert len(before) == 20 and all(p.ref_logp_chosen is not None for p in before)
 
-    result = runner.invoke(app, ["train", "--resume", str(run), "train.max_steps=6"])
+    result = runner.invoke(app, ["train", "--resume", str(run), "train.max_steps=3"])
     assert result.exit_code == 0, result.output
     assert made == []  # read back, not made again
     after = stored_pairs(run)
@@ -94,7 +95,7 @@ def test_validation_pairs_are_read_back_on_resume_and_made_again_only_when_they_
         db.execute("UPDATE pair_tokens SET chosen_ids = (SELECT chosen_ids FROM pair_tokens ORDER BY id DESC LIMIT 1)"
                    " WHERE id = (SELECT MIN(id) FROM pair_tokens)")
     db.close()
-    result = runner.invoke(app, ["train", "--resume", str(run), "train.max_steps=7"])
+    result = runner.invoke(app, ["train", "--resume", str(run), "train.max_steps=4"])
     assert result.exit_code == 0, result.output
     assert made == [1] and "validation.sqlite does not hold the pairs of these 20 validation rows" in result.output
     remade = stored_pairs(run)
