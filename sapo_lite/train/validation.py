@@ -261,7 +261,8 @@ class ValidationWatch:
         figures = processes.from_main(self.validation.score() if self.validation is not None else None)
         if self.best.update(step, figures[self.best.metric]) and processes.is_main:
             save_best_adapter(self.session.model, self.session.run_dir, self.best)
-        if self.patience and self.best.passes_since >= self.patience and self.stopped_at is None:
+        out_of_patience = self.patience and self.best.passes_since >= self.patience
+        if out_of_patience and self.stopped_at is None and step < self.last_step:  # the last step ends the run anyway
             self.stopped_at = step
         return {**figures, "val/best_step": self.best.step}
 

@@ -100,14 +100,17 @@ def test_validation_runs_on_its_schedule_and_early_stopping_stops_where_patience
 
 
 def test_the_last_step_is_validated_and_adapters_best_is_an_earlier_steps_policy(tmp_path, monkeypatch):
-    """7 steps, a pass every 3: passes at 0, 3, 6 and the last step, 7; the best is step 3's."""
+    """7 steps, a pass every 3: passes at 0, 3, 6 and the last step, 7; the best is step 3's. Patience runs out
+    at the last pass, where the run ends anyway: that is no early stop."""
     scripted_nll(monkeypatch, [3.0, 2.0, 2.5, 2.4])
     cfg = load_config("tiny", overrides=[*VAL, "data.eval_path=null", "train.max_steps=7", "train.eval_every=3",
-                                         "train.save_every=3", "train.keep_checkpoints=5", "train.best_metric=val/nll"])
+                                         "train.save_every=3", "train.keep_checkpoints=5", "train.best_metric=val/nll",
+                                         "train.patience=2"])
     loop.train(cfg, tmp_path, Console(quiet=True))
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records if "val/nll" in r] == [0, 3, 6, 7]
-    assert json.loads((tmp_path / "summary.json").read_text())["best_step"] == 3
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["best_step"] == 3 and "early_stopped_at" not in summary
     assert_best_is_the_policy_of(tmp_path, 3)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
