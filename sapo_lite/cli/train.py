@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..config.schema import RESUMABLE_KEYS, Config, to_yaml
+from ..config.schema import RESUMABLE_KEYS, SPLIT_KEYS, Config, to_yaml
 from ..config.sources import describe_sources, load_config, parse_override, preset_names, read_preset
 from ..errors import ConfigError, RunDirError, SapoError, storage_error
 from ..run.folders import check_writable_dir, make_dir, remove_unstarted_run
@@ -171,6 +171,7 @@ def resume_config(
     if preset or config or (out and out != run_dir):
         raise ConfigError("--resume continues a run with its own config", "drop --preset, --config and --out")
     from ..train.checkpoint import latest_checkpoint
+    from ..train.data_split import check_split_keys
     from ..train.finish import run_is_finished
 
     checkpoint = latest_checkpoint(run_dir)  # fail before loading anything when there is nothing to resume
@@ -179,12 +180,13 @@ def resume_config(
     start_processes().check_resumable(checkpoint.processes, run_dir)
     for text in overrides:
         key, _ = parse_override(text)
-        if key not in RESUMABLE_KEYS:
+        if key not in RESUMABLE_KEYS and key not in SPLIT_KEYS:  # a split key may repeat its value, not change it
             raise ConfigError(
                 f"`{key}` cannot change when resuming (it would change what the checkpoint means)",
                 f"keys that can: {', '.join(sorted(RESUMABLE_KEYS))}; or start a new run with --out",
             )
     cfg = load_config(None, RunDir(run_dir).config, overrides)
+    check_split_keys(run_dir, cfg)  # the data split is decided once, when the run starts
     if checkpoint.step >= cfg.train.max_steps and run_is_finished(run_dir, checkpoint.step):
         raise ConfigError(
             f"`{run_dir}` already finished its {checkpoint.step} steps",

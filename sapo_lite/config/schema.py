@@ -19,9 +19,12 @@ HOLDOUT = "holdout"  # `data.eval_path=holdout`: the held-out set comes out of t
 # Keys a resumed run may change: none of them changes what a checkpoint's tensors mean.
 RESUMABLE_KEYS = frozenset({
     "train.max_steps", "train.lr", "train.save_every", "train.keep_checkpoints", "train.max_bad_steps",
-    "train.num_threads", "train.report_to", "train.sample_every", "data.eval_size", "data.eval_max_new_tokens",
-    "sapo.decoder",
+    "train.num_threads", "train.report_to", "train.sample_every", "data.eval_max_new_tokens", "sapo.decoder",
 })
+# Keys that decide which rows train, validate and are held out. A run records their values when it starts
+# (RUN/split.json); a resume that would change one is refused, naming the old and the new value.
+SPLIT_KEYS = ("data.path", "data.split", "data.column", "data.max_prompt_len", "data.max_examples",
+              "data.eval_path", "data.eval_size", "data.val_size", "train.seed")
 
 
 @dataclass

@@ -31,7 +31,7 @@ from ..errors import DataError
 from .constraints import check
 from .files import Rows, load_rows
 from .rows import RowProblem, RowReport, detect_column, shape_name, to_conversation
-from .streams import random_stream
+from .streams import set_aside
 
 # Templates that add no new tokens to the vocabulary: their markers are plain text, so a
 # base model needs no newly trained embeddings to use them.
@@ -287,8 +287,6 @@ def held_out_set(
     count = min(cfg.eval_size, len(data.examples) // 10)
     if count == 0:
         return data.examples, [], "", f"eval: none: {len(data.examples)} examples are too few to hold 10% out"
-    chosen = set(random_stream(seed, "held_out").permutation(len(data.examples))[:count].tolist())
-    train = [e for i, e in enumerate(data.examples) if i not in chosen]
-    held_out = [e for i, e in enumerate(data.examples) if i in chosen]
+    train, held_out = set_aside(data.examples, count, seed, "held_out")
     source = f"held out from {cfg.path}"
     return train, held_out, source, f"eval: {count} examples {source}, not trained on"

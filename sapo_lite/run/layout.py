@@ -3,6 +3,7 @@
     RUN/config.yaml          resolved config               RUN/summary.json     the end of a run
     RUN/metrics.jsonl        one line an optimizer step    RUN/held-out.json    before/after evaluation
     RUN/held_out.jsonl       the rows held out of the training data (`data.eval_path: holdout`), as read
+    RUN/split.json           the data split (training / validation / held-out), decided once, checked on resume
     RUN/buffer.sqlite        replay buffer (buffer-rankK.sqlite, one per process)
     RUN/checkpoints/step-N/  adapters, trainer state, buffer snapshot, checkpoint.json, manifest.json
     RUN/adapters/{policy,ema}/   final adapters        RUN/base_model/  tiny and GGUF bases
@@ -73,6 +74,11 @@ class RunDir:
     def held_out_rows(self) -> Path:
         """The rows a `holdout` run set aside from its training data, as they were read: what `eval RUN` scores."""
         return self.path / "held_out.jsonl"
+
+    @property
+    def split(self) -> Path:
+        """The run's data split, decided when it started: the settings that decided it, each part's row fingerprint."""
+        return self.path / "split.json"
 
     @property
     def marker(self) -> Path:

@@ -4,8 +4,8 @@ Owns everything that differs between one process and N: the process group (accel
 `PartialState`: NCCL on GPUs, gloo on CPU), each process's device, the DDP wrapper the
 training forward runs through (DDP averages the policy gradients; nothing here sums
 gradients by hand), each rank's share of the new examples, its seeds and its buffer file,
-and the few collectives that keep the ranks in step: metrics averaged over ranks, and
-agreement on skipping a bad step and on stopping.
+and the few collectives that keep the ranks in step: metrics averaged over ranks, rank 0's
+validation figures sent to all, and agreement on skipping a bad step and on stopping.
 
 As in the official code (8 processes, one replay buffer each), every process generates its
 own share of the new pairs with its copy of the EMA, computes their reference log-probs and
@@ -102,6 +102,14 @@ class Processes:
     def all(self, flag: bool) -> bool:
         """True on every rank only when it is True on all (a step is skipped everywhere or nowhere)."""
         return not self.any(not flag)
+
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (what rank 0 alone computed, e.g. the validation figures)."""
+        if self.count == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
 
     def mean_over_ranks(self, record: dict[str, Any]) -> dict[str, Any]:
         """A step's figures over all ranks: means (every rank trains the same number of pairs, so a

@@ -72,7 +72,7 @@ class TrainResult:
 
 def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) -> TrainResult:
     started = time.perf_counter()
-    session = setup_session(cfg, run_dir, console)
+    session = setup_session(cfg, run_dir, console, resume=resume)
     record: dict = {}
     loop_state: dict = {}
     if resume:
@@ -82,7 +82,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
     else:
         start_step, eval_before = 0, _held_out_score(session, "base", console, run_dir)
     skips = SkippedSteps(**loop_state.get("skipped", {}))
-    watch = ValidationWatch(session, loop_state)  # the validation split, best step and early stopping
+    watch = ValidationWatch(session, loop_state, console)  # the validation split, best step, early stopping
     loss_spec = LOSSES[cfg.loss.name]
     procs = session.processes  # one process, or this rank of N (distributed.py)
     buffer = ReplayBuffer(run_dir / procs.buffer_file, cfg.sapo.buffer_size, session.stop_ids)
@@ -337,7 +337,7 @@ def _held_out_score(session: TrainSession, role: str, console: Console, run_dir:
 def _validation_line(figures: dict, watch: ValidationWatch) -> str:
     shown = " ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in figures.items() if k.startswith("val/")
                      and k != "val/best_step")
-    return f"validation ({len(watch.validation.examples)} examples) before training: {shown}"
+    return f"validation ({watch.size} examples) before training: {shown}"
 
 
 def _write_summary(run_dir: Path, result: TrainResult, validation: dict) -> None:

@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 
 from ..config.schema import HOLDOUT, Config, to_yaml
-from ..data.examples import Example, held_out_set, install_chat_template, load_examples, stop_token_ids
+from ..data.examples import Example, install_chat_template, load_examples, stop_token_ids
 from ..data.streams import random_stream
 from ..errors import ModelError
 from ..models.decode_plan import why_not_lean
@@ -42,11 +42,12 @@ from ..sapo.buffer import StoredPair
 from ..sapo.logps import response_token_logps
 from ..sapo.losses import LOSSES, PairLogps
 from ..sapo.pair_logps import pair_logps, why_not_packable
+from .data_split import keep_split, split_data
 from .distributed import SINGLE, Processes, share_stream, start_processes
 from .held_out import write_held_out_rows
 from .metrics import Reporter, make_reporter
 from .preflight import check_init_adapter, check_lora_targets, data_warnings, model_warnings, optimizer_choice
-from .validation import split_validation
+from .validation import schedule_warning
 
 
 class DataStream:
@@ -128,8 +129,9 @@ class TrainSession:
         return logps
 
 
-def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
-    """Load model, data and optimizer; write RUN/config.yaml. Raises SapoError on bad input."""
+def setup_session(cfg: Config, run_dir: Path, console: Console, resume: bool = False) -> TrainSession:
+    """Load model, data and optimizer; write RUN/config.yaml. Raises SapoError on bad input, and on a resume
+    whose data would split differently from the run's (before the model loads)."""
     seed_everything(cfg.train.seed)
     processes = start_processes()
     device = processes.device
@@ -143,15 +145,17 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
     install_chat_template(tokenizer, cfg.data.chat_template)
     data = load_examples(cfg.data.path, cfg.data.split, tokenizer, cfg.data)
     console.print(data.describe(cfg.data), highlight=False, markup=False)
-    train_examples, eval_examples, eval_source, eval_note = held_out_set(cfg.data, data, tokenizer, cfg.train.seed)
-    train_examples, val_examples = split_validation(train_examples, cfg.data.val_size, cfg.train.seed)
-    for line in ([eval_note] if eval_note else []) + data_warnings(data.unknown_share, tokenizer):
+    split = split_data(cfg, data, tokenizer)
+    keep_split(run_dir, cfg, split, resume, processes.is_main)  # the split a resume must not change
+    for line in ([split.eval_note] if split.eval_note else []) + data_warnings(data.unknown_share, tokenizer):
         console.print(line, highlight=False, markup=False)
+    if (warning := schedule_warning(cfg)) is not None:
+        console.print(warning, highlight=False, markup=False)
 
     if processes.is_main:
         RunDir(run_dir).config.write_text(to_yaml(cfg))
-        if cfg.data.eval_path == HOLDOUT and eval_examples:
-            write_held_out_rows(run_dir, data, eval_examples)
+        if cfg.data.eval_path == HOLDOUT and split.held_out:
+            write_held_out_rows(run_dir, data, split.held_out)
     report_to = cfg.train.report_to if processes.is_main else "none"
     reporter = make_reporter(report_to, run_dir, cfg.to_dict())  # fails fast, before the model loads
     console.print(f"model: {model_name} ({cfg.model.quant}) on {device.type}")
@@ -194,16 +198,16 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
         trainable=trainable,
         optimizer=optimizer,
         scheduler=scheduler,
-        stream=share_stream(DataStream(train_examples, cfg.train.seed), processes),
-        eval_examples=eval_examples,
-        val_examples=val_examples,
+        stream=share_stream(DataStream(split.training, cfg.train.seed), processes),
+        eval_examples=split.held_out,
+        val_examples=split.validation,
         pad_id=tokenizer.pad_token_id,
         stop_ids=stop_token_ids(tokenizer),
         data_rng=random_stream(cfg.train.seed, "truncation", processes.rank),
         sample_rng=random_stream(cfg.train.seed, "buffer_draws", processes.rank),
         reporter=reporter,
         run_dir=run_dir,
-        eval_source=eval_source,
+        eval_source=split.eval_source,
         processes=processes,
         score=processes.data_parallel(model, cfg.train.grad_accum),
         merged_ema=merged_ema,

@@ -1,32 +1,41 @@
 """The validation split, watched during training, and the best step it picks.
 
 `data.val_size` examples are carved out of the training data (its own random stream, never the
-held-out evaluation set, never trained on). Before the first step the EMA, which is then the
-starting policy, rewrites each of them once, as training would: these validation pairs, with
-their reference log-probs, are stored in RUN/validation.sqlite, so a resumed run scores the
-very same pairs. Every `train.eval_every` steps (and before the first) the policy is scored:
+held-out evaluation set, never trained on; train/data_split.py decides and records the split, and a
+resume that would change it is refused). Before the first step the EMA, which is then the starting
+policy, rewrites each of them once, as training would (same decoder settings): these validation
+pairs, with their reference log-probs, are stored in RUN/validation.sqlite, and a resumed run reads
+them back and scores the very same pairs. Only if the stored pairs are not those of the validation
+rows (the file removed, damaged, or from another split) are they made again, by the EMA as it is
+then, and the run says so. The policy is scored before the first step, every `train.eval_every`
+steps and at the last step (`train.max_steps`):
 
 - val/nll: mean over examples of the chosen response's NLL per token;
 - val/accuracy, val/margin: on the validation pairs, the implicit reward margin
   (pi_c - ref_c) - (pi_r - ref_r) of summed response log-probs, against the run's reference (the
   base, or `model.init_adapter`): its mean, and the share of pairs where it is positive. The same
   measure for every loss, so SFT and SAPO runs are compared on one scale;
-- val/constraints: with greedy answers (`data.eval_max_new_tokens`), the share of the
-  constraints met, where the rows carry constraints.
+- val/constraints: with greedy answers (`data.eval_max_new_tokens`, decoded as `sapo.decoder` and
+  `sapo.static_cache` say), the share of the constraints met, where the rows carry constraints.
 
-Validation never draws from the training streams (its generation runs under a forked torch RNG
-seeded from its own stream, and scoring is greedy), so a run scores the same with or without a
-kill between two passes. The best step by `train.best_metric` is kept as RUN/adapters/best (the
-policy adapter, PEFT format, published atomically, with best.json naming the step and figure);
+Validation never draws from the training streams: it runs under forked torch generators (the CPU's
+and every CUDA device's, seeded from its own stream, restored after) and scoring is greedy, so a run
+scores the same with or without a kill between two passes, and the EMA samples the same after a pass
+as without one. The best step by `train.best_metric` is kept as RUN/adapters/best (the policy
+adapter, PEFT format, published atomically, with best.json naming the step and figure);
 `train.patience` stops the run after that many passes without a new best.
+
+With several processes, rank 0 alone makes the pairs and scores (the pass is not sharded) and sends
+its figures to the others, so every rank keeps the same best step and stops after the same step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +44,7 @@ import numpy as np
 import torch
 
 from ..data.examples import Example
-from ..data.streams import random_stream
+from ..data.streams import random_stream, set_aside
 from ..models.generation import evaluate_role
 from ..models.roles import EMA, POLICY, acting_as, reference
 from ..run.atomic import publish_folder, removed_on_failure, staging_folder
@@ -59,8 +68,7 @@ def split_validation(examples: Sequence[Example], size: int, seed: int) -> tuple
 
         raise ConfigError(f"data.val_size={size} would take more than half of the {len(examples)} training examples",
                           f"set data.val_size to at most {len(examples) // 2}")
-    chosen = set(random_stream(seed, "validation").permutation(len(examples))[:size].tolist())
-    return ([e for i, e in enumerate(examples) if i not in chosen], [e for i, e in enumerate(examples) if i in chosen])
+    return set_aside(examples, size, seed, "validation")
 
 
 def best_metric_name(requested: str, examples: Sequence[Example]) -> str:
@@ -99,38 +107,48 @@ class BestStep:
 
 
 class Validation:
-    """The validation examples, their fixed pairs, and a scorer for the policy."""
+    """The validation examples, their fixed pairs, and a scorer for the policy (rank 0's, with several processes)."""
 
-    def __init__(self, session: Any, examples: list[Example]) -> None:
+    def __init__(self, session: Any, examples: list[Example], console: Any = None) -> None:
         self.session = session
         self.examples = examples
+        self.console = console
         self.pairs = self._pairs()
         self.has_constraints = any(ex.constraints for ex in examples)
 
     def _pairs(self) -> list[StoredPair]:
-        """The validation pairs: made once by the starting EMA and stored, read back on resume."""
-        session, cfg = self.session, self.session.cfg
-        path = RunDir(session.run_dir) / "validation.sqlite"
-        if not session.processes.is_main:
-            path = path.with_name(f"validation-rank{session.processes.rank}.sqlite")
+        """The validation pairs: made before the first step by the starting EMA and stored; read back on
+        resume, unless they are not the pairs of these examples (then made again by the EMA as it is now)."""
+        path = RunDir(self.session.run_dir) / "validation.sqlite"
         store = ReplayBuffer(path, capacity=max(1, len(self.examples)))
         try:
-            if len(store) != len(self.examples):
-                store.close()
-                path.unlink(missing_ok=True)
-                store = ReplayBuffer(path, capacity=len(self.examples))
-                sampling = {"temperature": cfg.sapo.temperature, "top_k": cfg.sapo.top_k, "top_p": cfg.sapo.top_p}
-                rng = random_stream(cfg.train.seed, "validation", 1)
-                with torch.random.fork_rng(devices=[]), acting_as(session.model, EMA), session.generating():
-                    torch.manual_seed(int(rng.integers(2**31)))
-                    new = self_augment(
-                        session.model, self.examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id,
-                        session.stop_ids, rng, cfg.sapo.gen_batch_size, sampling, short_rewrite=cfg.sapo.short_rewrite,
-                    )
-                store.add(new.pairs, 0, self._reference_logps(new.pairs))
+            stored = store.all_pairs()
+            if _pairs_of(stored, self.examples):
+                return stored
+            store.close()
+            if stored and self.console is not None:
+                self.console.print(f"warning: {path.name} does not hold the pairs of these {len(self.examples)} "
+                                   "validation rows: making them again with the EMA as it is now", highlight=False)
+            path.unlink(missing_ok=True)
+            store = ReplayBuffer(path, capacity=len(self.examples))
+            new = self._make_pairs()
+            store.add(new, 0, self._reference_logps(new))
             return store.all_pairs()
         finally:
             store.close()
+
+    def _make_pairs(self) -> list[Any]:
+        """The EMA rewrites each validation example once, as training's generation would."""
+        session, cfg = self.session, self.session.cfg
+        sampling = {"temperature": cfg.sapo.temperature, "top_k": cfg.sapo.top_k, "top_p": cfg.sapo.top_p}
+        rng = random_stream(cfg.train.seed, "validation", 1)
+        merged = session.merged_ema or contextlib.nullcontext()
+        with isolated_rng(int(rng.integers(2**31))), acting_as(session.model, EMA), session.generating(), merged:
+            return self_augment(
+                session.model, self.examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id,
+                session.stop_ids, rng, cfg.sapo.gen_batch_size, sampling, cfg.sapo.static_cache, cfg.sapo.decoder,
+                short_rewrite=cfg.sapo.short_rewrite,
+            ).pairs
 
     def _reference_logps(self, pairs: Sequence[Any]) -> list[tuple[float, float]]:
         values: list[tuple[float, float]] = []
@@ -148,9 +166,10 @@ class Validation:
     def score(self) -> dict[str, float]:
         """The policy's validation figures (see the module docstring) and the seconds they took."""
         started = time.perf_counter()
+        s = self.session
         nll, margins = [], []
-        with acting_as(self.session.model, POLICY):
-            for batch in _batches(self.pairs, self.session.cfg.train.micro_batch):
+        with isolated_rng(s.cfg.train.seed), acting_as(s.model, POLICY):
+            for batch in _batches(self.pairs, s.cfg.train.micro_batch):
                 chosen, rejected, n_chosen, _ = self._logps(batch)
                 ref_c = torch.tensor([p.ref_logp_chosen for p in batch], device=chosen.device)
                 ref_r = torch.tensor([p.ref_logp_rejected for p in batch], device=chosen.device)
@@ -159,13 +178,32 @@ class Validation:
         figures = {"val/nll": float(np.mean(nll)), "val/accuracy": float(np.mean(np.asarray(margins) > 0)),
                    "val/margin": float(np.mean(margins))}
         if self.has_constraints:
-            s = self.session
-            with s.generating():
+            with isolated_rng(s.cfg.train.seed), s.generating():
                 score = evaluate_role(s.model, s.tokenizer, self.examples, POLICY, s.cfg.data.eval_max_new_tokens,
-                                      s.stop_ids)
+                                      s.stop_ids, decoder=s.cfg.sapo.decoder, static_cache=s.cfg.sapo.static_cache)
             figures["val/constraints"] = score.constraints.rate
         figures["val_s"] = time.perf_counter() - started
         return figures
+
+
+@contextlib.contextmanager
+def isolated_rng(seed: int) -> Iterator[None]:
+    """Run a block on torch generators seeded with `seed`, and put every generator back as it was after it.
+
+    `torch.manual_seed` reseeds the CPU generator and every CUDA device's, but `fork_rng` saves and
+    restores only the devices it is given (`devices=[]`: the CPU alone), so the CUDA devices are named,
+    all of them: otherwise the EMA's sampling after a pass would follow the pass's seed."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
+def _pairs_of(pairs: Sequence[StoredPair], examples: Sequence[Example]) -> bool:
+    """Whether `pairs` are those of `examples`, one each, in order: the same rows, not only as many."""
+    return len(pairs) == len(examples) and all(
+        np.array_equal(p.chosen_ids, np.concatenate([ex.prompt_ids, ex.response_ids]))
+        for p, ex in zip(pairs, examples))
 
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -191,34 +229,40 @@ def save_best_adapter(model: Any, run_dir: Path, best: BestStep) -> Path:
 
 
 class ValidationWatch:
-    """What the loop calls: the passes on schedule, the best step, early stopping; a no-op without a split."""
+    """What the loop calls: the passes on schedule, the best step, early stopping; a no-op without a split.
 
-    def __init__(self, session: Any, loop_state: dict[str, Any]) -> None:
+    With several processes every rank keeps a ValidationWatch, but only rank 0 holds the pairs and scores;
+    the others receive its figures, so the best step and the decision to stop are the same everywhere."""
+
+    def __init__(self, session: Any, loop_state: dict[str, Any], console: Any = None) -> None:
         cfg = session.cfg
         self.session, self.every, self.patience = session, cfg.train.eval_every, cfg.train.patience
-        self.validation = Validation(session, session.val_examples) if session.val_examples else None
-        metric = best_metric_name(cfg.train.best_metric, session.val_examples) if self.validation else ""
+        self.last_step = cfg.train.max_steps
+        self.on = bool(session.val_examples)
+        self.size = len(session.val_examples)
+        scores_here = self.on and session.processes.is_main
+        self.validation = Validation(session, session.val_examples, console) if scores_here else None
+        metric = best_metric_name(cfg.train.best_metric, session.val_examples) if self.on else ""
         self.best = BestStep(**loop_state["best"]) if loop_state.get("best") else BestStep(metric)
         self.stopped_at: int | None = loop_state.get("patience_stop")
-
-    @property
-    def on(self) -> bool:
-        return self.validation is not None
 
     def before_training(self) -> dict[str, Any] | None:
         """The pass before the first step (step 0): where the best step starts from. None when off."""
         return self._pass(0) if self.on else None
 
     def after_step(self, step: int, record: dict[str, Any]) -> None:
-        """On a validation step: score, add the figures to the step's record, keep a new best."""
-        if self.on and step % self.every == 0:
+        """On a validation step (every `eval_every`, and the last): score, add the figures to the step's
+        record, keep a new best."""
+        if self.on and (step % self.every == 0 or step == self.last_step):
             record.update(self._pass(step))
 
     def _pass(self, step: int) -> dict[str, Any]:
-        figures = self.validation.score()
-        if self.best.update(step, figures[self.best.metric]) and self.session.processes.is_main:
+        processes = self.session.processes
+        figures = processes.from_main(self.validation.score() if self.validation is not None else None)
+        if self.best.update(step, figures[self.best.metric]) and processes.is_main:
             save_best_adapter(self.session.model, self.session.run_dir, self.best)
-        if self.patience and self.best.passes_since >= self.patience and self.stopped_at is None:
+        out_of_patience = self.patience and self.best.passes_since >= self.patience
+        if out_of_patience and self.stopped_at is None and step < self.last_step:  # the last step ends the run anyway
             self.stopped_at = step
         return {**figures, "val/best_step": self.best.step}
 
@@ -243,3 +287,15 @@ class ValidationWatch:
         if self.stopped_at is not None:
             fields["early_stopped_at"] = self.stopped_at
         return fields
+
+
+def schedule_warning(cfg: Any) -> str | None:
+    """A line when no validation pass falls between the start and the last step: adapters/best is then the
+    untrained start or the last step, and early stopping cannot act. A warning, not a refusal: a short trial
+    of a long preset is a fair thing to run, and its last step is still validated."""
+    every, steps = cfg.train.eval_every, cfg.train.max_steps
+    if not cfg.data.val_size or not every or every < steps:
+        return None
+    return (f"warning: train.eval_every={every} is not below train.max_steps={steps}: the policy is validated "
+            f"only before training and after step {steps}, so adapters/best is one of those two and "
+            f"train.patience cannot stop early; for passes in between set train.eval_every={max(1, steps // 4)}")

@@ -206,3 +206,21 @@ def test_a_two_process_step_equals_a_one_process_step_on_twice_the_pairs(tiny_ba
         assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name]), name
         torch.testing.assert_close(ranks[0]["grads"][name], grad, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(ranks[0]["after"][name], one["after"][name], rtol=1e-5, atol=1e-7)
+
+
+def test_two_processes_validate_once_and_stop_early_after_the_same_step(tmp_path):
+    """Rank 0 alone scores and sends its figures: both ranks keep its best step and stop after step 3, where
+    patience 2 runs out for rank 0's figures (rank 1's own would have stopped it alone after step 2)."""
+    script = str(Path(__file__).with_name("ddp_validation.py"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), script, str(tmp_path / "out")]
+    try:  # a rank that stopped alone leaves the other waiting in a collective: give up well before CI would
+        proc = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ranks did not finish together: one waits in a collective the other never joins")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "out" / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["scored_by"] == [0, 0, 0, 0] and ranks[1]["scored_by"] == []  # one pass, on rank 0
+    for rank in ranks:
+        assert rank["nll"] == [3.0, 2.0, 2.5, 2.6] and rank["best_step"] == 1 and rank["stopped_after"] == 3
+    assert ranks[0]["saved"] == [0, 1] and ranks[1]["saved"] == []  # rank 0 writes adapters/best
