@@ -34,7 +34,7 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
 @torch.no_grad()
 def generate_answers(
     model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int],
-    temperature: float = 0.0, batch_size: int = 32,
+    temperature: float = 0.0, batch_size: int = 32, top_k: int = 0, top_p: float = 1.0,
 ) -> list[str]:
     """Decoded answers (special tokens dropped, stripped); greedy unless `temperature` > 0.
 
@@ -43,7 +43,8 @@ def generate_answers(
     held-out evaluation or a validation pass. Sampling, and every other model, use `generate`.
     """
     device = next(model.parameters()).device
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    sampling = ({"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+                if temperature > 0 else {"do_sample": False})
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
