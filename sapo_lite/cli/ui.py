@@ -42,9 +42,10 @@ def ui(
     try:
         from ..ui.server import serve
     except ModuleNotFoundError as exc:
-        if exc.name not in UI_MODULES:
+        missing = (exc.name or "").split(".")[0]
+        if missing not in UI_MODULES:
             raise
-        raise SapoError(f"the dashboard needs {exc.name}, which is not installed",
+        raise SapoError(f"the dashboard needs {missing}, which is not installed",
                         'pip install "sapo-lite[ui]" (from a checkout: pip install ".[ui]")') from None
     quiet_libraries()
     runs_dir.mkdir(parents=True, exist_ok=True)
