@@ -18,7 +18,7 @@ from ...errors import SapoError
 from ...run.layout import RunDir
 from ...tools.plot import LEGENDS, NOISY, PANELS, smoothing_window
 from ..run_state import metric_records, run_folder, run_info, run_names
-from ..safety import Refused
+from ..safety import Refused, inside_runs
 from ..shell import page
 
 BODY = """
@@ -40,7 +40,9 @@ async def runs_page(request: Request):
 
 async def runs_list(request: Request) -> JSONResponse:
     settings = request.app.state.settings
-    names = run_names(settings.runs_dir)
+    # and the runs this dashboard is starting, which have no config.yaml yet: the page keeps asking about them
+    starting = {job.run for job in settings.jobs.all() if job.kind == "train" and job.returncode is None}
+    names = sorted(set(run_names(settings.runs_dir)) | starting)
     return JSONResponse({"runs": [run_info(settings.runs_dir, name, settings.jobs) for name in names],
                          "panels": [{"title": title, "keys": keys, "ylabel": ylabel} for title, keys, ylabel in PANELS],
                          "legends": LEGENDS, "noisy": sorted(NOISY)})
@@ -48,7 +50,10 @@ async def runs_list(request: Request) -> JSONResponse:
 
 async def metrics(request: Request) -> JSONResponse:
     settings = request.app.state.settings
-    path = run_folder(settings.runs_dir, request.query_params.get("run"))
+    name = request.query_params.get("run")
+    path = inside_runs(settings.runs_dir, name)
+    if settings.jobs.running_for(path.name) is None or (path / "config.yaml").is_file():
+        path = run_folder(settings.runs_dir, name)  # else: a run this dashboard is starting, no config.yaml yet
     try:
         since = max(0, int(request.query_params.get("since", "0")))
     except ValueError as exc:

@@ -66,6 +66,16 @@ function jobCard(job) {
 }
 
 async function refresh() {
+  clearTimeout(control.timer);
+  try {
+    await redraw();
+  } catch (error) {  // one failed request does not end the watching
+    document.querySelector("#control-error").textContent = error.message;
+    control.timer = setTimeout(refresh, SAPO.pollMs);
+  }
+}
+
+async function redraw() {
   const [runs, jobs] = await Promise.all([api("/api/runs"), api("/api/jobs")]);
   control.runs = runs.runs;
   const select = document.querySelector("#control-run"), chosen = select.value;
@@ -78,7 +88,6 @@ async function refresh() {
   if (!quant.options.length) quant.append(...jobs.quants.map(q => el("option", {selected: q === "q8_0"}, q)));
   document.querySelector("#jobs").replaceChildren(...jobs.jobs.slice().reverse().map(jobCard));
   const busy = jobs.jobs.some(j => j.running) || runs.runs.some(r => r.state === "training" || r.state === "starting");
-  clearTimeout(control.timer);
   control.timer = busy ? setTimeout(refresh, SAPO.pollMs) : null;
 }
 

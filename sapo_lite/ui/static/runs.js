@@ -121,8 +121,12 @@ function drawChart() {
 }
 
 async function tick() {
-  await loadRuns();
-  await refreshCurves();
+  try {
+    await loadRuns();
+    await refreshCurves();
+  } catch (error) {  // one failed request (the dashboard restarting) does not end the watching
+    document.querySelector("#runs-note").textContent = error.message;
+  }
   const live = state.runs.some(r => LIVE.includes(r.state));
   clearTimeout(state.timer);
   state.timer = live ? setTimeout(tick, SAPO.pollMs) : null;  // nothing training: no more requests
@@ -132,4 +136,4 @@ async function tick() {
 document.querySelector("#panel").addEventListener("change", drawChart);
 document.querySelector("#logscale").addEventListener("change", drawChart);
 document.querySelector("#window").addEventListener("input", () => { state.windowByUser = true; drawChart(); });
-tick().catch(error => { document.querySelector("#runs-note").textContent = error.message; });
+tick();
