@@ -54,7 +54,8 @@ def run_info(runs_dir: Path, name: str, jobs: Jobs) -> dict[str, Any]:
     info: dict[str, Any] = {"name": name, "step": last.get("step", 0), "loss": last.get("loss"), "points": len(records),
                             "max_steps": None, "best_step": None, "held_out": None, "resume": None, "error": None}
     try:
-        info["max_steps"] = run.read_config().train.max_steps
+        if run.is_run():  # a run being started has no config.yaml yet
+            info["max_steps"] = run.read_config().train.max_steps
     except SapoError as exc:  # a config another version wrote, or damaged: say so, keep listing the others
         info["error"] = exc.message
     best = [r["val/best_step"] for r in records if r.get("val/best_step") is not None]

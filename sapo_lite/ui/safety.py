@@ -5,6 +5,8 @@ headers when it does not, and run paths only inside RUNS_DIR.
   host is refused, so a web page elsewhere cannot reach it through DNS rebinding.
 - Bound to any other address, every request carries the token: `?token=` in the URL `sapo-lite ui` prints
   (the page then keeps it in a same-site cookie), or an `X-Sapo-Token` header. Without it: 403.
+- A request that changes something (POST) must send JSON and, when the browser names the page it comes
+  from (Origin), come from the dashboard's own page: another site's page cannot launch or stop runs.
 - A run is named by its path relative to RUNS_DIR; an absolute path or one with `..` is refused before
   anything is read, and so is a symlink that resolves outside RUNS_DIR.
 """
@@ -64,6 +66,10 @@ class Gate:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
+        refusal = _cross_site(scope, headers)
+        if refusal:
+            await _refuse(send, refusal)
+            return
         if self.token is None:
             host = _hostname(headers.get(b"host", b"").decode("latin-1"))
             if host not in LOCAL_HOSTS:
@@ -90,6 +96,23 @@ class Gate:
             await send(message)
 
         await self.app(scope, receive, send_with_cookie)
+
+
+def _cross_site(scope: dict, headers: dict) -> str | None:
+    """Why a request that changes something comes from another site's page, or None.
+
+    A page elsewhere can make the browser POST here (a form, a text/plain fetch) without reading the answer;
+    JSON bodies need a preflight the dashboard never grants, and the Origin header names the page's site.
+    """
+    if scope.get("method", "GET") in ("GET", "HEAD"):
+        return None
+    origin = headers.get(b"origin", b"").decode("latin-1")
+    host = headers.get(b"host", b"").decode("latin-1")
+    if origin and origin.split("://", 1)[-1] != host:
+        return f"a request from the page {origin} may not change anything here"
+    if not headers.get(b"content-type", b"").startswith(b"application/json"):
+        return "requests that change something send JSON (content-type: application/json)"
+    return None
 
 
 def _hostname(host_header: str) -> str:

@@ -70,6 +70,7 @@ def test_a_run_started_from_the_form_trains_live_stops_with_a_checkpoint_and_res
     steps = [json.loads(line)["step"] for line in run.metrics.read_text().splitlines()]
     assert steps[-1] == stopped_at < 300
     assert f"sapo-lite train --resume {run.path}" in browser.find_element(By.ID, "control-state").text
+    browser.execute_script("document.querySelector('#control-run').scrollIntoView()")
     shots(browser, "ui-control")
 
     # resume to two more steps: it finishes

@@ -17,7 +17,8 @@ from sapo_lite.cli import app
 
 def status_of(url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, str]:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers=headers or {})
+    sent = {"content-type": "application/json"} if body is not None else {}
+    request = urllib.request.Request(url, data=data, headers={**sent, **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, response.read().decode()
@@ -82,6 +83,16 @@ def test_paths_outside_runs_dir_are_refused(dashboard, runs_dir, tmp_path):
         assert status_of(dashboard.url + "/", headers={"Host": "attacker.example"})[0] == 403  # DNS rebinding
     finally:
         (runs_dir / "link-out").unlink()
+
+
+def test_another_sites_page_cannot_stop_or_launch_runs(dashboard):
+    """A page elsewhere can make the browser send a form or a text/plain POST here, and name itself as Origin."""
+    for headers in ({"Origin": "http://attacker.example"}, {"content-type": "text/plain"}):
+        for path in ("/api/stop", "/api/launch"):
+            code, body = status_of(dashboard.url + path, {"run": "done", "name": "x"}, headers)
+            assert code == 403 and "refused" in body, (path, headers)
+    code, body = status_of(dashboard.url + "/api/stop", {"run": "done"}, {"Origin": dashboard.url})
+    assert code == 409 and "not training" in body  # the dashboard's own page gets through to the check
 
 
 def test_read_only_turns_launch_stop_resume_and_export_off(dashboard):

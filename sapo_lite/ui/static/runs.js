@@ -76,6 +76,7 @@ function smooth(values, window) {  // trailing mean, as sapo-lite plot draws it
   });
 }
 
+const STEP_TICKS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000];  // whole steps
 const COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"];
 
 function drawChart() {
@@ -115,7 +116,7 @@ function drawChart() {
   state.plot = new uPlot({
     title: panel.title, width: Math.min(1100, holder.clientWidth || 900), height: 360,
     scales: {x: {time: false}, y: log ? {distr: 3} : {}},
-    axes: [{label: "step"}, {label: panel.ylabel}],
+    axes: [{label: "step", incrs: STEP_TICKS}, {label: panel.ylabel}],
     series: [{label: "step"}, ...opts],
   }, data, holder);
 }
