@@ -34,17 +34,19 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
 @torch.no_grad()
 def generate_answers(
     model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int],
-    temperature: float = 0.0, batch_size: int = 32, top_k: int = 0, top_p: float = 1.0,
+    temperature: float = 0.0, batch_size: int = 32, top_k: int | None = None, top_p: float | None = None,
 ) -> list[str]:
     """Decoded answers (special tokens dropped, stripped); greedy unless `temperature` > 0.
 
     Greedy answers go through the lean decode loop (decoding.py) where the model allows it: the same
     tokens as `generate` (tests/models/test_decoding.py), in about half the time, which is most of a
-    held-out evaluation or a validation pass. Sampling, and every other model, use `generate`.
+    held-out evaluation or a validation pass. Sampling, and every other model, use `generate`; `top_k` (0: off)
+    and `top_p`, when given, narrow what it samples from (else the model's generation config decides).
     """
     device = next(model.parameters()).device
-    sampling = ({"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-                if temperature > 0 else {"do_sample": False})
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    if temperature > 0:
+        sampling.update({name: value for name, value in (("top_k", top_k), ("top_p", top_p)) if value is not None})
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
