@@ -14,7 +14,9 @@ from sapo_lite.errors import ConfigError
 from sapo_lite.run.layout import RunDir, checkpoint_step
 
 pytestmark = pytest.mark.slow
-FORM = {"train.max_steps": "300", "train.num_threads": "1", "data.eval_path": "null", "train.warmup_steps": "2"}
+# few examples and small steps: the test's cost is the two processes' start, not training
+FORM = {"train.max_steps": "300", "train.num_threads": "1", "data.eval_path": "null", "train.warmup_steps": "2",
+        "data.max_examples": "64", "sapo.gen_per_step": "8", "sapo.gen_batch_size": "8", "train.micro_batch": "8"}
 
 
 def set_field(driver, key: str, value: str) -> None:
