@@ -7,6 +7,7 @@ library (uPlot, MIT) is vendored in `static/`, so the dashboard needs no network
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
+from ..errors import ConfigError
 from .jobs import Jobs
 from .pages import chat, control, pairs, runs
 from .safety import Gate, Refused, needs_token, new_token
@@ -60,6 +62,7 @@ def serve(runs_dir: Path, host: str, port: int, token: str | None, read_only: bo
         token = token or new_token()
     else:
         token = None  # this machine only: the Host check guards it
+    _check_can_listen(host, port)
     settings = Settings(runs_dir, read_only=read_only)
     app = build_app(settings, host, token)
     shown = f"[{host}]" if ":" in host else host
@@ -70,3 +73,15 @@ def serve(runs_dir: Path, host: str, port: int, token: str | None, read_only: bo
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         settings.jobs.stop_all()
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """A port in use or an address not on this machine: one line, before uvicorn would log a traceback-like error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc})",
+                              f"choose another --port (e.g. --port {port + 1}), or a --host of this machine") from None

@@ -47,6 +47,18 @@ def test_a_non_local_host_gets_a_printed_token_and_serves_nothing_without_it(mon
     assert url.startswith("0.0.0.0:8999/?token=") and len(url.split("token=")[1]) >= 20
 
 
+def test_a_port_in_use_is_one_line_naming_another_port(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(app, ["ui", str(tmp_path), "--port", str(port)])
+    assert result.exit_code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output and f"--port {port + 1}" in result.output
+
+
 @pytest.mark.slow
 def test_token_less_requests_on_a_non_local_host_are_refused(browser, runs_dir, shots):
     token = "a-token-given-on-the-command-line"
