@@ -104,6 +104,17 @@ def test_chat_answers_as_each_role_the_way_generate_does(browser, dashboard, run
     assert any(shown.values())
     shots(browser, "ui-chat")
 
+    # streamed: the base's answer arrives token by token, each message the answer so far
+    from test_safety import status_of
+
+    code, body = status_of(dashboard.url + "/api/chat",
+                           {"target": "done", "prompt": prompt, "max_new_tokens": 12, "roles": ["base"]})
+    messages = [json.loads(line) for line in body.splitlines()]
+    texts = [m["text"] for m in messages if "text" in m]
+    assert code == 200 and messages[-1] == {"role": "base", "done": True}
+    assert len(texts) > 3 and texts[-1] == shown["base"]
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
+
 
 def test_pairs_filters_by_identical_cut_off_and_origin(dashboard, runs_dir):
     """Each filter keeps exactly the pairs it names; an `origin` column (pairs read from data beside the EMA's

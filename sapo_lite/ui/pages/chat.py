@@ -2,10 +2,11 @@
 step's adapter when the run kept one), or by a merged model folder inside RUNS_DIR.
 
 The answers come from `sapo-lite generate`'s path: tools/open_run.py loads the run's base as training did, with
-the run's chat template and stop tokens, and models/generation.py decodes. Greedy by default (as `generate`);
+the run's chat template and stop tokens, and models/generation.py decodes (`stream_answer`: the same tokens as
+`generate_answers`, handed over as they come). Greedy by default (as `generate`);
 "sample" uses the run's own sampling settings (`sapo.temperature`, `top_k`, `top_p`: how its EMA wrote the
-rejected answers). Each role's answer is sent as soon as it is done (a stream of JSON lines), so the first
-column fills while the next role decodes. One model is kept loaded; asking another run loads that one instead.
+rejected answers). Each role's answer is streamed as it is decoded (JSON lines), one role after the other.
+One model is kept loaded; asking another run loads that one instead.
 """
 
 from __future__ import annotations
@@ -107,22 +108,24 @@ LOADED = LoadedModel()
 
 def answer_lines(path: Path, roles: list[str], prompt: str, max_new_tokens: int,
                  sampling: dict | None) -> Iterator[str]:
-    """One JSON line a role, `{"role": ..., "answer": ...}`, as each finishes; `{"error": ...}` on a SapoError."""
+    """JSON lines: `{"role": ..., "text": ...}` each time a role's answer grows, `{"role": ..., "done": true}` when
+    it is complete, one role after the other; `{"error": ...}` on a SapoError."""
     import contextlib
 
-    from ...models.generation import generate_answers
+    from ...models.generation import stream_answer
     from ...models.roles import acting_as
 
     with LOADED.lock:
         try:
             loaded = LOADED.get(path, roles)
-            prompt_ids = [loaded.prompt_ids(prompt)]
+            prompt_ids = loaded.prompt_ids(prompt)
             for role in roles:
                 plain = role == "answer"
                 with contextlib.nullcontext() if plain else acting_as(loaded.model, role), loaded.generating():
-                    (answer,) = generate_answers(loaded.model, loaded.tokenizer, prompt_ids, max_new_tokens,
-                                                 loaded.stop_ids, **(sampling or {}))
-                yield json.dumps({"role": role, "answer": answer}) + "\n"
+                    for text in stream_answer(loaded.model, loaded.tokenizer, prompt_ids, max_new_tokens,
+                                              loaded.stop_ids, **(sampling or {})):
+                        yield json.dumps({"role": role, "text": text}) + "\n"
+                yield json.dumps({"role": role, "done": True}) + "\n"
         except SapoError as exc:
             yield json.dumps({"error": exc.message, "hint": exc.hint}) + "\n"
 

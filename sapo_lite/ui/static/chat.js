@@ -46,10 +46,14 @@ async function send() {
     for (const line of lines.filter(Boolean)) {
       const message = JSON.parse(line);
       if (message.error) { note.textContent = message.error + (message.hint ? " · " + message.hint : ""); return; }
-      const column = columns[message.role];
+      const column = columns[message.role], text = column.querySelector("p");
       column.classList.remove("pending");
-      column.classList.add("done");
-      column.querySelector("p").textContent = message.answer || "(an empty answer: the first token was a stop token)";
+      if (message.done) {
+        column.classList.add("done");
+        if (!text.textContent) text.textContent = "(an empty answer: the first token was a stop token)";
+      } else {
+        text.textContent = message.text;  // the answer so far
+      }
     }
   }
   note.textContent = "";
