@@ -4,6 +4,7 @@
     RUN/metrics.jsonl        one line an optimizer step    RUN/held-out.json    before/after evaluation
     RUN/held_out.jsonl       the rows held out of the training data (`data.eval_path: holdout`), as read
     RUN/buffer.sqlite        replay buffer (buffer-rankK.sqlite, one per process)
+    RUN/validation.sqlite    the validation split's pairs (validation-rankK.sqlite, one per process)
     RUN/checkpoints/step-N/  adapters, trainer state, buffer snapshot, checkpoint.json, manifest.json
     RUN/adapters/{policy,ema}/   final adapters        RUN/base_model/  tiny and GGUF bases
     RUN/.sapo-lite-run       marker and lock file
@@ -73,6 +74,11 @@ class RunDir:
     def held_out_rows(self) -> Path:
         """The rows a `holdout` run set aside from its training data, as they were read: what `eval RUN` scores."""
         return self.path / "held_out.jsonl"
+
+    @property
+    def validation_pairs(self) -> Path:
+        """The validation split's pairs (train/validation.py), in the replay buffer's format."""
+        return self.path / "validation.sqlite"
 
     @property
     def marker(self) -> Path:

@@ -88,6 +88,11 @@ def open_buffer_readonly(run_dir: Path, rank: int | None = None) -> sqlite3.Conn
     path, _ = buffer_path(run_dir, rank)
     if not path.is_file():
         raise RunDirError(f"`{run_dir}` has no buffer.sqlite", "point at the --out folder of a run that trained")
+    return open_pairs_readonly(path)
+
+
+def open_pairs_readonly(path: Path) -> sqlite3.Connection:
+    """A file of pairs (the replay buffer, or RUN/validation.sqlite: the validation split's pairs), read-only."""
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)  # never writes into the run
         db.execute("SELECT COUNT(*) FROM pairs").fetchone()

@@ -110,7 +110,7 @@ class Validation:
     def _pairs(self) -> list[StoredPair]:
         """The validation pairs: made once by the starting EMA and stored, read back on resume."""
         session, cfg = self.session, self.session.cfg
-        path = RunDir(session.run_dir) / "validation.sqlite"
+        path = RunDir(session.run_dir).validation_pairs
         if not session.processes.is_main:
             path = path.with_name(f"validation-rank{session.processes.rank}.sqlite")
         store = ReplayBuffer(path, capacity=max(1, len(self.examples)))

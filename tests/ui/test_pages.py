@@ -142,6 +142,8 @@ def test_pairs_filters_by_identical_cut_off_and_origin(dashboard, runs_dir):
         assert len(only) + len(hidden) == len(every["pairs"])
 
     shutil.copytree(runs_dir / "done", runs_dir / "with-origin")
+    # the validation split's pairs are stored like the buffer's: a copy of it stands in for them
+    shutil.copy(runs_dir / "done" / "buffer.sqlite", runs_dir / "with-origin" / "validation.sqlite")
     db = sqlite3.connect(runs_dir / "with-origin" / "buffer.sqlite")
     db.execute("ALTER TABLE pairs ADD COLUMN origin TEXT")
     db.execute("UPDATE pairs SET origin = CASE WHEN id % 3 = 0 THEN 'data' ELSE 'ema' END")
@@ -150,3 +152,7 @@ def test_pairs_filters_by_identical_cut_off_and_origin(dashboard, runs_dir):
     from_data = shown("with-origin", origin="data")
     assert from_data["origins"] == ["data", "ema"]
     assert from_data["pairs"] and all(p["id"] % 3 == 0 and p["origin"] == "data" for p in from_data["pairs"])
+    validation = shown("with-origin", source="validation")
+    assert validation["origins"] is None and [p["id"] for p in validation["pairs"]] == [p["id"] for p in every["pairs"]]
+    code, body = status_of(f"{dashboard.url}/api/pairs?run=done&source=validation")
+    assert code == 404 and "no validation pairs" in body

@@ -2,7 +2,8 @@
 
 Each pair: the prompt, the chosen and the rejected response with the rewritten segment highlighted at its cut
 point, the step it was made, its ending (tail kept / stopped / cut off) and whether the rewrite is identical to
-the chosen text. The texts are `buffer --show`'s (tools/buffer_view.py `pair_text`), from the same read-only
+the chosen text; or the validation split's pairs (RUN/validation.sqlite, what the policy is scored on every
+`train.eval_every` steps). The texts are `buffer --show`'s (tools/buffer_view.py `pair_text`), from the same read-only
 connection; filters: identical, cut off, step range, and origin for buffers that record one.
 """
 
@@ -18,8 +19,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ...errors import SapoError
+from ...run.layout import RunDir
 from ...sapo.augment import CUT_OFF, is_identical
-from ...tools.buffer_view import newest_pairs, open_buffer_readonly, pair_origins, pair_text
+from ...tools.buffer_view import newest_pairs, open_buffer_readonly, open_pairs_readonly, pair_origins, pair_text
 from ..run_state import run_folder
 from ..safety import Refused
 from ..shell import page
@@ -30,6 +32,8 @@ SHOWN = 50
 BODY = """
 <section><h2>Pairs</h2>
 <div class="controls"><label>run <select id="run"></select></label>
+<label>pairs <select id="source"><option value="">replay buffer</option><option value="validation">validation split
+</option></select></label>
 <label>identical rewrites <select id="identical"><option value="">show</option><option value="hide">hide</option>
 <option value="only">only</option></select></label>
 <label>cut off <select id="cut_off"><option value="">show</option><option value="hide">hide</option>
@@ -51,7 +55,6 @@ def _decoder(run_dir: Path, config_mtime: float) -> tuple[Any, list[int]]:
     """The run's tokenizer with its chat template, and its stop tokens: what `buffer --show` decodes with."""
     from ...data.examples import install_chat_template, stop_token_ids
     from ...models.roles import load_tokenizer
-    from ...run.layout import RunDir
 
     cfg = RunDir(run_dir).read_config()
     tokenizer = load_tokenizer(RunDir(run_dir).base_model_name(cfg), cfg.model.trust_remote_code)
@@ -66,7 +69,14 @@ def read_pairs(run_dir: Path, query: dict[str, str]) -> dict[str, Any]:
     def decode(ids) -> str:
         return tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    db = open_buffer_readonly(run_dir)  # mode=ro: never writes into a run, even one training now
+    if query.get("source") == "validation":  # the validation split's pairs, scored every train.eval_every steps
+        path = RunDir(run_dir).validation_pairs
+        if not path.is_file():
+            raise Refused(f"`{run_dir.name}` has no validation pairs (data.val_size and train.eval_every make them)",
+                          404)
+        db = open_pairs_readonly(path)
+    else:
+        db = open_buffer_readonly(run_dir)  # mode=ro: never writes into a run, even one training now
     try:
         candidates = newest_pairs(db, SCAN, first or 0, last)
         origins = pair_origins(db, [p.pair_id for p in candidates])

@@ -29,7 +29,7 @@ async function loadPairs() {
   const note = document.querySelector("#pairs-note");
   if (!run) { note.textContent = "no runs yet"; return; }
   const query = new URLSearchParams({run});
-  for (const id of ["identical", "cut_off", "first_step", "last_step", "origin"]) {
+  for (const id of ["source", "identical", "cut_off", "first_step", "last_step", "origin"]) {
     const value = document.querySelector("#" + id).value;
     if (value) query.set(id, value);
   }
@@ -51,7 +51,7 @@ async function loadPairs() {
   }
 }
 
-for (const id of ["run", "identical", "cut_off", "origin"]) document.querySelector("#" + id).addEventListener("change", loadPairs);
+for (const id of ["run", "source", "identical", "cut_off", "origin"]) document.querySelector("#" + id).addEventListener("change", loadPairs);
 for (const id of ["first_step", "last_step"]) document.querySelector("#" + id).addEventListener("change", loadPairs);
 document.querySelector("#refresh").addEventListener("click", loadPairs);
 loadRunsInto(document.querySelector("#run")).then(loadPairs);
