@@ -1,10 +1,11 @@
 """The package's folders are its architecture: imports run one way, from the CLI down to the errors.
 
-    cli -> {tools, train} -> run -> sapo -> models -> data -> config -> errors
+    cli -> ui -> {tools, train} -> run -> sapo -> models -> data -> config -> errors
 
 A module may import from its own folder and from any floor below its own, never from above;
 `tools` (what reads a finished run) and `train` (the loop) stand side by side and never import
-each other, so a tool can never reach into the loop's internals.
+each other, so a tool can never reach into the loop's internals. The web dashboard (`ui`) sits
+beside the CLI, just under it: it calls what the CLI calls, and the CLI only starts it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sapo_lite"
-FLOORS = {"errors": 0, "config": 1, "data": 2, "models": 3, "sapo": 4, "run": 5, "train": 6, "tools": 6, "cli": 7}
+FLOORS = {"errors": 0, "config": 1, "data": 2, "models": 3, "sapo": 4, "run": 5, "train": 6, "tools": 6, "ui": 7,
+          "cli": 8}
 TOP_LEVEL = {"__init__", "__main__"}  # the package's own entry points: above every floor
 
 
@@ -74,6 +76,8 @@ def test_the_walk_sees_lazy_and_relative_imports():
     assert "sapo_lite.train.checkpoint" in loop
     cli_train = imported_modules(PACKAGE / "cli" / "train.py")
     assert "sapo_lite.train.loop" in cli_train  # imported inside the command function
+    assert "sapo_lite.ui.server" in imported_modules(PACKAGE / "cli" / "ui.py")
+    assert "sapo_lite.tools.buffer_view" in imported_modules(PACKAGE / "ui" / "pages" / "pairs.py")
 
 
 def test_no_module_is_left_at_the_top():

@@ -70,3 +70,12 @@ def test_the_wheel_holds_every_module_of_the_source_tree(wheel):
     in_wheel = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
     in_source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "sapo_lite").rglob("*.py")}
     assert in_source <= in_wheel, f"missing from the wheel: {sorted(in_source - in_wheel)}"
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_the_dashboards_assets(wheel):
+    """The dashboard works offline: its chart library, scripts and stylesheet ship inside the package."""
+    in_wheel = set(zipfile.ZipFile(wheel).namelist())
+    in_source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "sapo_lite" / "ui" / "static").iterdir()}
+    assert "sapo_lite/ui/static/uPlot.iife.min.js" in in_source
+    assert in_source <= in_wheel, f"missing from the wheel: {sorted(in_source - in_wheel)}"

@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 from ..errors import ConfigError, SapoError, storage_error
 
 # The order a user needs them in: plan and train, look at the result, ship it, inspect.
-COMMAND_ORDER = ("train", "estimate", "presets", "eval", "generate", "merge", "plot", "buffer", "env")
+COMMAND_ORDER = ("train", "estimate", "presets", "eval", "generate", "merge", "plot", "buffer", "ui", "env")
 # What an option takes, in words: `FILE` and `N` read better than Python's `<path>` and `<int>`.
 TYPE_WORDS = {"<path>": "PATH", "<int>": "N", "<float>": "NUMBER", "<str>": "TEXT", "<list[str]>": "TEXT"}
 

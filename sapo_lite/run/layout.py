@@ -5,6 +5,7 @@
     RUN/held_out.jsonl       the rows held out of the training data (`data.eval_path: holdout`), as read
     RUN/split.json           the data split (training / validation / held-out), decided once, checked on resume
     RUN/buffer.sqlite        replay buffer (buffer-rankK.sqlite, one per process)
+    RUN/validation.sqlite    the validation split's pairs (made and scored by rank 0 alone)
     RUN/checkpoints/step-N/  adapters, trainer state, buffer snapshot, checkpoint.json, manifest.json
     RUN/adapters/{policy,ema}/   final adapters        RUN/base_model/  tiny and GGUF bases
     RUN/.sapo-lite-run       marker and lock file
@@ -79,6 +80,11 @@ class RunDir:
     def split(self) -> Path:
         """The run's data split, decided when it started: the settings that decided it, each part's row fingerprint."""
         return self.path / "split.json"
+
+    @property
+    def validation_pairs(self) -> Path:
+        """The validation split's pairs (train/validation.py), in the replay buffer's format."""
+        return self.path / "validation.sqlite"
 
     @property
     def marker(self) -> Path:

@@ -29,6 +29,44 @@ def is_sapo_run(folder: Path) -> bool:
     return (folder / MARKER).is_file() or RunDir(folder).is_run()
 
 
+def writer_pid(folder: Path) -> int | None:
+    """The pid of the process holding the run's lock now (a `train` writing it), or None.
+
+    Read from /proc/locks, which lists every flock with the holder's pid and the file's device and
+    inode: looking takes no lock, so it can never make a `train` starting at that instant fail. On
+    systems without /proc/locks a non-blocking shared lock is tried and dropped at once instead.
+    """
+    marker = folder / MARKER
+    try:
+        stat = marker.stat()
+    except OSError:
+        return None
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return _probe_lock(marker)
+    where = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()  # `1: FLOCK  ADVISORY  WRITE 1234 fe:00:2164632 0 EOF`
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where and fields[4].isdigit():
+            return int(fields[4])
+    return None
+
+
+def _probe_lock(marker: Path) -> int | None:
+    if fcntl is None:
+        return None
+    fd = os.open(marker, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        return int(holder) if holder.isdigit() else -1
+    finally:
+        os.close(fd)  # drops the shared lock if it was taken
+    return None
+
+
 def never_started(folder: Path) -> bool:
     """Made by sapo-lite but stopped before its config was written: nothing in it to resume."""
     return (folder / MARKER).is_file() and not RunDir(folder).is_run()

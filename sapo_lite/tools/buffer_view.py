@@ -88,6 +88,11 @@ def open_buffer_readonly(run_dir: Path, rank: int | None = None) -> sqlite3.Conn
     path, _ = buffer_path(run_dir, rank)
     if not path.is_file():
         raise RunDirError(f"`{run_dir}` has no buffer.sqlite", "point at the --out folder of a run that trained")
+    return open_pairs_readonly(path)
+
+
+def open_pairs_readonly(path: Path) -> sqlite3.Connection:
+    """A file of pairs (the replay buffer, or RUN/validation.sqlite: the validation split's pairs), read-only."""
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)  # never writes into the run
         db.execute("SELECT COUNT(*) FROM pairs").fetchone()
@@ -108,8 +113,12 @@ def buffer_stats(db: sqlite3.Connection, capacity: int) -> BufferStats:
     return BufferStats(len(pairs), capacity, newest, drawn, newest - added, ending_counts(db), identical)
 
 
-def newest_pairs(db: sqlite3.Connection, count: int) -> list[StoredPair]:
-    rows = db.execute(f"SELECT {PAIR_COLUMNS} FROM {JOINED} ORDER BY p.id DESC LIMIT ?", (count,)).fetchall()
+def newest_pairs(db: sqlite3.Connection, count: int, first_step: int = 0,
+                 last_step: int | None = None) -> list[StoredPair]:
+    """The `count` newest pairs, newest first; only those made at steps first_step..last_step when given."""
+    last = (1 << 62) if last_step is None else last_step
+    rows = db.execute(f"SELECT {PAIR_COLUMNS} FROM {JOINED} WHERE p.step_added BETWEEN ? AND ? "
+                      "ORDER BY p.id DESC LIMIT ?", (first_step, last, count)).fetchall()
     return [row_to_pair(row) for row in rows]
 
 
@@ -122,8 +131,22 @@ def decode_pieces(decode, ids: np.ndarray, bounds: list[int]) -> list[str]:
     return [later[len(earlier):] for earlier, later in zip(texts, texts[1:])]
 
 
-def render_pair(pair: StoredPair, decode, stop_ids: list[int]) -> Panel:
-    """Prompt, shared prefix, then the chosen segment (green) against the EMA's rewrite (red)."""
+@dataclass
+class PairText:
+    """One pair as text, cut where it differs: the prompt, the shared prefix R[:t], the chosen segment and the
+    EMA's rewrite of it, and the chosen tail R[t+g:] (which the rejected response keeps when `kept_tail`)."""
+
+    prompt: str
+    prefix: str
+    chosen_segment: str
+    rejected_segment: str
+    tail: str
+    ending: str
+    kept_tail: bool
+
+
+def pair_text(pair: StoredPair, decode, stop_ids: list[int]) -> PairText:
+    """The texts `buffer --show` and the dashboard's Pairs page show, cut at the pair's truncation point."""
     p, t, g = pair.prompt_len, pair.trunc_point, pair.segment_len
     chosen, rejected = pair.chosen_ids, pair.rejected_ids
     ending = pair.ending or pair_ending(rejected, p, t, g, stop_ids)  # recorded when added; else from the tokens
@@ -132,14 +155,33 @@ def render_pair(pair: StoredPair, decode, stop_ids: list[int]) -> Panel:
     prompt, prefix, chosen_segment, tail = decode_pieces(decode, chosen, [0, p, p + t, cut, len(chosen)])
     rewrite_end = p + t + g if kept_tail else len(rejected)
     (rejected_segment,) = decode_pieces(decode, rejected, [p + t, rewrite_end])
-    chosen_text = Text.assemble((prefix, "dim"), (chosen_segment, "bold green"), (tail, "dim"))
-    rejected_text = Text.assemble((prefix, "dim"), (rejected_segment, "bold red"), (tail if kept_tail else "", "dim"))
+    return PairText(prompt, prefix, chosen_segment, rejected_segment, tail, ending, kept_tail)
+
+
+def render_pair(pair: StoredPair, decode, stop_ids: list[int]) -> Panel:
+    """Prompt, shared prefix, then the chosen segment (green) against the EMA's rewrite (red)."""
+    text = pair_text(pair, decode, stop_ids)
+    t, g = pair.trunc_point, pair.segment_len
+    chosen_text = Text.assemble((text.prefix, "dim"), (text.chosen_segment, "bold green"), (text.tail, "dim"))
+    rejected_text = Text.assemble((text.prefix, "dim"), (text.rejected_segment, "bold red"),
+                                  (text.tail if text.kept_tail else "", "dim"))
     body = Group(
-        Text.assemble(("prompt: ", "bold"), prompt),
+        Text.assemble(("prompt: ", "bold"), text.prompt),
         Text.assemble(("chosen:   ", "bold green"), chosen_text),
         Text.assemble(("rejected: ", "bold red"), rejected_text),
     )
     same = ", identical to the chosen" if is_identical(pair) else ""
     title = (f"pair {pair.pair_id}, step {pair.step_added}, drawn {pair.times_drawn}x, "
-             f"tokens {t}-{t + g} rewritten: {ending}{same}")
+             f"tokens {t}-{t + g} rewritten: {text.ending}{same}")
     return Panel(body, title=title, title_align="left")
+
+
+def pair_origins(db: sqlite3.Connection, pair_ids: list[int]) -> dict[int, str] | None:
+    """Where each pair came from (`origin`: the EMA's rewrite or a pair read from data), for buffers that record
+    it; None for buffers without that column."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(pairs)")}
+    if "origin" not in columns:
+        return None
+    marks = ",".join("?" * len(pair_ids))
+    rows = db.execute(f"SELECT id, origin FROM pairs WHERE id IN ({marks})", pair_ids) if pair_ids else []
+    return {int(pair_id): str(origin) for pair_id, origin in rows}

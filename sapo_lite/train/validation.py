@@ -119,7 +119,7 @@ class Validation:
     def _pairs(self) -> list[StoredPair]:
         """The validation pairs: made before the first step by the starting EMA and stored; read back on
         resume, unless they are not the pairs of these examples (then made again by the EMA as it is now)."""
-        path = RunDir(self.session.run_dir) / "validation.sqlite"
+        path = RunDir(self.session.run_dir).validation_pairs
         store = ReplayBuffer(path, capacity=max(1, len(self.examples)))
         try:
             stored = store.all_pairs()
