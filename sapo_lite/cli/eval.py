@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ..config.schema import HOLDOUT
 from ..errors import ConfigError
-from .common import app, console, parse_roles, quiet_libraries, reports_errors
+from .common import app, console, parse_roles, quiet_libraries, reports_errors, roles_for, run_and_adapter
 
 if TYPE_CHECKING:
     from ..config.schema import Config
@@ -24,8 +24,12 @@ if TYPE_CHECKING:
 @app.command("eval")
 @reports_errors
 def evaluate_run(
-    run: Annotated[Path, typer.Argument(help="Run directory (the --out of `sapo-lite train`)")],
-    adapter: Annotated[str, typer.Option(help="Roles side by side, from base, policy, ema")] = "base,policy,ema",
+    run: Annotated[Path, typer.Argument(help="Run directory (the --out of `sapo-lite train`), or one of its adapters "
+                                        "(RUN/adapters/best)")],
+    adapter: Annotated[
+        str | None, typer.Option(help="Roles side by side, from base, policy, ema, best (default base,policy,ema; "
+                                 "for RUN/adapters/NAME base,NAME)")
+    ] = None,
     data: Annotated[
         str | None, typer.Option(help="Evaluation data: a .jsonl/.json/.parquet file or bundled:NAME "
                                  "(default: the run's held-out set: its data.eval_path, or RUN/held_out.jsonl)")
@@ -51,7 +55,8 @@ def evaluate_run(
     from ..data.scoring import answer_records, counted
     from ..run.layout import RunDir
 
-    roles = parse_roles(adapter)
+    run, named = run_and_adapter(run)
+    roles = parse_roles(roles_for(named, adapter, "base,policy,ema"))
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit {limit} is not a number of prompts", "pass --limit 1 or more, or leave it out")
     if max_new_tokens is not None and max_new_tokens < 1:
