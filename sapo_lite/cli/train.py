@@ -16,7 +16,7 @@ from ..errors import ConfigError, RunDirError, SapoError, storage_error
 from ..run.folders import check_writable_dir, make_dir, remove_unstarted_run
 from ..run.layout import RunDir
 from ..run.lock import RunLock, clear_run, is_sapo_run, never_started
-from ..train.signals import TerminateAsInterrupt
+from ..train.signals import TerminateAsInterrupt, console_survives_pipe
 from .common import app, console, quiet_libraries, reports_errors
 
 
@@ -102,6 +102,12 @@ def train(
     Settings: the preset (tiny when neither --preset nor --config is given), then --config, then
     KEY=VALUE. --config without --preset applies the file over the built-in defaults, no preset.
     """
+    with console_survives_pipe():  # `train ... | tee log` and Ctrl-C: tee dies first, the run still checkpoints
+        _train(overrides, preset, config, out, resume, dry_run, overwrite)
+
+
+def _train(overrides: list[str] | None, preset: str | None, config: Path | None, out: Path | None,
+           resume: Path | None, dry_run: bool, overwrite: bool) -> None:
     if resume is not None and overwrite:
         raise ConfigError("--resume continues a run and --overwrite would delete it: pick one",
                           f"drop --overwrite to continue `{resume}`, or drop --resume to start it again")
