@@ -66,6 +66,13 @@ def lock_existing_run(run_dir: Path) -> RunLock:
 
 def describe_plan(cfg: Config, out: Path) -> str:
     t, s = cfg.train, cfg.sapo
+    if cfg.loss.name == "sft":  # no rewrites, no pairs, no buffer: the chosen responses alone
+        return (
+            f"would train `{cfg.lora.target_modules}` LoRA r={cfg.lora.r} adapter (policy) on {cfg.model.name} "
+            f"({cfg.model.quant}) with SFT for {t.max_steps} steps: {s.gen_per_step} new examples/step from "
+            f"{cfg.data.path}, {t.micro_batch * t.grad_accum} trained a step on their responses (nothing generated); "
+            f"run directory {out}"
+        )
     pairs_per_step = t.micro_batch * t.grad_accum
     new_pairs = f"{s.gen_per_step} new pairs/step" if s.generate_every == 1 else (
         f"{s.gen_per_step} new pairs every {s.generate_every} steps")
@@ -128,6 +135,11 @@ def _train(overrides: list[str] | None, preset: str | None, config: Path | None,
         preset = preset or ("tiny" if config is None else None)
         cfg = load_config(preset, config, overrides or [])
         out = out or Path("runs") / (preset or (config.stem if config else "run"))
+        from ..train.preflight import check_before_loading
+        from ..train.resolve_files import resolve_with_files, user_set_keys
+
+        resolve_with_files(cfg, user_set_keys(config, overrides or []))  # stage two's data, a preset's val_size
+        check_before_loading(cfg)  # what the files can tell, before the model loads
     console.print(f"config: {describe_sources(preset, config, overrides or [], resume)}", highlight=False)
     for key, note in cfg.notes.items():  # what resolving the config changed, and why
         section, name = key.split(".")

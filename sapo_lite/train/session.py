@@ -142,9 +142,11 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
     tokenizer = load_tokenizer(model_name, cfg.model.trust_remote_code)
     install_chat_template(tokenizer, cfg.data.chat_template)
     data = load_examples(cfg.data.path, cfg.data.split, tokenizer, cfg.data)
-    console.print(data.describe(cfg.data), highlight=False, markup=False)
     train_examples, eval_examples, eval_source, eval_note = held_out_set(cfg.data, data, tokenizer, cfg.train.seed)
     train_examples, val_examples = split_validation(train_examples, cfg.data.val_size, cfg.train.seed)
+    scaled = f" ({cfg.notes['data.val_size']})" if "data.val_size" in cfg.notes else ""
+    validation = f"; {len(val_examples)} set aside for validation{scaled}" if val_examples else ""
+    console.print(data.describe(cfg.data) + validation, highlight=False, markup=False)
     for line in ([eval_note] if eval_note else []) + data_warnings(data.unknown_share, tokenizer):
         console.print(line, highlight=False, markup=False)
 
