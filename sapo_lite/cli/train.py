@@ -180,6 +180,23 @@ def _train(overrides: list[str] | None, preset: str | None, config: Path | None,
         console.print(
             f"[bold]held-out {result.eval_metric}: base {result.eval_before:.1%} -> policy {result.eval_after:.1%}[/]"
         )
+    summary = _summary(out)
+    if summary.get("eval_nll_base") is not None and summary.get("eval_nll_policy") is not None:
+        console.print(f"[bold]held-out NLL of the reference responses: base {summary['eval_nll_base']:.3f} -> policy "
+                      f"{summary['eval_nll_policy']:.3f}[/] (per token, lower is better)", highlight=False)
+    if summary.get("adapter") == "best":
+        console.print(f"use the best adapter, {summary['adapter_note'].removeprefix('RUN/adapters/best: ')}: "
+                      f"{out / 'adapters' / 'best'} (`--adapter best` in eval, generate and merge)", highlight=False)
+
+
+def _summary(run_dir: Path) -> dict:
+    import json
+
+    try:
+        summary = json.loads(RunDir(run_dir).summary.read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def resume_config(
