@@ -73,6 +73,15 @@ def test_eval_and_generate_answer_as_the_best_adapter(stage_one):
     assert "best" in result.output and "policy" in result.output
 
 
+def test_plot_draws_the_validation_passes_and_counts_steps_not_records(stage_one, tmp_path):
+    pytest.importorskip("matplotlib")
+    out, _, _ = stage_one
+    best = json.loads((out / "summary.json").read_text())["best_step"]
+    result = runner.invoke(app, ["plot", str(out), "--out", str(tmp_path / "p.png")])
+    assert result.exit_code == 0, result.output
+    assert f"2 steps, 3 validation passes (best: step {best})" in result.output  # step 0 is a pass, not a step
+
+
 def test_stage_two_trains_on_stage_ones_data_unless_told_otherwise(stage_one, tmp_path):
     out, data, _ = stage_one
     args = ["train", "--preset", "tiny", "--out", str(tmp_path / "sapo"), f"model.init_adapter={out}/adapters/best",
