@@ -122,6 +122,12 @@ def check_before_loading(cfg: Config) -> None:
         else:
             targets = None if cfg.lora.target_modules == "all-linear" else _target_list(cfg.lora.target_modules)
             found, fixed_by = lora_mismatches(adapter, cfg.lora, targets)
+            theirs = adapter.get("target_modules")
+            if found and targets is None and isinstance(theirs, list) and theirs != ["all-linear"]:
+                # all-linear is known once the model is: name the adapter's own targets, which always match it
+                found.append(f"target modules {','.join(sorted(theirs))} but lora.target_modules=all-linear "
+                             "(the same only if those are all of the model's linear layers)")
+                fixed_by.append(f"lora.target_modules={','.join(sorted(theirs))}")
             if found:
                 problems.append(f"model.init_adapter `{folder}` does not match the config: {'; '.join(found)}")
                 fixes.append(f"train with the adapter's settings: {' '.join(fixed_by)}")
