@@ -22,6 +22,7 @@ from ..models.tiny import TINY_NAME
 from .resolve_files import rows_left_for_training, training_rows, usable_rows
 
 UNKNOWN_WARN_SHARE = 0.5
+LLAMA_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # what all-linear adapts
 
 
 def linear_module_names(base: Any) -> list[str]:
@@ -123,8 +124,9 @@ def check_before_loading(cfg: Config) -> None:
             targets = None if cfg.lora.target_modules == "all-linear" else _target_list(cfg.lora.target_modules)
             found, fixed_by = lora_mismatches(adapter, cfg.lora, targets)
             theirs = adapter.get("target_modules")
-            if found and targets is None and isinstance(theirs, list) and theirs != ["all-linear"]:
-                # all-linear is known once the model is: name the adapter's own targets, which always match it
+            if found and targets is None and isinstance(theirs, list) and not set(theirs) >= LLAMA_LINEAR:
+                # all-linear is known once the model is; an adapter that lacks some of a Llama-family model's linear
+                # layers was not all-linear: name its own targets, which always match it
                 found.append(f"target modules {','.join(sorted(theirs))} but lora.target_modules=all-linear "
                              "(the same only if those are all of the model's linear layers)")
                 fixed_by.append(f"lora.target_modules={','.join(sorted(theirs))}")
