@@ -44,9 +44,10 @@ def merge(
 ) -> None:
     """Fold an adapter into a copy of the base, never its 4-bit form: a Hugging Face model folder, or one GGUF file.
 
-    The folder keeps the base's own precision unless --dtype says otherwise, and is written shard by
-    shard: peak RAM about twice the largest base shard plus the adapter (about 10 GB for Llama-3-8B's
-    5 GB shards); disk about the model's size at that precision. The
+    The folder keeps the precision the base is stored in unless --dtype says otherwise.
+
+    The folder is written shard by shard: peak RAM about twice the largest base shard plus the
+    adapter (about 10 GB for Llama-3-8B's 5 GB shards); disk about the model's size at --dtype. The
     GGUF file (with --out FILE.gguf) is streamed a block of rows at a time, with the chat template
     and stop tokens training used and an Ollama Modelfile beside it (FILE.Modelfile).
     """
