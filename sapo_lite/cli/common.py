@@ -139,11 +139,12 @@ def run_and_adapter(path: Path) -> tuple[Path, str | None]:
     return run, name
 
 
-def roles_for(path_adapter: str | None, adapter: str | None, default: str) -> str:
-    """The --adapter roles of eval/generate: as given, else the base beside the adapter a path names, else `default`.
-    An --adapter list must include the adapter the path names."""
+def roles_for(run: Path, path_adapter: str | None, adapter: str | None) -> str:
+    """The --adapter roles of eval/generate: as given; else the base beside the adapter a path names; else base,
+    policy and ema, and best where the run kept one. An --adapter list must include the adapter the path names."""
     if path_adapter is None:
-        return adapter or default
+        kept_best = (Path(run) / "adapters" / "best" / "adapter_config.json").is_file()
+        return adapter or ("base,policy,ema,best" if kept_best else "base,policy,ema")
     if adapter is None:
         return f"base,{path_adapter}"
     if path_adapter not in parse_roles(adapter):

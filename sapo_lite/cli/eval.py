@@ -27,8 +27,8 @@ def evaluate_run(
     run: Annotated[Path, typer.Argument(help="Run directory (the --out of `sapo-lite train`), or one of its adapters "
                                         "(RUN/adapters/best)")],
     adapter: Annotated[
-        str | None, typer.Option(help="Roles side by side, from base, policy, ema, best (default base,policy,ema; "
-                                 "for RUN/adapters/NAME base,NAME)")
+        str | None, typer.Option(help="Roles side by side, from base, policy, ema, best (default base,policy,ema, "
+                                 "and best where the run kept one; for RUN/adapters/NAME base,NAME)")
     ] = None,
     data: Annotated[
         str | None, typer.Option(help="Evaluation data: a .jsonl/.json/.parquet file or bundled:NAME "
@@ -56,7 +56,7 @@ def evaluate_run(
     from ..run.layout import RunDir
 
     run, named = run_and_adapter(run)
-    roles = parse_roles(roles_for(named, adapter, "base,policy,ema"))
+    roles = parse_roles(roles_for(run, named, adapter))
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit {limit} is not a number of prompts", "pass --limit 1 or more, or leave it out")
     if max_new_tokens is not None and max_new_tokens < 1:

@@ -162,7 +162,8 @@ def generate(
     prompts_file: Annotated[Path | None, typer.Option(help="A file with one prompt a line")] = None,
     adapter: Annotated[
         str | None, typer.Option(help="A run's roles side by side, from base, policy, ema, best "
-                                 "(default base,policy,ema; for RUN/adapters/NAME base,NAME)")
+                                 "(default base,policy,ema, and best where the run kept one; for RUN/adapters/NAME "
+                                 "base,NAME)")
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens")] = 128,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding, else sampling temperature")] = 0.0,
@@ -196,7 +197,7 @@ def generate(
     if plain and adapter is not None:
         raise ConfigError(f"`{run}` is a model folder, not a run: it has no adapters to pick with --adapter",
                           "drop --adapter: the folder answers as one model")
-    roles = ["answer"] if plain else parse_roles(roles_for(named, adapter, "base,policy,ema"))
+    roles = ["answer"] if plain else parse_roles(roles_for(run, named, adapter))
     quiet_libraries()
     from ..models.generation import generate_answers
     from ..models.roles import acting_as

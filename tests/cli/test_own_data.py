@@ -67,10 +67,12 @@ def test_eval_and_generate_answer_as_the_best_adapter(stage_one):
     result = runner.invoke(app, ["eval", str(out / "adapters" / "best"), "--limit", "2", "--max-new-tokens", "3"])
     assert result.exit_code == 0, result.output
     assert "│ base" in result.output.replace("┃", "│") and "best" in result.output
-    result = runner.invoke(app, ["generate", str(out), "--adapter", "policy,best", "--prompt", "reverse : 1 2 3",
-                                 "--max-new-tokens", "3"])
+    # a run that kept a best adapter answers with it by default, beside base, policy and ema
+    result = runner.invoke(app, ["generate", str(out), "--prompt", "reverse : 1 2 3", "--max-new-tokens", "3"],
+                           env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "best" in result.output and "policy" in result.output
+    header = next(line for line in result.output.splitlines() if "prompt" in line)
+    assert [word for word in header.replace("┃", " ").split()] == ["prompt", "base", "policy", "ema", "best"]
 
 
 def test_plot_draws_the_validation_passes_and_counts_steps_not_records(stage_one, tmp_path):
