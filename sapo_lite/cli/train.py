@@ -185,8 +185,9 @@ def _train(overrides: list[str] | None, preset: str | None, config: Path | None,
         console.print(f"[bold]held-out NLL of the reference responses: base {summary['eval_nll_base']:.3f} -> policy "
                       f"{summary['eval_nll_policy']:.3f}[/] (per token, lower is better)", highlight=False)
     if summary.get("adapter") == "best":
-        console.print(f"use the best adapter, {summary['adapter_note'].removeprefix('RUN/adapters/best: ')}: "
-                      f"{out / 'adapters' / 'best'} (`--adapter best` in eval, generate and merge)", highlight=False)
+        console.print(f"use the best adapter: {out / 'adapters' / 'best'}, the policy of step {summary['best_step']}, "
+                      f"the best by {summary['best_metric']} on the validation split (`--adapter best` in eval, "
+                      "generate and merge)", highlight=False)
 
 
 def _summary(run_dir: Path) -> dict:

@@ -368,7 +368,7 @@ def _write_summary(run_dir: Path, result: TrainResult, validation: dict, earlier
 def recommended_adapter(run_dir: Path, validation: dict) -> dict[str, str]:
     """The adapter a user most likely wants: the best validation step's where a validation split chose one."""
     if validation.get("best_step") is not None and (RunDir(run_dir).adapter("best") / "adapter_config.json").is_file():
-        return {"adapter": "best", "adapter_note": f"RUN/adapters/best: the policy of step {validation['best_step']}, "
-                f"the best by {validation['best_metric']} on the validation split (--adapter best)"}
-    return {"adapter": "policy", "adapter_note": "RUN/adapters/policy: the last step's policy (no validation split "
-            "chose another)"}
+        return {"adapter": "best", "adapter_note": f"the policy of step {validation['best_step']}, the best by "
+                f"{validation['best_metric']} on the validation split (RUN/adapters/best, --adapter best)"}
+    return {"adapter": "policy", "adapter_note": "the last step's policy (RUN/adapters/policy): no validation split "
+            "chose another"}
