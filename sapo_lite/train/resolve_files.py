@@ -40,8 +40,8 @@ def run_of_adapter(folder: str | None) -> Path | None:
     """The run an adapter folder belongs to (RUN/adapters/X, RUN/checkpoints/step-N/adapters/X), else None."""
     if not folder:
         return None
-    path = Path(folder).expanduser()
-    return next((parent for parent in path.absolute().parents if RunDir(parent).is_run()), None)
+    path = Path(folder).expanduser()  # its parents as written, so the notes name the run as the user does
+    return next((parent for parent in path.parents if RunDir(parent).is_run()), None)
 
 
 def resolve_with_files(cfg: Config, user_keys: set[str]) -> None:
