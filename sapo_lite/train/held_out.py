@@ -31,15 +31,15 @@ def is_free_form(examples: Sequence[Example]) -> bool:
 
 
 @torch.no_grad()
-def reference_nll(session: Any, role: str, examples: Sequence[Example]) -> float:
+def reference_nll(model: Any, examples: Sequence[Example], role: str, pad_id: int, batch_size: int = 4,
+                  chunk_tokens: int = 256) -> float:
     """Mean over examples of the reference response's NLL per token, as `role` scores it (teacher-forced)."""
     pairs = chosen_only_pairs(examples)
-    size = session.cfg.train.micro_batch
+    device = next(model.parameters()).device
     nll: list[float] = []
-    with acting_as(session.model, role):
-        for start in range(0, len(pairs), size):
-            chosen, _, n_chosen, _ = pair_logps(session.model, pairs[start : start + size], session.pad_id,
-                                                session.device, session.cfg.train.logps_chunk_tokens)
+    with acting_as(model, role):
+        for start in range(0, len(pairs), batch_size):
+            chosen, _, n_chosen, _ = pair_logps(model, pairs[start : start + batch_size], pad_id, device, chunk_tokens)
             nll += (-chosen / n_chosen.clamp(min=1)).tolist()
     return float(np.mean(nll))
 

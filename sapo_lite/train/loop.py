@@ -334,7 +334,8 @@ def _held_out_score(session: TrainSession, role: str, console: Console, run_dir:
     console.print(f"{score.describe()} ({session.eval_source})", highlight=False)
     record_held_out(run_dir, score)
     if is_free_form(session.eval_examples):  # exact match alone says little on free-form answers
-        nll = reference_nll(session, role, session.eval_examples)
+        nll = reference_nll(session.model, session.eval_examples, role, session.pad_id, session.cfg.train.micro_batch,
+                            session.cfg.train.logps_chunk_tokens)
         console.print(f"held-out NLL of the reference responses, {role}: {nll:.3f} per token (lower is better; "
                       "what free-form data without constraints or answers can be scored by)", highlight=False)
         record_nll(run_dir, role, nll)

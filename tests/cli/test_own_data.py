@@ -64,9 +64,14 @@ def test_merge_takes_the_best_adapter_by_name_and_by_path_in_the_bases_precision
 
 def test_eval_and_generate_answer_as_the_best_adapter(stage_one):
     out, _, _ = stage_one
-    result = runner.invoke(app, ["eval", str(out / "adapters" / "best"), "--limit", "2", "--max-new-tokens", "3"])
+    result = runner.invoke(app, ["eval", str(out / "adapters" / "best"), "--max-new-tokens", "3", "--json",
+                                 str(out.parent / "eval.json")])
     assert result.exit_code == 0, result.output
     assert "│ base" in result.output.replace("┃", "│") and "best" in result.output
+    roles = json.loads((out.parent / "eval.json").read_text())["roles"]
+    assert list(roles) == ["base", "best"] and "reference NLL" in result.output
+    # the held-out rows are free-form: their reference NLL, the same figure the run reported for its base
+    assert roles["base"]["reference_nll"] == json.loads((out / "held-out.json").read_text())["base"]["reference_nll"]
     # a run that kept a best adapter answers with it by default, beside base, policy and ema
     result = runner.invoke(app, ["generate", str(out), "--prompt", "reverse : 1 2 3", "--max-new-tokens", "3"],
                            env={"COLUMNS": "200"})
