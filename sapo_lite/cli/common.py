@@ -7,6 +7,7 @@ import inspect
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -110,16 +111,46 @@ def _print_error(exc: SapoError) -> None:
         err_console.print(f"[bold]hint:[/] {escape(exc.hint)}", highlight=False)
 
 
-ROLES = ("base", "policy", "ema")
+ROLES = ("base", "policy", "ema", "best")  # best: the policy of the best validation step, where a run kept one
+ADAPTERS = ROLES[1:]
 
 
 def parse_roles(adapter: str) -> list[str]:
-    """`base,policy,ema` (any subset, in the user's order) from an --adapter option."""
+    """`base,policy,ema,best` (any subset, in the user's order) from an --adapter option."""
     roles = [r.strip() for r in adapter.split(",") if r.strip()]
     unknown = [r for r in roles if r not in ROLES]
     if unknown or not roles:
-        raise ConfigError(f"unknown role `{', '.join(unknown) or adapter}`", "--adapter takes base, policy and ema")
+        raise ConfigError(f"unknown role `{', '.join(unknown) or adapter}`",
+                          "--adapter takes base, policy, ema and best")
     return roles
+
+
+def run_and_adapter(path: Path) -> tuple[Path, str | None]:
+    """(the run, the adapter its path names): RUN/adapters/best is run RUN with adapter `best`; a run is itself."""
+    from ..run.layout import adapter_in_run
+
+    found = adapter_in_run(path)
+    if found is None:
+        return path, None
+    run, name = found
+    if name not in ADAPTERS:
+        raise ConfigError(f"`{path}` is not one of the run's adapters ({', '.join(ADAPTERS)})",
+                          f"pass the run `{run}` with --adapter {' or '.join(ADAPTERS)}")
+    return run, name
+
+
+def roles_for(run: Path, path_adapter: str | None, adapter: str | None) -> str:
+    """The --adapter roles of eval/generate: as given; else the base beside the adapter a path names; else base,
+    policy and ema, and best where the run kept one. An --adapter list must include the adapter the path names."""
+    if path_adapter is None:
+        kept_best = (Path(run) / "adapters" / "best" / "adapter_config.json").is_file()
+        return adapter or ("base,policy,ema,best" if kept_best else "base,policy,ema")
+    if adapter is None:
+        return f"base,{path_adapter}"
+    if path_adapter not in parse_roles(adapter):
+        raise ConfigError(f"the path names the `{path_adapter}` adapter, but --adapter {adapter} leaves it out",
+                          f"pass the run itself with --adapter {adapter}, or drop --adapter")
+    return adapter
 
 
 def quiet_libraries() -> None:

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ..config.schema import HOLDOUT
 from ..errors import ConfigError
-from .common import app, console, parse_roles, quiet_libraries, reports_errors
+from .common import app, console, parse_roles, quiet_libraries, reports_errors, roles_for, run_and_adapter
 
 if TYPE_CHECKING:
     from ..config.schema import Config
@@ -24,8 +24,12 @@ if TYPE_CHECKING:
 @app.command("eval")
 @reports_errors
 def evaluate_run(
-    run: Annotated[Path, typer.Argument(help="Run directory (the --out of `sapo-lite train`)")],
-    adapter: Annotated[str, typer.Option(help="Roles side by side, from base, policy, ema")] = "base,policy,ema",
+    run: Annotated[Path, typer.Argument(help="Run directory (the --out of `sapo-lite train`), or one of its adapters "
+                                        "(RUN/adapters/best)")],
+    adapter: Annotated[
+        str | None, typer.Option(help="Roles side by side, from base, policy, ema, best (default base,policy,ema, "
+                                 "and best where the run kept one; for RUN/adapters/NAME base,NAME)")
+    ] = None,
     data: Annotated[
         str | None, typer.Option(help="Evaluation data: a .jsonl/.json/.parquet file or bundled:NAME "
                                  "(default: the run's held-out set: its data.eval_path, or RUN/held_out.jsonl)")
@@ -45,13 +49,15 @@ def evaluate_run(
     By default the run's own held-out set: its data.eval_path, or the rows it held out of its training data
     (RUN/held_out.jsonl). Data whose rows carry `constraints` is scored by the checkers in
     sapo_lite/data/constraints.py (plus answer correctness where rows carry `answer`); other data by exact match
-    with the reference response.
+    with the reference response and, where rows carry neither constraints nor answers, the reference responses'
+    NLL per token (what free-form answers can be scored by).
     """
     from ..data.examples import detect_column, load_rows, prompt_text, row_metadata, tokenize_dataset
     from ..data.scoring import answer_records, counted
     from ..run.layout import RunDir
 
-    roles = parse_roles(adapter)
+    run, named = run_and_adapter(run)
+    roles = parse_roles(roles_for(run, named, adapter))
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit {limit} is not a number of prompts", "pass --limit 1 or more, or leave it out")
     if max_new_tokens is not None and max_new_tokens < 1:
@@ -77,6 +83,7 @@ def evaluate_run(
 
     from ..models.generation import evaluate_role
     from ..tools.open_run import open_run
+    from ..train.held_out import is_free_form, reference_nll
 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -94,11 +101,17 @@ def evaluate_run(
     with loaded.generating():
         for role in roles:
             scores[role] = evaluate_role(loaded.model, loaded.tokenizer, examples, role, new_tokens, loaded.stop_ids)
+    figures = {role: score.to_dict() for role, score in scores.items()}
+    if is_free_form(examples):  # exact match says little on free-form answers: the references' NLL beside it
+        for role in roles:
+            figures[role]["reference_nll"] = round(reference_nll(
+                loaded.model, examples, role, loaded.tokenizer.pad_token_id, cfg.train.micro_batch,
+                cfg.train.logps_chunk_tokens), 4)
     wall_s = time.perf_counter() - started
 
     report = {
         "run": str(run), "data": data_path, "prompts": len(examples), "max_new_tokens": new_tokens,
-        "wall_s": round(wall_s, 2), "roles": {role: score.to_dict() for role, score in scores.items()},
+        "wall_s": round(wall_s, 2), "roles": figures,
     }
     console.print(results_table(report))
     if json_out is not None:
@@ -146,4 +159,8 @@ def results_table(report: dict[str, Any]) -> Table:
     for label, key in rows:
         if any(key in score for score in roles.values()):
             table.add_row(f"[bold]{label}[/]", *(_cell(score.get(key)) for score in roles.values()))
+    if any("reference_nll" in score for score in roles.values()):
+        table.add_row("[bold]reference NLL[/] (per token, lower is better)",
+                      *(f"{score['reference_nll']:.3f}" if "reference_nll" in score else "-"
+                        for score in roles.values()))
     return table

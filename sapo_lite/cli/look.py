@@ -23,7 +23,8 @@ def plot(
     run: Annotated[Path, typer.Argument(help="Run directory (may still be training)")],
     out: Annotated[Path | None, typer.Option("--out", help="PNG to write (default RUN/plot.png)")] = None,
 ) -> None:
-    """Plot loss, reward margin, accuracy, log-probs, LR, generation share and buffer fill into one PNG."""
+    """Plot loss, reward margin, accuracy, log-probs, LR, generation share and buffer fill into one PNG, and the
+    validation figures with the best step where the run has a validation split."""
     from ..run.layout import RunDir
     from ..tools.plot import plot_run
 
@@ -33,8 +34,11 @@ def plot(
         raise ConfigError(f"--out `{out}` is not an image file name",
                           f"end it in {', '.join(PLOT_FORMATS)}, e.g. --out {out.with_suffix('.png')}")
     cfg = RunDir(run).read_config()
-    written = plot_run(run, out or RunDir(run).plot, cfg.sapo.buffer_size)
-    console.print(f"wrote {written}", highlight=False)
+    report = plot_run(run, out or RunDir(run).plot, cfg.sapo.buffer_size)
+    shown = f"{report.steps} steps"
+    if report.validation_passes:
+        shown += f", {report.validation_passes} validation passes (best: step {report.best_step})"
+    console.print(f"wrote {report.path}: {shown}", highlight=False)
 
 
 @app.command()

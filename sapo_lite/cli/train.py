@@ -16,7 +16,7 @@ from ..errors import ConfigError, RunDirError, SapoError, storage_error
 from ..run.folders import check_writable_dir, make_dir, remove_unstarted_run
 from ..run.layout import RunDir
 from ..run.lock import RunLock, clear_run, is_sapo_run, never_started
-from ..train.signals import TerminateAsInterrupt
+from ..train.signals import TerminateAsInterrupt, console_survives_pipe
 from .common import app, console, quiet_libraries, reports_errors
 
 
@@ -66,6 +66,13 @@ def lock_existing_run(run_dir: Path) -> RunLock:
 
 def describe_plan(cfg: Config, out: Path) -> str:
     t, s = cfg.train, cfg.sapo
+    if cfg.loss.name == "sft":  # no rewrites, no pairs, no buffer: the chosen responses alone
+        return (
+            f"would train `{cfg.lora.target_modules}` LoRA r={cfg.lora.r} adapter (policy) on {cfg.model.name} "
+            f"({cfg.model.quant}) with SFT for {t.max_steps} steps: {s.gen_per_step} new examples/step from "
+            f"{cfg.data.path}, {t.micro_batch * t.grad_accum} trained a step on their responses (nothing generated); "
+            f"run directory {out}"
+        )
     pairs_per_step = t.micro_batch * t.grad_accum
     new_pairs = f"{s.gen_per_step} new pairs/step" if s.generate_every == 1 else (
         f"{s.gen_per_step} new pairs every {s.generate_every} steps")
@@ -102,6 +109,12 @@ def train(
     Settings: the preset (tiny when neither --preset nor --config is given), then --config, then
     KEY=VALUE. --config without --preset applies the file over the built-in defaults, no preset.
     """
+    with console_survives_pipe():  # `train ... | tee log` and Ctrl-C: tee dies first, the run still checkpoints
+        _train(overrides, preset, config, out, resume, dry_run, overwrite)
+
+
+def _train(overrides: list[str] | None, preset: str | None, config: Path | None, out: Path | None,
+           resume: Path | None, dry_run: bool, overwrite: bool) -> None:
     if resume is not None and overwrite:
         raise ConfigError("--resume continues a run and --overwrite would delete it: pick one",
                           f"drop --overwrite to continue `{resume}`, or drop --resume to start it again")
@@ -122,6 +135,11 @@ def train(
         preset = preset or ("tiny" if config is None else None)
         cfg = load_config(preset, config, overrides or [])
         out = out or Path("runs") / (preset or (config.stem if config else "run"))
+        from ..train.preflight import check_before_loading
+        from ..train.resolve_files import resolve_with_files, user_set_keys
+
+        resolve_with_files(cfg, user_set_keys(config, overrides or []))  # stage two's data, a preset's val_size
+        check_before_loading(cfg)  # what the files can tell, before the model loads
     console.print(f"config: {describe_sources(preset, config, overrides or [], resume)}", highlight=False)
     for key, note in cfg.notes.items():  # what resolving the config changed, and why
         section, name = key.split(".")
@@ -162,6 +180,24 @@ def train(
         console.print(
             f"[bold]held-out {result.eval_metric}: base {result.eval_before:.1%} -> policy {result.eval_after:.1%}[/]"
         )
+    summary = _summary(out)
+    if summary.get("eval_nll_base") is not None and summary.get("eval_nll_policy") is not None:
+        console.print(f"[bold]held-out NLL of the reference responses: base {summary['eval_nll_base']:.3f} -> policy "
+                      f"{summary['eval_nll_policy']:.3f}[/] (per token, lower is better)", highlight=False)
+    if summary.get("adapter") == "best":
+        console.print(f"use the best adapter: {out / 'adapters' / 'best'}, the policy of step {summary['best_step']}, "
+                      f"the best by {summary['best_metric']} on the validation split (`--adapter best` in eval, "
+                      "generate and merge)", highlight=False)
+
+
+def _summary(run_dir: Path) -> dict:
+    import json
+
+    try:
+        summary = json.loads(RunDir(run_dir).summary.read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def resume_config(

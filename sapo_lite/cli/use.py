@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ..errors import ConfigError, RunDirError
-from .common import app, console, parse_roles, quiet_libraries, reports_errors
+from .common import ADAPTERS, app, console, parse_roles, quiet_libraries, reports_errors, roles_for, run_and_adapter
 
 FORMATS = ("hf", "gguf")
 
@@ -20,7 +19,8 @@ FORMATS = ("hf", "gguf")
 @app.command()
 @reports_errors
 def merge(
-    run: Annotated[Path, typer.Argument(help="Run directory (the --out of `sapo-lite train`)")],
+    run: Annotated[Path, typer.Argument(help="Run directory (the --out of `sapo-lite train`), or one of its adapters "
+                                        "(RUN/adapters/best)")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the merged model, or FILE.gguf for one GGUF file")],
     output_format: Annotated[
         str | None, typer.Option("--format", help="hf (a model folder) or gguf (llama.cpp, Ollama); a --out "
@@ -29,14 +29,22 @@ def merge(
     quant: Annotated[
         str | None, typer.Option(help="GGUF weights: f16, bf16, q8_0 (default), q5_1, q5_0, q4_1, q4_0 or f32")
     ] = None,
-    adapter: Annotated[str, typer.Option(help="Adapter to merge: policy or ema")] = "policy",
-    dtype: Annotated[str | None, typer.Option(help="Folder weights: bf16 (default), fp16 or fp32")] = None,
+    adapter: Annotated[
+        str | None, typer.Option(help="Adapter to merge: policy (default), ema, or best (the best validation step's); "
+                                 "RUN/adapters/NAME as the run names it too")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="Folder weights: bf16, fp16 or fp32 (default: the precision the base's weights "
+                                 "are stored in, e.g. bf16 for Llama-3-8B, fp32 for a GGUF or tiny base)")
+    ] = None,
     nf4_roundtrip: Annotated[
         bool, typer.Option("--nf4-roundtrip", help="Merge into dequantize(quantize_nf4(W)), the weights training saw")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out")] = False,
 ) -> None:
-    """Fold an adapter into a full-precision copy of the base: a Hugging Face model folder, or one GGUF file.
+    """Fold an adapter into a copy of the base, never its 4-bit form: a Hugging Face model folder, or one GGUF file.
+
+    The folder keeps the precision the base is stored in unless --dtype says otherwise.
 
     The folder is written shard by shard: peak RAM about twice the largest base shard plus the
     adapter (about 10 GB for Llama-3-8B's 5 GB shards); disk about the model's size at --dtype. The
@@ -46,8 +54,14 @@ def merge(
     chosen = output_format or ("gguf" if out.suffix.lower() == ".gguf" else "hf")
     if chosen not in FORMATS:
         raise ConfigError(f"--format {output_format} is not a format merge writes", "use --format hf or --format gguf")
-    if adapter not in ("policy", "ema"):
-        raise ConfigError(f"--adapter {adapter} is not an adapter of a run", "use --adapter policy or --adapter ema")
+    run, named = run_and_adapter(run)
+    if named is not None and adapter not in (None, named):
+        raise ConfigError(f"`{run}/adapters/{named}` is the {named} adapter, but --adapter says {adapter}",
+                          f"drop --adapter, or pass the run `{run}` with --adapter {adapter}")
+    adapter = adapter or named or "policy"
+    if adapter not in ADAPTERS:
+        raise ConfigError(f"--adapter {adapter} is not an adapter of a run",
+                          f"use --adapter {', '.join(ADAPTERS[:-1])} or {ADAPTERS[-1]}")
     if chosen == "gguf":
         _export_gguf(run, out, quant, adapter, dtype, nf4_roundtrip, overwrite)
         return
@@ -56,23 +70,28 @@ def merge(
                           "leave out --format hf to write GGUF, or give --out a folder name such as merged/")
     if quant is not None:
         raise ConfigError("--quant is for GGUF files (--format gguf)", "a model folder takes --dtype bf16|fp16|fp32")
-    _merge_folder(run, out, adapter, dtype or "bf16", nf4_roundtrip, overwrite)
+    _merge_folder(run, out, adapter, dtype, nf4_roundtrip, overwrite)
 
 
-def _merge_folder(run: Path, out: Path, adapter: str, dtype: str, nf4_roundtrip: bool, overwrite: bool) -> None:
+def _merge_folder(run: Path, out: Path, adapter: str, dtype: str | None, nf4_roundtrip: bool,
+                  overwrite: bool) -> None:
     from ..data.examples import install_chat_template, stop_token_ids
     from ..models.roles import DTYPES, load_tokenizer
     from ..run.folders import check_merge_out, write_merge_marker
     from ..run.layout import RunDir
-    from ..tools.merge import merge_adapter, resolve_base_dir
+    from ..tools.merge import base_precision, merge_adapter, resolve_base_dir
 
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype} is not supported", f"use one of {', '.join(DTYPES)}")
     cfg = RunDir(run).read_config()
     adapter_dir = RunDir(run).adapter_to_load(adapter)
     check_merge_out(run, out, overwrite)
     quiet_libraries()  # bitsandbytes announces its optional CPU kernels when --nf4-roundtrip imports it
     base_dir = resolve_base_dir(RunDir(run).base_model_name(cfg))
+    precision = f"{dtype} (--dtype)" if dtype else None
+    if dtype is None:
+        dtype = base_precision(base_dir)
+        precision = f"{dtype}, the precision the base is stored in"
     tokenizer = load_tokenizer(str(base_dir), cfg.model.trust_remote_code)
     install_chat_template(tokenizer, cfg.data.chat_template)  # the template training rendered with
     report = merge_adapter(
@@ -83,7 +102,7 @@ def _merge_folder(run: Path, out: Path, adapter: str, dtype: str, nf4_roundtrip:
     write_merge_marker(out, run, adapter, dtype)
     console.print(
         f"wrote {out}: {adapter} adapter ({adapter_dir}) folded into {report.merged_weights} weights of "
-        f"{base_dir} in {dtype}{' after an NF4 round trip' if nf4_roundtrip else ''}, {report.shards} shard(s)",
+        f"{base_dir} in {precision}{' after an NF4 round trip' if nf4_roundtrip else ''}, {report.shards} shard(s)",
         highlight=False,
     )
 
@@ -120,7 +139,9 @@ def _export_gguf(run: Path, out: Path, quant: str | None, adapter: str, dtype: s
     lines.append("try it:")
     lines.append(f"  llama-cli -m {out} -cnv")
     if result.modelfile is not None:
-        name = re.sub(r"[^a-z0-9_-]+", "-", out.name.split(".")[0].lower()).strip("-") or "sapo-lite"
+        from ..tools.gguf_export.ollama import ollama_model_name
+
+        name = ollama_model_name(out, report.quant)
         lines.append(f"  ollama create {name} -f {result.modelfile} && ollama run {name}")
     for line in lines:
         console.print(line, highlight=False)
@@ -135,12 +156,15 @@ def _tokenizer_words(source: str) -> str:
 @app.command()
 @reports_errors
 def generate(
-    run: Annotated[Path, typer.Argument(help="Run directory (the --out of `sapo-lite train`), or a model folder "
-                                        "such as a `merge` output")],
+    run: Annotated[Path, typer.Argument(help="Run directory (the --out of `sapo-lite train`), one of its adapters "
+                                        "(RUN/adapters/best), or a model folder such as a `merge` output")],
     prompt: Annotated[list[str] | None, typer.Option(help="A prompt; repeat for several")] = None,
     prompts_file: Annotated[Path | None, typer.Option(help="A file with one prompt a line")] = None,
-    adapter: Annotated[str | None, typer.Option(help="A run's roles side by side, from base, policy, ema "
-                                                     "(default all three)")] = None,
+    adapter: Annotated[
+        str | None, typer.Option(help="A run's roles side by side, from base, policy, ema, best "
+                                 "(default base,policy,ema, and best where the run kept one; for RUN/adapters/NAME "
+                                 "base,NAME)")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens")] = 128,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding, else sampling temperature")] = 0.0,
 ) -> None:
@@ -165,6 +189,7 @@ def generate(
     from ..run.layout import RunDir
     from ..tools.open_run import is_model_folder
 
+    run, named = run_and_adapter(run)
     plain = is_model_folder(run)
     if not plain and not RunDir(run).is_run():
         raise RunDirError(f"`{run}` is neither a sapo-lite run (no config.yaml) nor a model folder (no config.json)",
@@ -172,7 +197,7 @@ def generate(
     if plain and adapter is not None:
         raise ConfigError(f"`{run}` is a model folder, not a run: it has no adapters to pick with --adapter",
                           "drop --adapter: the folder answers as one model")
-    roles = ["answer"] if plain else parse_roles(adapter or "base,policy,ema")
+    roles = ["answer"] if plain else parse_roles(roles_for(run, named, adapter))
     quiet_libraries()
     from ..models.generation import generate_answers
     from ..models.roles import acting_as

@@ -16,7 +16,8 @@ from typing import Any
 from .constraints import answer_correct, check
 from .examples import Example
 
-ROLE_LABELS = {"base": "base (adapters off)", "policy": "trained policy", "ema": "EMA adapter"}
+ROLE_LABELS = {"base": "base (adapters off)", "policy": "trained policy", "ema": "EMA adapter",
+               "best": "best validation step's policy"}
 
 
 def counted(number: int, noun: str) -> str:

@@ -7,7 +7,7 @@
     RUN/buffer.sqlite        replay buffer (buffer-rankK.sqlite, one per process)
     RUN/validation.sqlite    the validation split's pairs (made and scored by rank 0 alone)
     RUN/checkpoints/step-N/  adapters, trainer state, buffer snapshot, checkpoint.json, manifest.json
-    RUN/adapters/{policy,ema}/   final adapters        RUN/base_model/  tiny and GGUF bases
+    RUN/adapters/{policy,ema,best}/   final adapters (best: with a validation split)    RUN/base_model/  bases
     RUN/.sapo-lite-run       marker and lock file
 
 Everything that reads or writes a run asks a `RunDir` for its paths, so the layout is spelled
@@ -35,6 +35,7 @@ TRAINER_STATE = "trainer_state.pt"
 BUFFER = "buffer.sqlite"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 POLICY = "policy"  # the adapter a run trains (models/roles.py names the roles; this floor cannot import it)
+BEST = "best"  # the policy of the best validation step (train/validation.py), kept beside the final adapters
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,10 @@ class RunDir:
         checkpoints = self.completed_checkpoints()
         if checkpoints:
             return self._readable(checkpoints[-1] / "adapters" / name)
+        if name == BEST:
+            raise RunDirError(f"`{self.path}` kept no best adapter: it had no validation split, or none has "
+                              "been scored yet", "train with data.val_size=N train.eval_every=M to keep one, "
+                              "or use --adapter policy")
         raise RunDirError(f"`{self.path}` has no `{name}` adapter yet", "train it first, or wait for a checkpoint")
 
     def _readable(self, folder: Path) -> Path:
@@ -197,6 +202,15 @@ class RunDir:
             f"`sapo-lite train --resume {self.path}` rewrites the final adapters from the last checkpoint"
             if final else "delete that checkpoint folder to use the one before it",
         )
+
+
+def adapter_in_run(path: Path) -> tuple[Path, str] | None:
+    """(the run, the adapter's name) when `path` is a run's final adapter folder (RUN/adapters/best), else None:
+    every command that takes a run also takes the folder of one of its adapters."""
+    path = Path(path)
+    if path.parent.name == "adapters" and RunDir(path.parent.parent).is_run() and path.name:
+        return path.parent.parent, path.name
+    return None
 
 
 def checkpoint_step(path: Path) -> int:

@@ -101,6 +101,24 @@ def base_shards(base_dir: Path) -> tuple[list[str], dict | None]:
     )
 
 
+SAFETENSORS_DTYPES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
+
+
+def base_precision(base_dir: Path) -> str:
+    """The precision the base's weights are stored in (`bf16` for Llama-3-8B, `fp32` for a dequantised GGUF or the
+    tiny base), read from its first floating-point tensor: what a merged folder keeps by default, so folding the
+    adapter in neither rounds the base's weights further nor doubles its size."""
+    from safetensors import safe_open
+
+    shards, _ = base_shards(base_dir)
+    with safe_open(str(base_dir / shards[0]), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+            stored = handle.get_slice(key).get_dtype()
+            if stored in SAFETENSORS_DTYPES:
+                return SAFETENSORS_DTYPES[stored]
+    return "fp32"
+
+
 def resolve_base_dir(name: str) -> Path:
     """A local folder for a hub id (from the local cache) or the folder itself."""
     if Path(name).is_dir():

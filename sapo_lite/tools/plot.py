@@ -1,4 +1,5 @@
-"""One PNG with the curves a preference-tuning user watches, from RUN/metrics.jsonl.
+"""One PNG with the curves a preference-tuning user watches, from RUN/metrics.jsonl; with a validation split,
+a third row with its figures, a point a pass, and the best step (RUN/adapters/best) marked.
 
 Works on a run that is still going: a half-written last line is skipped. matplotlib is an
 optional extra (`pip install "sapo-lite[plot]"`).
@@ -6,7 +7,9 @@ optional extra (`pip install "sapo-lite[plot]"`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +66,30 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
-def plot_run(run_dir: Path, out: Path, buffer_capacity: int) -> Path:
+VALIDATION_PANELS = (
+    ("validation NLL (lower is better)", "val/nll", "chosen-response NLL per token"),
+    ("validation preference accuracy", "val/accuracy", "share of validation pairs"),
+    ("validation reward margin", "val/margin", "implicit reward margin"),
+    ("validation constraints met", "val/constraints", "share of constraints"),
+)
+
+
+@dataclass
+class PlotReport:
+    """What the figure shows: for the line `plot` prints."""
+
+    path: Path
+    steps: int
+    validation_passes: int = 0
+    best_step: int | None = None
+
+
+def validation_records(records: list[dict]) -> list[dict]:
+    """The records of validation passes (step 0, before training, included)."""
+    return [r for r in records if r.get("val/nll") is not None]
+
+
+def plot_run(run_dir: Path, out: Path, buffer_capacity: int) -> PlotReport:
     try:
         import matplotlib
 
@@ -73,9 +99,12 @@ def plot_run(run_dir: Path, out: Path, buffer_capacity: int) -> Path:
         raise SapoError("plotting needs matplotlib, which is not installed",
                         'pip install "sapo-lite[plot]" (or pip install matplotlib)') from exc
     records = read_records(run_dir)
+    validation = validation_records(records)
+    records = [r for r in records if r["step"] > 0]  # step 0 is the validation pass before training, not a step
     steps = np.array([r["step"] for r in records])
     window = smoothing_window(len(records))
-    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5), constrained_layout=True)
+    rows = 3 if validation else 2
+    fig, axes = plt.subplots(rows, 4, figsize=(18, 3.75 * rows), constrained_layout=True, squeeze=False)
     for ax, (title, keys, ylabel) in zip(axes.flat, PANELS):
         for key in keys:
             values = series(records, key, buffer_capacity)
@@ -85,14 +114,38 @@ def plot_run(run_dir: Path, out: Path, buffer_capacity: int) -> Path:
                 ax.plot(steps, smooth(values, window), color=line.get_color(), linewidth=1.8, label=label)
             else:
                 ax.plot(steps, values, linewidth=1.8, label=label)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel, fontsize=8)
-        ax.grid(alpha=0.3)
-        if len(keys) > 1:
-            ax.legend(fontsize=8)
-    fig.suptitle(f"{run_dir.name}: {len(records)} steps (faint: raw, solid: trailing mean over {window} steps)")
+        _label(ax, title, ylabel, legend=len(keys) > 1)
+    best_step = validation[-1].get("val/best_step") if validation else None
+    if validation:
+        _plot_validation(axes[2], validation, best_step)
+    passes = f", {len(validation)} validation passes" if validation else ""
+    fig.suptitle(f"{run_dir.name}: {len(records)} steps{passes} (faint: raw, solid: trailing mean over {window} "
+                 "steps)")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
     plt.close(fig)
-    return out
+    return PlotReport(out, len(records), len(validation), best_step)
+
+
+def _plot_validation(axes: Any, validation: list[dict], best_step: int | None) -> None:
+    """One panel a validation figure, a point a pass, and the step RUN/adapters/best was taken from."""
+    steps = np.array([r["step"] for r in validation])
+    for ax, (title, key, ylabel) in zip(axes, VALIDATION_PANELS):
+        values = series(validation, key, 1)
+        if not np.isfinite(values).any():
+            ax.set_axis_off()  # a figure this run's data cannot give (constraints on data without them)
+            continue
+        ax.plot(steps, values, marker="o", linewidth=1.8)
+        if best_step is not None:
+            ax.axvline(best_step, color="tab:green", linestyle="--", linewidth=1.2,
+                       label=f"best: step {best_step} (adapters/best)")
+        _label(ax, title, ylabel, legend=best_step is not None)
+
+
+def _label(ax: Any, title: str, ylabel: str, legend: bool) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)

@@ -50,7 +50,7 @@ from ..sapo.pair_logps import pair_logps
 from .checkpoint import rng_state, save_checkpoint
 from .distributed import resume_command
 from .finish import save_final_adapters, write_summary
-from .held_out import held_out_summary, record_held_out
+from .held_out import held_out_summary, is_free_form, record_held_out, record_nll, reference_nll
 from .metrics import MetricsWriter, StepTotals, TrainProgress
 from .resume import restore
 from .session import TrainSession, peak_memory_gb, setup_session
@@ -82,6 +82,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
     else:
         start_step, eval_before = 0, _held_out_score(session, "base", console, run_dir)
     skips = SkippedSteps(**loop_state.get("skipped", {}))
+    earlier_s = loop_state.get("wall_s", 0.0)  # the time of the parts before a resume
     watch = ValidationWatch(session, loop_state, console)  # the validation split, best step, early stopping
     loss_spec = LOSSES[cfg.loss.name]
     procs = session.processes  # one process, or this rank of N (distributed.py)
@@ -98,7 +99,8 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
             run_dir, at_step, session.model, session.optimizer, session.scheduler,
             rng_state(session.data_rng, session.sample_rng), session.stream.position(), buffer,
             keep=cfg.train.keep_checkpoints, eval_before=eval_before, record=record, processes=procs,
-            loop_state={"skipped": vars(skips), **watch.state()}, best_adapter=watch.best_adapter,
+            loop_state={"skipped": vars(skips), **watch.state(), "wall_s": earlier_s + time.perf_counter() - started},
+            best_adapter=watch.best_adapter,
         )
 
     try:
@@ -152,7 +154,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
         eval_metric=held_out_metric(session.eval_examples),
     )
     if procs.is_main:
-        _write_summary(run_dir, result, watch.summary())
+        _write_summary(run_dir, result, watch.summary(), earlier_s)
     return result
 
 
@@ -331,6 +333,12 @@ def _held_out_score(session: TrainSession, role: str, console: Console, run_dir:
         )
     console.print(f"{score.describe()} ({session.eval_source})", highlight=False)
     record_held_out(run_dir, score)
+    if is_free_form(session.eval_examples):  # exact match alone says little on free-form answers
+        nll = reference_nll(session.model, session.eval_examples, role, session.pad_id, session.cfg.train.micro_batch,
+                            session.cfg.train.logps_chunk_tokens)
+        console.print(f"held-out NLL of the reference responses, {role}: {nll:.3f} per token (lower is better; "
+                      "what free-form data without constraints or answers can be scored by)", highlight=False)
+        record_nll(run_dir, role, nll)
     return score.headline
 
 
@@ -340,14 +348,28 @@ def _validation_line(figures: dict, watch: ValidationWatch) -> str:
     return f"validation ({watch.size} examples) before training: {shown}"
 
 
-def _write_summary(run_dir: Path, result: TrainResult, validation: dict) -> None:
+def _write_summary(run_dir: Path, result: TrainResult, validation: dict, earlier_s: float) -> None:
+    held = held_out_summary(run_dir)  # constraint data: overall and per-kind figures; free-form data: NLL too
+    constraints = any(key.startswith("eval_constraints") for key in held)
     summary = {
         "steps": result.steps,
         "final_loss": result.final_loss,
-        # constraint data: overall and per-kind figures; otherwise exact match
-        **(held_out_summary(run_dir) or {"eval_exact_match_base": result.eval_before,
-                                         "eval_exact_match_policy": result.eval_after}),
+        **({} if constraints else {"eval_exact_match_base": result.eval_before,
+                                   "eval_exact_match_policy": result.eval_after}),
+        **held,
         **validation,
-        "wall_s": round(result.wall_s, 2),
+        **recommended_adapter(run_dir, validation),
+        # the whole run's time: the parts before a resume (up to the checkpoint it resumed from), plus this one
+        "wall_s": round(earlier_s + result.wall_s, 2),
+        **({"wall_s_since_resume": round(result.wall_s, 2)} if earlier_s else {}),
     }
     write_summary(run_dir, summary)
+
+
+def recommended_adapter(run_dir: Path, validation: dict) -> dict[str, str]:
+    """The adapter a user most likely wants: the best validation step's where a validation split chose one."""
+    if validation.get("best_step") is not None and (RunDir(run_dir).adapter("best") / "adapter_config.json").is_file():
+        return {"adapter": "best", "adapter_note": f"the policy of step {validation['best_step']}, the best by "
+                f"{validation['best_metric']} on the validation split (RUN/adapters/best, --adapter best)"}
+    return {"adapter": "policy", "adapter_note": "the last step's policy (RUN/adapters/policy): no validation split "
+            "chose another"}

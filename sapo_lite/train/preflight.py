@@ -1,4 +1,7 @@
-"""Checks between loading the base and training on it: settings that do not fit the model or data.
+"""Checks before and after loading the base: settings that do not fit the model or data.
+
+`check_before_loading` runs first, on what the config, the data files and an init adapter's
+adapter_config.json tell; the rest runs between loading the base and training on it.
 
 Each turns what would be a tensor-shape traceback, a silently ignored setting or a model trained
 on text it cannot read into one line that names both values: LoRA targets against the model's
@@ -16,8 +19,10 @@ from ..config.schema import Config
 from ..errors import ConfigError, ModelError
 from ..models.gguf_base import gguf_source
 from ..models.tiny import TINY_NAME
+from .resolve_files import rows_left_for_training, training_rows, usable_rows
 
 UNKNOWN_WARN_SHARE = 0.5
+LLAMA_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # what all-linear adapts
 
 
 def linear_module_names(base: Any) -> list[str]:
@@ -47,15 +52,26 @@ def check_lora_targets(cfg: Config, base: Any) -> None:
         )
 
 
-def check_init_adapter(cfg: Config, base: Any, model_name: str) -> None:
-    """An init adapter must have the config's rank, alpha, targets and base: name both values otherwise."""
-    folder = Path(cfg.model.init_adapter)
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """An init adapter's adapter_config.json; a missing folder, a folder without it, or bad JSON is one error."""
     config_file = folder / "adapter_config.json"
+    if not folder.exists():
+        raise ModelError(f"model.init_adapter `{folder}` does not exist",
+                         "point `model.init_adapter` at an adapter folder such as RUN/adapters/best or "
+                         "RUN/adapters/policy")
     if not config_file.is_file():
         raise ModelError(f"model.init_adapter `{folder}` is not a PEFT adapter folder (no adapter_config.json)",
                          "point `model.init_adapter` at a folder such as RUN/adapters/policy")
-    adapter = json.loads(config_file.read_text())
-    lora = cfg.lora
+    try:
+        return json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise ModelError(f"model.init_adapter `{folder}`: adapter_config.json is not valid JSON ({exc})",
+                         "point `model.init_adapter` at an undamaged adapter folder") from None
+
+
+def lora_mismatches(adapter: dict[str, Any], lora: Any, ours: list[str] | None) -> tuple[list[str], list[str]]:
+    """(what differs, the override that fixes each) between an adapter's config and `lora`; `ours`: the target
+    modules the config names (None while they are unknown: `all-linear` before the model is loaded)."""
     found, fixes = [], []
     if adapter.get("r") != lora.r:
         found.append(f"rank {adapter.get('r')} but lora.r={lora.r}")
@@ -65,11 +81,23 @@ def check_init_adapter(cfg: Config, base: Any, model_name: str) -> None:
         fixes.append(f"lora.alpha={adapter.get('lora_alpha')}")
     theirs = adapter.get("target_modules") or []
     theirs = sorted([theirs] if isinstance(theirs, str) else theirs)
-    ours = linear_module_names(base) if lora.target_modules == "all-linear" else lora.target_modules
-    ours = sorted([ours] if isinstance(ours, str) else ours)
-    if theirs != ours and theirs != ["all-linear"]:
-        found.append(f"target modules {','.join(theirs)} but lora.target_modules={','.join(ours)}")
+    if ours is not None and theirs != sorted(ours) and theirs != ["all-linear"]:
+        found.append(f"target modules {','.join(theirs)} but lora.target_modules={','.join(sorted(ours))}")
         fixes.append(f"lora.target_modules={','.join(theirs)}")
+    return found, fixes
+
+
+def _target_list(targets: list[str] | str) -> list[str]:
+    return [targets] if isinstance(targets, str) else list(targets)
+
+
+def check_init_adapter(cfg: Config, base: Any, model_name: str) -> None:
+    """An init adapter must have the config's rank, alpha, targets and base: name both values otherwise."""
+    folder = Path(cfg.model.init_adapter)
+    adapter = read_adapter_config(folder)
+    lora = cfg.lora
+    ours = linear_module_names(base) if lora.target_modules == "all-linear" else _target_list(lora.target_modules)
+    found, fixes = lora_mismatches(adapter, lora, ours)
     their_base = adapter.get("base_model_name_or_path")
     if their_base and cfg.model.name != TINY_NAME and not _same_model(their_base, model_name, folder):
         found.append(f"base {their_base} but model.name={model_name}")
@@ -77,6 +105,47 @@ def check_init_adapter(cfg: Config, base: Any, model_name: str) -> None:
     if found:
         raise ConfigError(f"model.init_adapter `{folder}` does not match the config: {'; '.join(found)}",
                           f"train with the adapter's settings: {' '.join(fixes)}")
+
+
+def check_before_loading(cfg: Config) -> None:
+    """Everything the config, the data files and an init adapter's adapter_config.json can tell, checked before
+    the model loads (in the time `--dry-run` takes), every problem in one error: a missing or mismatched init
+    adapter, a validation split the data cannot hold, a best_metric the data cannot give. What needs the model
+    (its module names, its base) is checked once it is loaded (`check_init_adapter`)."""
+    problems, fixes = [], []
+    if cfg.model.init_adapter:
+        folder = Path(cfg.model.init_adapter)
+        try:
+            adapter = read_adapter_config(folder)
+        except ModelError as exc:
+            problems.append(exc.message)
+            fixes.append(exc.hint)
+        else:
+            targets = None if cfg.lora.target_modules == "all-linear" else _target_list(cfg.lora.target_modules)
+            found, fixed_by = lora_mismatches(adapter, cfg.lora, targets)
+            theirs = adapter.get("target_modules")
+            if found and targets is None and isinstance(theirs, list) and not set(theirs) >= LLAMA_LINEAR:
+                # all-linear is known once the model is; an adapter that lacks some of a Llama-family model's linear
+                # layers was not all-linear: name its own targets, which always match it
+                found.append(f"target modules {','.join(sorted(theirs))} but lora.target_modules=all-linear "
+                             "(the same only if those are all of the model's linear layers)")
+                fixed_by.append(f"lora.target_modules={','.join(sorted(theirs))}")
+            if found:
+                problems.append(f"model.init_adapter `{folder}` does not match the config: {'; '.join(found)}")
+                fixes.append(f"train with the adapter's settings: {' '.join(fixed_by)}")
+    rows = training_rows(cfg) if cfg.data.val_size else None
+    if rows is not None:
+        left = rows_left_for_training(cfg, usable_rows(cfg, len(rows)))
+        if cfg.data.val_size > left // 2:
+            problems.append(f"data.val_size={cfg.data.val_size} would take more than half of the {left} rows of "
+                            f"{cfg.data.path} left for training")
+            fixes.append(f"set data.val_size={max(1, left // 10)} (a tenth)" if left >= 2 else
+                         "set data.val_size=0 train.eval_every=0 (too few rows for a validation split)")
+        if cfg.train.best_metric == "val/constraints" and not any(row.get("constraints") for row in rows.rows):
+            problems.append(f"train.best_metric=val/constraints, but no row of {cfg.data.path} carries constraints")
+            fixes.append("set train.best_metric=auto (val/nll on such data) or val/nll")
+    if problems:
+        raise ConfigError("; ".join(problems), "; ".join(fixes))
 
 
 def _same_model(theirs: str, ours: str, adapter: Path) -> bool:

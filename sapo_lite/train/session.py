@@ -144,9 +144,11 @@ def setup_session(cfg: Config, run_dir: Path, console: Console, resume: bool = F
     tokenizer = load_tokenizer(model_name, cfg.model.trust_remote_code)
     install_chat_template(tokenizer, cfg.data.chat_template)
     data = load_examples(cfg.data.path, cfg.data.split, tokenizer, cfg.data)
-    console.print(data.describe(cfg.data), highlight=False, markup=False)
     split = split_data(cfg, data, tokenizer)
     keep_split(run_dir, cfg, split, resume, processes.is_main)  # the split a resume must not change
+    scaled = f" ({cfg.notes['data.val_size']})" if "data.val_size" in cfg.notes else ""
+    validation = f"; {len(split.validation)} set aside for validation{scaled}" if split.validation else ""
+    console.print(data.describe(cfg.data) + validation, highlight=False, markup=False)
     for line in ([split.eval_note] if split.eval_note else []) + data_warnings(data.unknown_share, tokenizer):
         console.print(line, highlight=False, markup=False)
     if (warning := schedule_warning(cfg)) is not None:

@@ -46,6 +46,8 @@ def test_resume_after_sigkill_logs_the_same_losses_as_an_uninterrupted_run(tmp_p
     after, steps = losses(killed)
     assert steps == list(range(1, 11))  # no step logged twice
     assert after == straight  # every loss identical: generation and buffer sampling included
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["wall_s"] > summary["wall_s_since_resume"] > 0  # the whole run's time, and the resumed part
 
 
 PHASES = ["generation:2", "reference:2", "buffer-write:2", "training:2", "checkpoint-write:2", "checkpoint-rotate:1",

@@ -24,4 +24,4 @@ def test_sft_learns_the_held_out_task_without_generating(tmp_path, monkeypatch):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < records[0]["loss"] / 2
     assert "rewards/margins" not in records[-1] and records[-1]["logps/chosen"] < 0
-    assert plot_run(tmp_path, tmp_path / "plot.png", cfg.sapo.buffer_size).stat().st_size > 0
+    assert plot_run(tmp_path, tmp_path / "plot.png", cfg.sapo.buffer_size).path.stat().st_size > 0

@@ -161,3 +161,13 @@ def _evaluate(nodes: list[Any], dot: dict[str, Any], variables: dict[str, Any]) 
             left = dot["role"] if match[1] == ".Role" else variables[match[1][1:]]
             out.append(_evaluate(node[2] if left == json.loads(match[2]) else node[3], dot, variables))
     return "".join(out)
+
+
+def ollama_model_name(gguf_file: Any, quant: str) -> str:
+    """The name `ollama create` is suggested for a GGUF file: its name without `.gguf`, with the quant added when
+    the name does not carry it, so two quants of one run (`smol.gguf` at q8_0 and q4_0, or `smol.q8_0.gguf` and
+    `smol.q4_0.gguf`) never suggest the same Ollama model."""
+    stem = re.sub(r"\.gguf$", "", str(getattr(gguf_file, "name", gguf_file)), flags=re.IGNORECASE).lower()
+    name = re.sub(r"[^a-z0-9_-]+", "-", stem).strip("-") or "sapo-lite"
+    quant = quant.lower()
+    return name if quant in name else f"{name}-{quant}"

@@ -94,7 +94,7 @@ def test_the_file_and_the_modelfile_carry_the_training_template_and_stop_tokens(
         assert render_go(go_source, messages) == tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True)
     assert f"wrote {modelfile}" in output
-    assert f"llama-cli -m {out}" in output and f"ollama create tiny -f {modelfile}" in output
+    assert f"llama-cli -m {out}" in output and f"ollama create tiny-q8_0 -f {modelfile}" in output
     assert "stop tokens: </s> <|im_end|>" in output
 
 
