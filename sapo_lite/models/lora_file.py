@@ -9,7 +9,8 @@ own, because a run may start from any adapter (`model.init_adapter`):
 - the scale per module: `lora_alpha / r` (`/ sqrt(r)` with rsLoRA), with `alpha_pattern` matched as peft
   matches it and the rank taken from the stored A (what `rank_pattern` made it);
 - embedding LoRA (`lora_embedding_A/B`, the delta transposed: [vocab, hidden]);
-- `modules_to_save`: a whole trained module that replaces the base weight.
+- `modules_to_save`: a whole trained module that replaces the base weight; likewise the copy of the
+  embedding or head weight peft saves beside a LoRA on them (`...embed_tokens.base_layer.weight`).
 
 What cannot be folded into plain weights (DoRA, a LoRA bias, GPT-2 style fan_in_fan_out) is refused in one
 line. A tied output head is the caller's to place (`TIED_HEAD`): the adapter names `lm_head.weight`, the
@@ -87,8 +88,9 @@ class LoraAdapter:
         for key in self.source.entries:
             name = key.removeprefix(_PREFIX)
             match = _LINEAR_KEY.match(name) or _EMBED_KEY.match(name)
-            if match is None:
-                self.replacements[name.replace(".modules_to_save.default", "")] = key
+            if match is None:  # a whole weight: `modules_to_save`, or the embedding/head copy peft saves beside
+                # a LoRA on them (`save_embedding_layers`; it loads that into the base before the LoRA applies)
+                self.replacements[name.replace(".modules_to_save.default", "").replace(".base_layer.", ".")] = key
                 continue
             pair = self.pairs.setdefault(match["module"] + ".weight", LoraPair())
             pair.embedding = "lora_embedding_" in name
