@@ -55,8 +55,10 @@ def make_base(folder: Path, model_type: str, quirks: dict) -> Path:
     return folder
 
 
-def make_adapter(base_dir: Path, out_dir: Path) -> None:
-    """LoRA on every linear layer, the head and the embedding; down_proj at another alpha, o_proj another rank."""
+def make_adapter(base_dir: Path, out_dir: Path, with_base_copies: bool) -> None:
+    """LoRA on every linear layer, the head and the embedding; down_proj at another alpha, o_proj another rank.
+    `with_base_copies`: peft's default save, which puts copies of the embedding and head weights beside their
+    LoRA (an adapter made outside sapo-lite); else LoRA tensors only, as a run saves them."""
     from peft import LoraConfig, get_peft_model
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -69,15 +71,15 @@ def make_adapter(base_dir: Path, out_dir: Path) -> None:
         for name, param in peft_model.named_parameters():
             if "lora_B" in name or "lora_embedding_A" in name:  # peft starts B (embedding: A) at zero
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    peft_model.save_pretrained(out_dir)
+    peft_model.save_pretrained(out_dir, save_embedding_layers=with_base_copies)
 
 
-def make_run(run: Path, base_dir: Path) -> Path:
+def make_run(run: Path, base_dir: Path, with_base_copies: bool) -> Path:
     """A run folder as `merge` reads it, trained with another template than the base's own (zephyr, not chatml)."""
     cfg = load_config("tiny", None, [f"model.name={base_dir}", "data.chat_template=zephyr", "data.eval_path=null"])
     run.mkdir()
     (run / "config.yaml").write_text(to_yaml(cfg))
-    make_adapter(base_dir, run / "adapters" / "policy")
+    make_adapter(base_dir, run / "adapters" / "policy", with_base_copies)
     return run
 
 
@@ -91,7 +93,7 @@ def test_merged_folder_equals_base_plus_adapter_and_chats_as_the_run(tmp_path, f
     from peft import PeftModel
 
     base = make_base(tmp_path / "base", *FAMILIES[family])
-    run = make_run(tmp_path / "run", base)
+    run = make_run(tmp_path / "run", base, with_base_copies=family == "qwen2.5")
     result = CliRunner().invoke(app, ["merge", str(run), "--out", str(tmp_path / "merged"), "--dtype", "fp32"])
     assert result.exit_code == 0, result.output
 
