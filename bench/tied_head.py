@@ -42,6 +42,7 @@ def make_run(run: Path) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(to_yaml(cfg))
     base = gguf_base(MODEL, run / "base_model")
+    torch.manual_seed(0)  # peft draws A at random
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                            LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj", "lm_head"]))
     generator = torch.Generator().manual_seed(0)
