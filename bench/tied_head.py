@@ -85,7 +85,7 @@ def main() -> None:
     with reference.disable_adapter():
         compare("the base alone (how much the adapter matters)", logits(reference), want)
     runner = CliRunner()
-    result = runner.invoke(app, ["merge", str(run), "--out", str(work / "merged"), "--dtype", "fp32"])
+    result = runner.invoke(app, ["merge", str(run), "--out", str(work / "merged"), "--dtype", "fp32", "--overwrite"])
     if result.exit_code == 0:
         compare("`merge --out folder --dtype fp32`", logits(AutoModelForCausalLM.from_pretrained(
             work / "merged", dtype=torch.float32).eval()), want)
