@@ -51,3 +51,31 @@ def test_a_tied_head_with_a_lora_becomes_its_own_output_matrix(tmp_path, known_p
         for prompt in ids_of(base):
             x = torch.tensor([prompt])
             assert (from_file(x).logits - unmerged(x).logits).abs().max() < 1e-3
+
+
+def test_llamacpp_computes_the_split_head(tmp_path, known_pre_tokenizer):
+    """In llama.cpp itself: the file's logits are those of the base + adapter unmerged (logits of about 10-30)."""
+    import pytest
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (import llama_cpp "
+                                    "failed); it builds from source: CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install "
+                                    "llama-cpp-python")
+    from peft import PeftModel
+
+    base = make_model(tmp_path / "base", tokenizer="bytelevel", tie_word_embeddings=True)
+    known_pre_tokenizer(base)
+    adapter = head_lora(base, tmp_path / "adapter")
+    export_gguf(base, tmp_path / "tiny.gguf", "f32", adapter_dir=adapter)
+    ids = ids_of(base)[1]
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                         adapter).eval()
+    with torch.no_grad():
+        reference = unmerged(torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "tiny.gguf"), n_ctx=256, verbose=False, logits_all=True,
+                          n_threads=1)
+    try:
+        llm.eval(ids)
+        got = np.asarray(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    assert np.abs(got - reference).max() < 0.1  # f16 KV cache; head folded into token_embd: 17
