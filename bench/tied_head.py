@@ -102,13 +102,12 @@ def main() -> None:
     except ImportError:
         print("| `merge --out smol.f32.gguf`, read by llama.cpp | llama_cpp not installed | | |")
         return
-    llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=512, logits_all=True, verbose=False, n_threads=1)
     got = []
-    for x in ids:
-        llm.reset()
+    for x in ids:  # a fresh context per prompt: after reset() a second eval() read the first prompt's cache
+        llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=512, logits_all=True, verbose=False, n_threads=1)
         llm.eval(x)
         got.append(np.asarray(llm.scores[: len(x)]))
-    llm.close()
+        llm.close()
     compare("`merge --out smol.f32.gguf`, read by llama.cpp", np.concatenate(got), want)
 
 
