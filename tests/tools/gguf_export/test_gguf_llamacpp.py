@@ -103,11 +103,13 @@ def smol(smollm2_base_dir, smol_lora):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("quant", "min_agreed"), [("f16", 0.8), ("q8_0", 0.5), ("q4_0", 0.5)])
+@pytest.mark.parametrize(("quant", "min_agreed"), [("f16", 0.8), ("q8_0", 0.5), ("q4_0", 0.4)])
 def test_smollm2_greedy_answers_in_llamacpp_follow_transformers(smol_lora_exports, smol, quant, min_agreed):
     """f16 and q8_0 against the merged model in fp32. Q4_0 moves a 135M model's greedy answers too far for that
     comparison to say anything about the file, so q4_0 is held to transformers reading the same Q4_0 file
-    (dequantised): llama.cpp must compute the weights the file holds."""
+    (dequantised): llama.cpp must compute the weights the file holds. Measured with llama-cpp-python 0.3.36 on
+    this project's CPU machines: f16 111/111 tokens, q8_0 84/111, q4_0 121/208 (a misread file agrees on
+    almost none)."""
     tokenizer, stops, reference = smol
     if quant == "q4_0":
         from_file = gguf_model(smol_lora_exports[quant])
