@@ -14,16 +14,17 @@ from transformers import AutoModelForCausalLM
 from sapo_lite.tools.gguf_export import export_gguf
 
 
-def head_lora(base_dir, out_dir):
-    """LoRA on q/v and the tied head, random B (the head's large, so its delta stands above float noise)."""
+def head_lora(base_dir, out_dir, also=()):
+    """LoRA on q/v and the tied head (and `also`), random B (the head's large, so its delta stands above float
+    noise; peft starts an embedding's A at zero instead)."""
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"]))
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head", *also]))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lora_embedding_A" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * (1.0 if "lm_head" in name else 0.2))
     model.save_pretrained(out_dir, save_embedding_layers=False)  # LoRA tensors only, as a run saves them
     return out_dir
@@ -54,7 +55,8 @@ def test_a_tied_head_with_a_lora_becomes_its_own_output_matrix(tmp_path, known_p
 
 
 def test_llamacpp_computes_the_split_head(tmp_path, known_pre_tokenizer):
-    """In llama.cpp itself: the file's logits are those of the base + adapter unmerged (logits of about 10-30)."""
+    """In llama.cpp itself, with a LoRA on the embedding too: the file's logits are those of the base + adapter
+    unmerged (logits of about 10-30)."""
     import pytest
 
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (import llama_cpp "
@@ -64,7 +66,7 @@ def test_llamacpp_computes_the_split_head(tmp_path, known_pre_tokenizer):
 
     base = make_model(tmp_path / "base", tokenizer="bytelevel", tie_word_embeddings=True)
     known_pre_tokenizer(base)
-    adapter = head_lora(base, tmp_path / "adapter")
+    adapter = head_lora(base, tmp_path / "adapter", also=["embed_tokens"])
     export_gguf(base, tmp_path / "tiny.gguf", "f32", adapter_dir=adapter)
     ids = ids_of(base)[1]
     unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
