@@ -13,14 +13,13 @@ subtracting afterwards would leave rounding residue in the base after every step
 
 A weight two modules share (a tied output head: `lm_head` and `embed_tokens` hold one Parameter)
 is never pointed at the merged copy, since the embedding would then read the head's merged weights
-too (up to 29.6 off in logits on a tied tiny Llama). The head's layer gets a Parameter of its own
-for the phase instead, and the shared one back after it.
+too (logits 32.6 off the EMA's on the tied tiny Llama of tests/models/test_merged_phase.py). The
+head's layer gets a Parameter of its own for the phase instead, and the shared one back after it.
 
-Only float bases are merged: merging into NF4 weights would re-round them (the design's rule that a
-4-bit base is never merged, which tools/merge.py's docstring explains), so a quantised layer keeps its
-adapter unmerged. The scratch tensors (one copy of every adapted
-weight, 425 MB for SmolLM2 fp32) are kept between phases: allocating them afresh costs more than
-the merge itself.
+Only float bases are merged: merging into NF4 weights would re-round them (the rule that a 4-bit base
+is never merged into, which tools/merge.py's docstring explains), so a quantised layer keeps its
+adapter unmerged. The scratch tensors (one copy of every adapted weight, 425 MB for SmolLM2 fp32)
+are kept between phases: allocating them afresh costs more than the merge itself.
 """
 
 from __future__ import annotations
