@@ -50,6 +50,7 @@ class MergeReport:
     merged_weights: int
     largest_shard_bytes: int
     adapter_bytes: int
+    untied_head: bool = False  # a tied head the adapter changes, written as its own lm_head
 
 
 def nf4_roundtrip(weight: torch.Tensor, double_quant: bool) -> torch.Tensor:
@@ -164,7 +165,7 @@ def merge_adapter(
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     adapter_bytes = (adapter_dir / "adapter_model.safetensors").stat().st_size
-    return MergeReport(out_dir, len(shards), merged, largest, adapter_bytes)
+    return MergeReport(out_dir, len(shards), merged, largest, adapter_bytes, untie)
 
 
 def _merged(weight: torch.Tensor, name: str, adapter: LoraAdapter, dtype: torch.dtype) -> torch.Tensor:
