@@ -105,6 +105,9 @@ def _merge_folder(run: Path, out: Path, adapter: str, dtype: str | None, nf4_rou
         f"{base_dir} in {precision}{' after an NF4 round trip' if nf4_roundtrip else ''}, {report.shards} shard(s)",
         highlight=False,
     )
+    if report.untied_head:
+        console.print("  the tied output head has a LoRA: written as its own lm_head (tie_word_embeddings false), "
+                      "the input embedding left as the adapter leaves it", highlight=False)
 
 
 def _export_gguf(run: Path, out: Path, quant: str | None, adapter: str, dtype: str | None, nf4_roundtrip: bool,

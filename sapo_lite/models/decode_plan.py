@@ -4,7 +4,10 @@
 adapter) once per generation call and returns the tensors `decoding.py` computes with: per
 layer the norms, the q/k/v, o, gate/up and down projections grouped by the input they share,
 each with its dense base weight (or its quantised base module, called as is) and the active
-adapter's A, B and scaling, unmerged. Nothing is copied except the grouped LoRA A matrices.
+adapter's A, B and scaling, unmerged. Two things are copied: the A matrices of a group, stacked,
+and an output head no adapter touches, into oneDNN's packed layout (`matmul.packed_copy`, made once and
+kept while that weight is unchanged; a head with a LoRA, tied or not, is read as it stands, or as the merged phase's own
+weight, never the embedding's).
 
 Anything the loop does not reproduce exactly refuses the plan (`NotLeanDecodable`, with the
 reason), and generation then runs through transformers' `generate` as before: another

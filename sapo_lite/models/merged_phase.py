@@ -11,14 +11,22 @@ at its original tensor again. The originals are never written, so they come back
 however many phases a run has, also when the phase ends with an exception; merging in place and
 subtracting afterwards would leave rounding residue in the base after every step.
 
-Only float bases are merged: merging into NF4 weights would re-round them (DESIGN.md section 1),
-so a quantised layer keeps its adapter unmerged. The scratch tensors (one copy of every adapted
-weight, 425 MB for SmolLM2 fp32) are kept between phases: allocating them afresh costs more than
-the merge itself.
+A weight two modules share (a tied output head: `lm_head` and `embed_tokens` hold one Parameter)
+is never pointed at the merged copy, since the embedding would then read the head's merged weights
+too (logits 32.6 off the EMA's on the tied tiny Llama of tests/models/test_merged_phase.py). The
+head's layer gets a Parameter of its own for the phase instead, and the shared one back after it.
+
+Only float bases are merged: merging into NF4 weights would re-round them (the rule that a 4-bit base
+is never merged into, which tools/merge.py's docstring explains), so a quantised layer keeps its
+adapter unmerged. The scratch tensors (one copy of every adapted weight, 425 MB for SmolLM2 fp32)
+are kept between phases: allocating them afresh costs more than the merge itself.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from types import TracebackType
 
 import torch
@@ -31,7 +39,7 @@ class MergedAdapter:
     def __init__(self, model: nn.Module, adapter: str) -> None:
         self.model, self.adapter = model, adapter
         self._scratch: dict[tuple[str, int], torch.Tensor] = {}  # kept between phases
-        self._swapped: list[tuple[nn.Module, nn.Parameter, torch.Tensor]] = []
+        self._swapped: list[tuple[nn.Module, Callable[[], None]]] = []  # a merged layer, and what undoes it
 
     def mergeable_layers(self) -> list[nn.Module]:
         """peft LoRA layers holding `adapter` as a plain LoRA on a float nn.Linear, not merged yet."""
@@ -54,6 +62,7 @@ class MergedAdapter:
         try:
             layers = self.mergeable_layers()
             scratch = self._scratch_views(layers)
+            shared = _shared_parameters(self.model)
             for layer in layers:
                 if list(layer.active_adapters) != [self.adapter]:
                     raise RuntimeError(f"merging adapter `{self.adapter}` needs it to be the only active one "
@@ -63,8 +72,14 @@ class MergedAdapter:
                 b = layer.lora_B[self.adapter].weight.to(weight.dtype)
                 # W + s * B @ A in one addmm; W itself is only read
                 torch.addmm(weight.data, b, a, alpha=float(layer.scaling[self.adapter]), out=scratch[id(layer)])
-                self._swapped.append((layer, weight, weight.data))
-                weight.data = scratch[id(layer)]
+                base = layer.get_base_layer()
+                if id(weight) in shared:  # a tied head: the embedding keeps the shared Parameter, unmerged
+                    base.weight = nn.Parameter(scratch[id(layer)], requires_grad=False)
+                    undo = partial(setattr, base, "weight", weight)
+                else:
+                    undo = partial(setattr, weight, "data", weight.data)
+                    weight.data = scratch[id(layer)]
+                self._swapped.append((layer, undo))
                 layer.merged_adapters.append(self.adapter)
         except BaseException:
             self._restore()
@@ -106,7 +121,13 @@ class MergedAdapter:
 
     def _restore(self) -> None:
         while self._swapped:
-            layer, weight, original = self._swapped.pop()
-            weight.data = original
+            layer, undo = self._swapped.pop()
+            undo()
             if self.adapter in layer.merged_adapters:
                 layer.merged_adapters.remove(self.adapter)
+
+
+def _shared_parameters(model: nn.Module) -> set[int]:
+    """ids of the Parameters more than one module holds (tied embeddings and heads)."""
+    owners = Counter(id(p) for module in model.modules() for p in module._parameters.values() if p is not None)
+    return {param_id for param_id, count in owners.items() if count > 1}

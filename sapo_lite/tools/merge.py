@@ -10,6 +10,13 @@ generation config. `AutoModelForCausalLM.from_pretrained(DIR)` loads it without 
 `nf4_roundtrip=True` merges into dequantize(quantize_nf4(W)) instead of W: the weights the
 adapter was actually trained against. The default merges into the original weights, which
 is what most people want to publish.
+
+The adapter is read by `models/lora_file.py`, the reader the GGUF export uses too (per-module
+alpha and rank patterns, embedding LoRA, `modules_to_save`). A tied output head is never merged
+into the embedding it shares: where the adapter changes the head or the embedding of a tied model,
+the folder gets its own `lm_head.weight` (the embedding + the head's delta) and
+`tie_word_embeddings: false`, so its logits are those of the base + adapter unmerged; peft's own
+`merge_and_unload` writes the head's delta into the shared tensor and changes the input too.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
+from ..models.lora_file import TIED_HEAD, LoraAdapter
 from ..models.roles import DTYPES
 from ..run.folders import normal_permissions
 
@@ -36,48 +44,13 @@ NOT_QUANTISED = ("embed_tokens", "lm_head", "wte", "embed_out")  # bitsandbytes 
 
 
 @dataclass
-class LoraDelta:
-    """B @ A * scale for one base weight, computed on demand."""
-
-    lora_a: torch.Tensor
-    lora_b: torch.Tensor
-    scale: float
-
-    def weight(self) -> torch.Tensor:
-        return (self.lora_b.float() @ self.lora_a.float()) * self.scale
-
-
-@dataclass
 class MergeReport:
     out_dir: Path
     shards: int
     merged_weights: int
     largest_shard_bytes: int
     adapter_bytes: int
-
-
-def read_adapter(adapter_dir: Path) -> dict[str, LoraDelta]:
-    """Base weight name -> LoRA delta, from a PEFT adapter folder."""
-    from safetensors.torch import load_file
-
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if config.get("peft_type") != "LORA":
-        raise ModelError(f"`{adapter_dir}` is not a LoRA adapter", "merge works on LoRA adapters only")
-    if config.get("modules_to_save"):
-        raise ModelError(f"`{adapter_dir}` also trains whole modules", "merge supports LoRA layers only")
-    rank, alpha = config["r"], config["lora_alpha"]
-    scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    deltas: dict[str, LoraDelta] = {}
-    for key, lora_a in tensors.items():
-        if ".lora_A." not in key:
-            continue
-        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
-        lora_b = tensors[key.replace(".lora_A.", ".lora_B.")]
-        deltas[f"{module}.weight"] = LoraDelta(lora_a, lora_b, scale)
-    if config.get("fan_in_fan_out"):
-        raise ModelError("adapters with fan_in_fan_out (GPT-2 style Conv1D) cannot be merged here")
-    return deltas
+    untied_head: bool = False  # a tied head the adapter changes, written as its own lm_head
 
 
 def nf4_roundtrip(weight: torch.Tensor, double_quant: bool) -> torch.Tensor:
@@ -152,52 +125,80 @@ def merge_adapter(
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    deltas = read_adapter(adapter_dir)
     shards, index = base_shards(base_dir)
-    target = DTYPES[dtype]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh hidden sibling, renamed when complete: never a folder of the user's that happens to share a name.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    merged, largest, total_bytes = 0, 0, 0
+    shapes, shard_of = {}, {}
     for shard in shards:
-        tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(base_dir / shard), framework="pt") as handle:
-            metadata = handle.metadata()
             for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
-                weight = handle.get_tensor(key)
-                if roundtrip and weight.dim() == 2 and not any(n in key for n in NOT_QUANTISED):
-                    weight = nf4_roundtrip(weight, double_quant)
-                if key in deltas:
-                    weight = weight.float() + deltas.pop(key).weight()
-                    merged += 1
-                tensors[key] = weight.to(target) if weight.is_floating_point() else weight
-        shard_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        largest, total_bytes = max(largest, shard_bytes), total_bytes + shard_bytes
-        save_file(tensors, str(tmp / shard), metadata=metadata or {"format": "pt"})
-        del tensors
-        if on_shard:
-            on_shard(shard)
-    if deltas:
-        shutil.rmtree(tmp)
-        raise ModelError(
-            f"{len(deltas)} adapter weights have no match in the base (e.g. `{next(iter(deltas))}`)",
-            "merge into the base model the run was trained on",
-        )
-    if index is not None:
-        index["metadata"] = {**index.get("metadata", {}), "total_size": total_bytes}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    _copy_side_files(base_dir, tmp, dtype)
-    _write_chat_settings(tmp, chat_template, stop_ids)
-    normal_permissions(tmp)
+                shapes[key], shard_of[key] = tuple(handle.get_slice(key).get_shape()), shard
+    config = json.loads((base_dir / "config.json").read_text())
+    embed, head = TIED_HEAD
+    with LoraAdapter(adapter_dir) as adapter:
+        # Tied (the config says so, or the checkpoint has no head of its own) and changed: the head is split off.
+        untie = adapter.changes_tied_pair() and (head not in shapes or bool(config.get("tie_word_embeddings")))
+        new_head = untie and head not in shapes  # written from the embedding's base values, in the embedding's shard
+        if new_head:
+            if embed not in shapes:
+                raise ModelError(f"the adapter changes `{head}`, and the base has neither it nor `{embed}`",
+                                 "merge into the base model the run was trained on")
+            shapes[head] = shapes[embed]
+        adapter.check_against(shapes, "merge into the base model the run was trained on")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        # A fresh hidden sibling, renamed when complete: never a folder of the user's that happens to share a name.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+        try:
+            largest, total_bytes = 0, 0
+            for shard in shards:
+                tensors: dict[str, torch.Tensor] = {}
+                with safe_open(str(base_dir / shard), framework="pt") as handle:
+                    metadata = handle.metadata()
+                    for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                        weight = handle.get_tensor(key)
+                        if roundtrip and weight.dim() == 2 and not any(n in key for n in NOT_QUANTISED):
+                            weight = nf4_roundtrip(weight, double_quant)
+                        tensors[key] = _merged(weight, key, adapter, DTYPES[dtype])
+                        if new_head and key == embed:
+                            tensors[head] = _merged(weight, head, adapter, DTYPES[dtype])
+                shard_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+                largest, total_bytes = max(largest, shard_bytes), total_bytes + shard_bytes
+                save_file(tensors, str(tmp / shard), metadata=metadata or {"format": "pt"})
+                del tensors
+                if on_shard:
+                    on_shard(shard)
+            if index is not None:
+                if new_head:
+                    index["weight_map"][head] = shard_of[embed]
+                index["metadata"] = {**index.get("metadata", {}), "total_size": total_bytes}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            if untie:
+                config["tie_word_embeddings"] = False
+            _copy_side_files(base_dir, tmp, dtype, config)
+            _write_chat_settings(tmp, chat_template, stop_ids)
+            normal_permissions(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        merged = len(adapter.targets)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     adapter_bytes = (adapter_dir / "adapter_model.safetensors").stat().st_size
-    return MergeReport(out_dir, len(shards), merged, largest, adapter_bytes)
+    return MergeReport(out_dir, len(shards), merged, largest, adapter_bytes, untie)
 
 
-def _copy_side_files(base_dir: Path, out_dir: Path, dtype: str) -> None:
-    config = json.loads((base_dir / "config.json").read_text())
+def _merged(weight: torch.Tensor, name: str, adapter: LoraAdapter, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` as the adapter leaves weight `name` (replaced, or + its LoRA delta in fp32), in `dtype`."""
+    replacement, delta = adapter.replacement(name), adapter.delta(name)
+    if replacement is not None:
+        weight = replacement
+    if delta is not None:
+        weight = weight.float() + delta
+    return weight.to(dtype) if weight.is_floating_point() else weight
+
+
+def _copy_side_files(base_dir: Path, out_dir: Path, dtype: str, config: dict) -> None:
+    """The base's config (as `config` has it, the dtype set) and its generation and tokenizer files."""
+    config = dict(config)
     config.pop("quantization_config", None)
     config["dtype"] = CONFIG_DTYPE_NAMES[dtype]
     config.pop("torch_dtype", None)

@@ -18,6 +18,7 @@ from typing import Any
 from ..config.schema import Config
 from ..errors import ConfigError, ModelError
 from ..models.gguf_base import gguf_source
+from ..models.lora_file import LoraAdapter, pattern_value
 from ..models.tiny import TINY_NAME
 from .resolve_files import rows_left_for_training, training_rows, usable_rows
 
@@ -105,6 +106,45 @@ def check_init_adapter(cfg: Config, base: Any, model_name: str) -> None:
     if found:
         raise ConfigError(f"model.init_adapter `{folder}` does not match the config: {'; '.join(found)}",
                           f"train with the adapter's settings: {' '.join(fixes)}")
+    # The reader `merge` and the GGUF export use: an adapter they could not fold in is refused before training.
+    with LoraAdapter(folder) as init:
+        patterned = _patterned_modules(init, lora.r, lora.alpha)
+        if patterned:
+            raise ConfigError(
+                f"model.init_adapter `{folder}` gives modules their own rank or alpha ({'; '.join(patterned)}), "
+                f"which lora.r={lora.r} and lora.alpha={lora.alpha} cannot record",
+                "re-save the adapter with one rank and alpha for every module (no rank_pattern/alpha_pattern)",
+            )
+        init.check_against(_module_shapes(base), f"point `model.init_adapter` at an adapter trained on {model_name}")
+
+
+def _patterned_modules(adapter: LoraAdapter, rank: int, alpha: float) -> list[str]:
+    """`down_proj alpha 64 (alpha_pattern)`, ...: modules whose rank or alpha the adapter's patterns set apart."""
+    alpha_pattern = adapter.config.get("alpha_pattern") or {}
+    apart: dict[str, str] = {}
+    for name, pair in sorted(adapter.pairs.items()):
+        module = name.removesuffix(".weight")
+        module_alpha = pattern_value(alpha_pattern, module, adapter.config.get("lora_alpha", alpha))
+        short = module.rsplit(".", 1)[-1]
+        if pair.rank != rank:
+            apart.setdefault(short, f"{short} rank {pair.rank} (rank_pattern)")
+        elif module_alpha != alpha:
+            apart.setdefault(short, f"{short} alpha {module_alpha:g} (alpha_pattern)")
+    return list(apart.values())
+
+
+def _module_shapes(base: Any) -> dict[str, tuple[int, ...]]:
+    """`NAME.weight` -> the [out, in] (embedding: [vocab, hidden]) shape of every linear and embedding module,
+    also of 4-bit layers, whose packed weight tensors have other shapes."""
+    import torch
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, torch.nn.Embedding):
+            shapes[f"{name}.weight"] = (module.num_embeddings, module.embedding_dim)
+        elif isinstance(getattr(module, "in_features", None), int) and isinstance(module, torch.nn.Module):
+            shapes[f"{name}.weight"] = (module.out_features, module.in_features)
+    return shapes
 
 
 def check_before_loading(cfg: Config) -> None:

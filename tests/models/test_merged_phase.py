@@ -81,3 +81,49 @@ def test_an_nf4_base_is_not_merged(tiny_base_dir):
     with MergedAdapter(model, EMA) as phase:  # merging into 4-bit weights would re-round them: left alone
         assert phase.scratch_bytes() == 0
         assert build_plan(model).layers[0].qkv.stacked_a is not None  # the adapter still runs unmerged
+
+
+@pytest.fixture(scope="module")
+def tied_model(tmp_path_factory):
+    """A tied tiny Llama (SmolLM2, Llama 3.2, Qwen2.5 and Gemma tie theirs) with a LoRA on the output head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sapo_lite.config.schema import LoraSettings
+    from sapo_lite.models.roles import attach_adapters
+
+    folder = tmp_path_factory.mktemp("tied") / "base"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=60, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)).save_pretrained(folder)
+    base = load_base(ModelConfig(quant="none"), str(folder), torch.device("cpu"))
+    model = attach_adapters(base, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj", "lm_head"]), None,
+                            gradient_checkpointing=False)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    model.eval()
+    model.set_adapter(EMA, inference_mode=True)
+    return model
+
+
+def test_a_tied_head_is_merged_into_its_own_weight_never_into_the_embedding(tied_model):
+    """Merging the head's LoRA into the shared Parameter would change every input embedding too."""
+    from sapo_lite.models.decoding import lean_generate
+    from sapo_lite.models.sampling import greedy
+
+    embedding = tied_model.get_input_embeddings().weight
+    before = embedding.detach().clone()
+    contexts = random_contexts(4, [5, 9, 12])
+    ids = torch.tensor([contexts[2]])
+    unmerged, expected = logits(tied_model, ids), hf_tokens(tied_model, contexts, 10, NEVER)
+    with MergedAdapter(tied_model, EMA):
+        assert torch.equal(tied_model.get_input_embeddings().weight, before)
+        torch.testing.assert_close(logits(tied_model, ids), unmerged, atol=1e-4, rtol=1e-4)
+        plan = build_plan(tied_model)
+        assert plan.head.parts[0].lora is None  # merged, and read as one weight
+        assert lean_generate(plan, contexts, 10, 0, NEVER, greedy) == expected
+    assert tied_model.get_output_embeddings().base_layer.weight is embedding  # tied again after the phase
+    assert torch.equal(embedding, before)

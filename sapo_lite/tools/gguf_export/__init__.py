@@ -6,7 +6,7 @@ with the chat template and stop tokens training used. Pure Python: nothing to co
 - `export.py`: `prepare_export` / `export_gguf`, the streaming writer (any Llama-family folder + adapter);
 - `quants.py`: the quant types the `gguf` package writes, per-tensor types, the K-quant refusal;
 - `arch.py`: supported architectures, hyper-parameter keys, tensor names, the Q/K permutation;
-- `lora.py`: a PEFT adapter's delta for a block of rows; `safetensors_io.py`: row ranges by `pread`;
+- the adapter is read by `models/lora_file.py` (the reader the folder merge uses too);
 - `tokenizer_kv.py`: the `tokenizer.*` keys, copied from the base's GGUF or built like llama.cpp's
   converter; `pretok_hashes.py`: that converter's pre-tokenizer table (MIT, credited there);
 - `chat_template.py`: the template's per-message shape and end-of-turn token;

@@ -4,6 +4,10 @@ Every output tensor's name, shape and GGML type is known from the safetensors he
 tensor infos are registered first, the header, key/values and tensor infos are written, and then
 each tensor is produced block of rows by block of rows: read (`pread`, no mmap), LoRA delta added in
 fp32, Q/K rows permuted for llama.cpp's RoPE layout, quantised with the `gguf` package, appended.
+A tied output head the adapter changes (or whose embedding it changes) is written as its own
+`output.weight` (the embedding's rows + the head's delta), and `token_embd` keeps the embedding as
+the adapter leaves it: llama.cpp reads token_embd for the input too, so folding the head's delta into
+it would change every input embedding (peft's own merge does exactly that to a tied pair).
 Peak memory is one row block plus the Python and torch baseline, whatever the model's size: the
 full-precision model is never held, merged or not (tools/merge.py, the folder output, holds a shard).
 
@@ -29,15 +33,16 @@ import torch
 from gguf.gguf_writer import WriterState
 
 from ...errors import ExportError
+from ...models.lora_file import TIED_HEAD, LoraAdapter
+from ...models.safetensors_io import TensorSource
 from ..merge import base_shards
 from . import tokenizer_kv
 from .arch import ModelSpec, add_hparams, extra_tensors, gguf_name, heads_of, load_spec, permute_rows
-from .lora import LoraAdapter
 from .quants import QUANT_TYPES, Q, resolve_quant, tensor_type
-from .safetensors_io import TensorSource
 
 CHUNK_ELEMENTS = 1 << 20  # rows are converted in blocks of ~1M values (4 MB in fp32; 4x that was no faster)
-EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+EMBED, HEAD = TIED_HEAD
+OUTPUT = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
 
 
 @dataclass
@@ -68,6 +73,7 @@ class _Planned:
     hf_name: str | None = None
     n_heads: int | None = None  # Q/K: rows are permuted head by head
     data: np.ndarray | None = None  # tensors the checkpoint does not hold (rope_freqs)
+    adapted_as: str | None = None  # the weight whose adapter changes apply, when not hf_name (a split tied head)
 
     @property
     def nbytes(self) -> int:
@@ -97,7 +103,10 @@ class _StreamingWriter(gguf.GGUFWriter):
         self.state = WriterState.WEIGHTS
 
 
-def _plan(spec: ModelSpec, source: TensorSource, weight_type: gguf.GGMLQuantizationType) -> list[_Planned]:
+def _plan(spec: ModelSpec, source: TensorSource, weight_type: gguf.GGMLQuantizationType,
+          split_head: bool) -> list[_Planned]:
+    """`split_head`: the model is tied and the adapter changes the head or the embedding, so the head is written
+    as its own `output.weight` (from lm_head if the checkpoint holds one, else the embedding) + the head's delta."""
     name_map = gguf.get_tensor_name_map(spec.arch, spec.n_layer)
     planned = [_Planned(name, data.shape, Q.F32, data=data) for name, data in extra_tensors(spec).items()]
     for hf_name, entry in source.entries.items():
@@ -105,6 +114,11 @@ def _plan(spec: ModelSpec, source: TensorSource, weight_type: gguf.GGMLQuantizat
         if name is not None:
             qtype = tensor_type(name, entry.shape, weight_type, spec.tied)
             planned.append(_Planned(name, entry.shape, qtype, hf_name, heads_of(spec, hf_name)))
+    if split_head:
+        head_source = HEAD if HEAD in source.entries else EMBED
+        shape = source.entries[head_source].shape
+        planned.append(_Planned(OUTPUT, shape, tensor_type(OUTPUT, shape, weight_type, False), head_source,
+                                adapted_as=HEAD))
     if len({p.name for p in planned}) != len(planned):
         raise ExportError("two checkpoint tensors map to the same GGUF tensor", "check the checkpoint's tensor names")
 
@@ -128,9 +142,10 @@ def _chunks(p: _Planned, source: TensorSource, adapter: LoraAdapter | None) -> I
     step = max(rows_per_head, step // rows_per_head * rows_per_head)  # the permutation works on whole heads
     for start in range(0, rows, step):
         end = min(rows, start + step)
-        block = adapter.replacement(p.hf_name, start, end) if adapter else None
+        target = p.adapted_as or p.hf_name
+        block = adapter.replacement(target, start, end) if adapter else None
         block = (source.read(p.hf_name, start, end) if block is None else block).to(torch.float32)
-        delta = adapter.delta(p.hf_name, start, end) if adapter else None
+        delta = adapter.delta(target, start, end) if adapter else None
         if delta is not None:
             block += delta
         array = block.numpy()
@@ -161,7 +176,9 @@ class GgufExport:
                  tok: tokenizer_kv.TokenizerKV, chat_template: str | None) -> None:
         self.spec, self.source, self.adapter, self.quant, self.tok = spec, source, adapter, quant, tok
         self.ftype, weight_type = QUANT_TYPES[quant]
-        self.planned = _plan(spec, source, weight_type)
+        tied = spec.tied or HEAD not in source.entries  # no head of its own: transformers ties it, whatever the config
+        split_head = tied and adapter is not None and adapter.changes_tied_pair()
+        self.planned = _plan(spec, source, weight_type, split_head)
         self.chat_template = chat_template or tok.chat_template
         self.eos_id = tok.eos_id
         if self.eos_id is None:
@@ -224,7 +241,9 @@ class GgufExport:
             add_hparams(writer, spec)
             writer.add_file_type(self.ftype)
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            replaced = {gguf.Keys.Tokenizer.CHAT_TEMPLATE, gguf.Keys.Tokenizer.EOT_ID}
+            replaced = {gguf.Keys.Tokenizer.CHAT_TEMPLATE}
+            if eot_id is not None:  # the run's end of turn replaces the source's; a template without one keeps it
+                replaced.add(gguf.Keys.Tokenizer.EOT_ID)
             for key, value in tok.values.items():  # as read: strings stay raw bytes, so the copy is exact
                 if key not in replaced:
                     writer.add_key_value(key, value.value, value.type, value.sub_type)
@@ -270,9 +289,9 @@ def prepare_export(base_dir: Path, quant: str, *, adapter_dir: Path | None = Non
         if EMBED not in source.entries:
             raise ExportError(f"the base `{base_dir}` has no {EMBED}", "is it a complete causal language model?")
         if adapter is not None:
-            if spec.tied:  # lm_head *is* the embedding matrix: peft's merge edits both
-                adapter.retarget_tied_head(EMBED, HEAD)
-            adapter.validate(source.entries)
+            shapes = {name: entry.shape for name, entry in source.entries.items()}
+            shapes.setdefault(HEAD, shapes[EMBED])  # tied: the head reads the embedding's tensor (split off, _plan)
+            adapter.check_against(shapes, "export with the base model the adapter was trained on")
         tok = _load_tokenizer(base_dir, source.entries[EMBED].shape[0], tokenizer_from)
         return GgufExport(spec, source, adapter, quant, tok, chat_template)
     except BaseException:

@@ -12,6 +12,7 @@ import torch
 from gguf_models import (
     TEXTS,
     agreement,
+    gguf_model,
     greedy_hf,
     greedy_llamacpp,
     ids_of,
@@ -102,9 +103,17 @@ def smol(smollm2_base_dir, smol_lora):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("quant", "min_agreed"), [("f16", 0.8), ("q8_0", 0.5), ("q4_0", 0.0)])
+@pytest.mark.parametrize(("quant", "min_agreed"), [("f16", 0.8), ("q8_0", 0.5), ("q4_0", 0.4)])
 def test_smollm2_greedy_answers_in_llamacpp_follow_transformers(smol_lora_exports, smol, quant, min_agreed):
+    """f16 and q8_0 against the merged model in fp32. Q4_0 moves a 135M model's greedy answers too far for that
+    comparison to say anything about the file, so q4_0 is held to transformers reading the same Q4_0 file
+    (dequantised): llama.cpp must compute the weights the file holds. Measured with llama-cpp-python 0.3.36 on
+    this project's CPU machines: f16 111/111 tokens, q8_0 84/111, q4_0 121/208 (a misread file agrees on
+    almost none)."""
     tokenizer, stops, reference = smol
+    if quant == "q4_0":
+        from_file = gguf_model(smol_lora_exports[quant])
+        reference = {p: (ids, greedy_hf(from_file, ids, MAX_NEW, stops)) for p, (ids, _) in reference.items()}
     llm = load(smol_lora_exports[quant])
     agreed, total = 0, 0
     try:
@@ -139,26 +148,17 @@ def test_smollm2_chat_in_llamacpp_uses_the_training_template_and_stops(smol_lora
 
 
 @pytest.mark.slow
-def test_smollm2_quantisation_equals_llama_quantize_and_the_k_quant_route_works(smol_lora_exports, tmp_path):
-    """Our Q8_0 and Q4_0 blocks are llama.cpp's own; the K-quant refusal's command makes a file that answers."""
-    source = {t.name: t for t in gguf.GGUFReader(smol_lora_exports["f16"]).tensors}
-    for name, ftype in (("Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("Q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0),
-                        ("Q4_K_M", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)):
-        out = tmp_path / f"{name}.gguf"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype, params.nthread, params.pure = ftype, 1, name != "Q4_K_M"
-        assert llama_cpp.llama_model_quantize(str(smol_lora_exports["f16"]).encode(), str(out).encode(), params) == 0
-        if name == "Q4_K_M":  # what `llama-quantize smol.f16.gguf smol.q4_k_m.gguf Q4_K_M` writes
-            types = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
-            llm = load(out)
-            answer = llm.create_chat_completion([{"role": "user", "content": PROMPTS[0]}], max_tokens=16,
-                                                temperature=0.0)["choices"][0]["message"]["content"]
-            llm.close()
-            print(f"llama-quantize Q4_K_M of our F16, {PROMPTS[0]!r}: {answer!r}")  # 4 bits are rough on 135M
-            assert "Q4_K" in types and answer.strip()  # loads and answers
-            continue
-        theirs = {t.name: t for t in gguf.GGUFReader(out).tensors}
-        for tensor in ("blk.0.attn_q.weight", "blk.7.ffn_down.weight"):
-            values = np.asarray(source[tensor].data).astype(np.float32)
-            ours = gguf.quants.quantize(values, theirs[tensor].tensor_type)
-            assert np.array_equal(ours, np.asarray(theirs[tensor].data)), (name, tensor)
+def test_the_k_quant_route_from_our_f16_export_works(smol_lora_exports, tmp_path):
+    """The K-quant refusal's command makes a file that answers. (Our own Q8_0/Q4_0 blocks are checked against
+    the merged weights in test_gguf_quant_blocks.py, which needs no llama.cpp.)"""
+    out = tmp_path / "Q4_K_M.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 1
+    assert llama_cpp.llama_model_quantize(str(smol_lora_exports["f16"]).encode(), str(out).encode(), params) == 0
+    types = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors}  # what `llama-quantize F16 OUT Q4_K_M` writes
+    llm = load(out)
+    answer = llm.create_chat_completion([{"role": "user", "content": PROMPTS[0]}], max_tokens=16,
+                                        temperature=0.0)["choices"][0]["message"]["content"]
+    llm.close()
+    print(f"llama-quantize Q4_K_M of our F16, {PROMPTS[0]!r}: {answer!r}")  # 4 bits are rough on 135M
+    assert "Q4_K" in types and answer.strip()  # loads and answers

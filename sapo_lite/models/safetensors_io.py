@@ -1,11 +1,12 @@
 """A small safetensors reader that reads row ranges with `os.pread` instead of memory-mapping the file.
 
-Why not `safetensors.safe_open` (which tools/merge.py uses, a shard at a time): it memory-maps each
-shard, and every page it touches stays resident, and counted in the process's RSS, until the file is
-closed; reading SmolLM2 tensor by tensor through it grew RSS by the whole 515 MB file. With `pread`
-only the rows being converted are ever in memory, so the exporter's peak RSS does not grow with the
-model. The format is simple enough (u64 header length, JSON header, raw little-endian data) that
-reading it directly costs ~80 lines.
+Why not `safetensors.safe_open` (which tools/merge.py uses for the base, a shard at a time): it
+memory-maps each shard, and every page it touches stays resident, and counted in the process's RSS,
+until the file is closed; reading SmolLM2 tensor by tensor through it grew RSS by the whole 515 MB
+file. With `pread` only the rows being converted are ever in memory, so the GGUF exporter's peak RSS
+does not grow with the model. LoRA adapter files are read through it too (`lora_file.py`), for the
+GGUF export and the folder merge alike. The format is simple enough (u64 header length, JSON header,
+raw little-endian data) that reading it directly costs ~80 lines.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ...errors import ExportError
+from ..errors import ModelError
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -56,9 +57,9 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         if name == "__metadata__":
             continue
         if info["dtype"] not in _DTYPES:
-            raise ExportError(
+            raise ModelError(
                 f"{path.name}: tensor {name} has dtype {info['dtype']}, only {sorted(_DTYPES)} are supported",
-                "export from an unquantised (fp32, fp16 or bf16) Hugging Face checkpoint",
+                "use an unquantised (fp32, fp16 or bf16) Hugging Face checkpoint",
             )
         b, e = info["data_offsets"]
         entries[name] = TensorEntry(path, info["dtype"], tuple(info["shape"]), base + b, base + e)
@@ -100,7 +101,7 @@ class TensorSource:
         while done < n_bytes:  # pread may return short reads for very large requests
             chunk = os.preadv(fd, [view[done:]], entry.start + row_start * entry.row_bytes + done)
             if chunk <= 0:
-                raise ExportError(f"{entry.file.name}: unexpected end of file reading {name}", "re-save the model")
+                raise ModelError(f"{entry.file.name}: unexpected end of file reading {name}", "re-save the model")
             done += chunk
         tensor = torch.frombuffer(buf, dtype=_DTYPES[entry.dtype]) if n_bytes else torch.empty(0)
         return tensor.reshape((row_end - row_start, *entry.shape[1:]) if entry.shape else ())
