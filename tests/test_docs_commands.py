@@ -16,6 +16,9 @@ two-step tiny run) and `chats.jsonl` (a few chat rows), with the CLI in this pro
    training): run with `--dry-run` added, which resolves every KEY=VALUE against the config and loads
    nothing. `train --resume RUN`: with `--dry-run` when RUN is in the scratch folder (the resume's own
    checks run: checkpoint, keys that may change), else its keys are checked against the resumable ones.
+   A `model.init_adapter=PATH` that the page does not make in the scratch folder (stage 2 of a recipe
+   whose stage 1 takes minutes): the dry-run goes without it, since the checks before loading would
+   rightly refuse a missing adapter folder.
 5. `generate`, `eval`, `merge`, `plot`, `buffer` on a run or model folder that exists in the scratch
    folder (`runs/tiny`, or what an earlier command of the page made, e.g. `merged/`): run as written.
    On a run the docs do not make cheaply (`RUN`, `runs/smollm2-135m`, a run of your own data): parsed
@@ -100,7 +103,7 @@ def sapo_lite_args(line: str) -> list[str] | None:
     lexer.whitespace_split = True
     words = []
     for word in lexer:
-        if word and set(word) <= set(";&|"):
+        if word and (set(word) <= set(";&|") or re.match(r"\d*[<>]", word)):  # an operator or a redirection
             break
         words.append(word)
     if words[:1] == ["sapo-lite"]:
@@ -160,7 +163,9 @@ def what_to_run(command: DocCommand, params: dict, scratch: Path) -> list[str] |
     if params["preset"] in (None, "tiny") and params["config"] is None:
         out = scratch / "runs" / f"doc-{command.where.replace('/', '-').replace(':', '-')}"
         return [*without_option(args, "--out"), "--out", str(out), *TINY_RUN_LIMITS]
-    return [*args, "--dry-run"]
+    missing_adapter = [word for word in args if word.startswith("model.init_adapter=")
+                       and not (scratch / word.split("=", 1)[1]).exists()]
+    return [*(word for word in args if word not in missing_adapter), "--dry-run"]
 
 
 def folder_argument(name: str, params: dict) -> Path:
