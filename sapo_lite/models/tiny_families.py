@@ -1,0 +1,98 @@
+"""Tiny random models of each family (`families/`), every quirk switched on, built locally in a second.
+
+`build_family_base("qwen3", folder)` writes a Hugging Face folder: a 2-layer model from the family's own
+config class (`AutoConfig.for_model`) with the family's `tiny_config` quirks (Qwen3's q/k norms and
+head_dim != hidden / heads, Gemma 3's sandwich norms and two layer types, Phi's fused projections, ...)
+and the tiny demo's word-level tokenizer given the family's special tokens and published chat template
+(`sapo_lite/assets/chat-*.jinja`). The bundled digit-reversal data tokenizes with it, so a family's tiny
+model trains on `bundled:tiny-reverse` like the `tiny` preset. `initializer_range` 0.08 makes the random
+logits peaked enough that top-1 comparisons (greedy decoding, GGUF agreement) are not near-ties.
+
+Tests, bench/families.py, and the merge and GGUF checks of the families all build their models here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .families import FAMILIES, Family
+from .tiny import WORDS
+
+TINY_FAMILY_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "initializer_range": 0.08,
+}
+
+
+def family_names() -> list[str]:
+    return list(FAMILIES)
+
+
+def build_family_tokenizer(family: Family | str) -> Any:
+    """The tiny word-level tokenizer with `family`'s special tokens and chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    family = FAMILIES[family] if isinstance(family, str) else family
+    m = family.markers
+    specials = list(dict.fromkeys(t for t in (m.pad, m.bos, m.eos, m.end_of_turn, *m.specials, "<unk>") if t))
+    vocab = {tok: i for i, tok in enumerate([*specials, *m.added, *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in m.added])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=m.bos, eos_token=m.eos, pad_token=m.pad, unk_token="<unk>",
+        additional_special_tokens=[t for t in specials if t not in (m.bos, m.eos, m.pad, "<unk>")],
+    )
+    tokenizer.chat_template = family.chat_template()
+    return tokenizer
+
+
+def family_config(family: Family | str, tokenizer: Any, vocab_size: int | None = None, **overrides: Any) -> Any:
+    """The tiny model's config: the shared shape, the family's quirks, the tokenizer's ids, then `overrides`."""
+    from transformers import AutoConfig
+
+    family = FAMILIES[family] if isinstance(family, str) else family
+    settings = {**TINY_FAMILY_SHAPE, **family.tiny_config, **overrides}
+    model_type = settings.pop("model_type")
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in dict.fromkeys((family.markers.eos, family.markers.end_of_turn))]
+    return AutoConfig.for_model(
+        model_type, vocab_size=vocab_size or len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos[0] if len(eos) == 1 else eos, pad_token_id=tokenizer.pad_token_id, **settings,
+    )
+
+
+def build_family_model(family: Family | str, seed: int = 0, vocab_size: int | None = None,
+                       **overrides: Any) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer): the family's tiny model with seeded random weights, in memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_family_tokenizer(family)
+    config = family_config(family, tokenizer, vocab_size, **overrides)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    torch.random.set_rng_state(state)
+    return model.eval(), tokenizer
+
+
+def build_family_base(family: Family | str, folder: Path, seed: int = 0, vocab_size: int | None = None,
+                      **overrides: Any) -> Path:
+    """Build (once) and save `family`'s tiny model and tokenizer into `folder`, a model.name for any command."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
+        return folder
+    model, tokenizer = build_family_model(family, seed, vocab_size, **overrides)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
