@@ -6,7 +6,9 @@ head_dim != hidden / heads, Gemma 3's sandwich norms and two layer types, Phi's 
 and the tiny demo's word-level tokenizer given the family's special tokens and published chat template
 (`sapo_lite/assets/chat-*.jinja`). The bundled digit-reversal data tokenizes with it, so a family's tiny
 model trains on `bundled:tiny-reverse` like the `tiny` preset. `initializer_range` 0.08 makes the random
-logits peaked enough that top-1 comparisons (greedy decoding, GGUF agreement) are not near-ties.
+logits peaked enough that top-1 comparisons (greedy decoding, GGUF agreement) are not near-ties; biases and
+norm weights are perturbed from transformers' zeros and ones, so a decoder or exporter that drops a bias or
+misreads Gemma's x * (1 + w) gives other logits.
 
 Tests, bench/families.py, and the merge and GGUF checks of the families all build their models here.
 """
@@ -81,6 +83,10 @@ def build_family_model(family: Family | str, seed: int = 0, vocab_size: int | No
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # transformers starts biases at 0 and norm weights at 1 (Gemma: 0): quirks that do nothing
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(torch.randn_like(param) * 0.2)
     torch.random.set_rng_state(state)
     return model.eval(), tokenizer
 

@@ -89,10 +89,6 @@ class Family:
             window=_window(config, index),
         )
 
-    def embed_scale(self, embedding: nn.Module) -> float | None:
-        """A factor the embedding's output is multiplied by (Gemma: sqrt(hidden)), None for none."""
-        return None
-
     def rotary(self, inner: nn.Module, key: str | None) -> Any:
         """`fn(x, positions) -> (cos, sin)` of RoPE table `key` (a layer's `rope`)."""
         return inner.rotary_emb

@@ -1,11 +1,12 @@
 """Gemma 3, text (Gemma3ForCausalLM): sandwich norms, QK norms, and two kinds of layer.
 
-Quirks: embeddings scaled by sqrt(hidden) (`Gemma3TextScaledWordEmbedding`); RMSNorm computing x*(1+w) in
-fp32 (the loop calls Gemma's own norm modules, never `F.rms_norm`); a norm before and after both attention
-and MLP; `q_norm`/`k_norm` before RoPE; sliding-window layers with their own RoPE base (`layer_types`, RoPE
-tables per type) beside global ones; attention scaled by `query_pre_attn_scalar`^-0.5, not head_dim^-0.5;
-GELU (tanh); a 262k vocabulary; no system role (the template folds a system message into the first user
-turn); `<end_of_turn>` ends a turn. Logit soft-capping (Gemma 2) is refused by the lean loop.
+Quirks: embeddings scaled by sqrt(hidden) (`Gemma3TextScaledWordEmbedding`, called as is by the loop);
+RMSNorm computing x*(1+w) in fp32 (the loop calls Gemma's own norm modules, never `F.rms_norm`); a norm
+before and after both attention and MLP; `q_norm`/`k_norm` before RoPE; sliding-window layers with their
+own RoPE base beside global ones (`layer_types`, a RoPE table per type); attention scaled by
+`query_pre_attn_scalar`^-0.5, not head_dim^-0.5; GELU (tanh); a 262k vocabulary; no system role (the
+template folds a system message into the first user turn); `<end_of_turn>` ends a turn. Logit
+soft-capping (Gemma 2) is refused by the lean loop.
 """
 
 from __future__ import annotations
@@ -49,9 +50,6 @@ class Gemma3(Family):
             act=mlp.act_fn, attention_scale=float(attention.scaling), rope=config.layer_types[index],
             window=_window(config, index),
         )
-
-    def embed_scale(self, embedding: nn.Module) -> float | None:
-        return float(embedding.embed_scale.to(embedding.weight.dtype))
 
     def rotary(self, inner: nn.Module, key: str | None) -> Any:
         return lambda x, positions: inner.rotary_emb(x, positions, key)
