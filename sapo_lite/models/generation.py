@@ -18,6 +18,7 @@ from ..data.scoring import RoleScore, score_answers
 from .decode_plan import plan_for
 from .decoding import lean_generate
 from .roles import acting_as
+from .sampling import greedy
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +50,7 @@ def generate_answers(
         batch = prompts[start : start + batch_size]
         plan = plan_for(model, batch, max_new_tokens) if temperature <= 0 else None
         if plan is not None:
-            tokens = lean_generate(plan, batch, max_new_tokens, tokenizer.pad_token_id, stop_ids, _argmax)
+            tokens = lean_generate(plan, batch, max_new_tokens, tokenizer.pad_token_id, stop_ids, greedy)
             answers += tokenizer.batch_decode(tokens, skip_special_tokens=True)
             continue
         ids, mask = left_pad(batch, tokenizer.pad_token_id)
@@ -60,10 +61,6 @@ def generate_answers(
         answers += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     return [a.strip() for a in answers]
 
-
-
-def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(-1)
 
 
 def evaluate_role(
