@@ -44,7 +44,7 @@ def build_family_tokenizer(family: Family | str) -> Any:
     family = FAMILIES[family] if isinstance(family, str) else family
     m = family.markers
     specials = list(dict.fromkeys(t for t in (m.pad, m.bos, m.eos, m.end_of_turn, *m.specials, "<unk>") if t))
-    vocab = {tok: i for i, tok in enumerate([*specials, *m.added, *WORDS])}
+    vocab = {tok: i for i, tok in enumerate([*specials, *m.added, *WORDS, "model"])}  # Gemma's assistant role
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
