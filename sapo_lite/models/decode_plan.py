@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .families import BY_MODEL_TYPE, Family, family_of
+from .families import FAMILIES, Family, family_of
 from .matmul import packed_copy
 from .weight_layout import side_by_side
 
@@ -156,7 +156,7 @@ def build_plan(model: nn.Module) -> DecodePlan:
     config = getattr(lm, "config", None)
     family = family_of(config)
     if family is None or type(lm).__name__ != f"{family.prefix}ForCausalLM":
-        known = ", ".join(f"{f.prefix}ForCausalLM" for f in BY_MODEL_TYPE.values())
+        known = ", ".join(f"{f.prefix}ForCausalLM" for f in FAMILIES.values())
         raise NotLeanDecodable(f"the lean decoder supports {known}, not {type(lm).__name__}")
     if lm.training:
         raise NotLeanDecodable("the model is in train mode (dropout)")

@@ -3,9 +3,9 @@
 `build_family_base("qwen3", folder)` writes a Hugging Face folder: a 2-layer model from the family's own
 config class (`AutoConfig.for_model`) with the family's `tiny_config` quirks (Qwen3's q/k norms and
 head_dim != hidden / heads, Gemma 3's sandwich norms and two layer types, Phi's fused projections, ...)
-and the tiny demo's word-level tokenizer given the family's special tokens and published chat template
-(`sapo_lite/assets/chat-*.jinja`). The bundled digit-reversal data tokenizes with it, so a family's tiny
-model trains on `bundled:tiny-reverse` like the `tiny` preset. `initializer_range` 0.08 makes the random
+and a 400-token byte-level BPE trained on the bundled task, with the family's special tokens and published
+chat template (`sapo_lite/assets/chat-*.jinja`), so a family's tiny model trains on `bundled:tiny-reverse`
+like the `tiny` preset. `initializer_range` 0.08 makes the random
 logits peaked enough that top-1 comparisons (greedy decoding, GGUF agreement) are not near-ties; biases and
 norm weights are perturbed from transformers' zeros and ones, so a decoder or exporter that drops a bias or
 misreads Gemma's x * (1 + w) gives other logits.
@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from .families import FAMILIES, Family
-from .tiny import WORDS
+from .tiny import WORDS, reverse_task_rows
 
+TOKENIZER_VOCAB = 400
 TINY_FAMILY_SHAPE = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -37,18 +38,24 @@ def family_names() -> list[str]:
 
 
 def build_family_tokenizer(family: Family | str) -> Any:
-    """The tiny word-level tokenizer with `family`'s special tokens and chat template."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    """A byte-level BPE (Llama 3's, Qwen's and Phi-4's kind) trained in milliseconds on the bundled task and the
+    family's template words, with `family`'s special tokens and chat template.
+
+    Byte-level, not the `tiny` preset's word-level tokenizer: transformers 5 loads a `qwen2`/`qwen3` folder's
+    tokenizer as Qwen2Tokenizer whatever its files say, rebuilt from vocab and merges (a word-level vocabulary
+    then splits into characters); a BPE survives that rebuild with the same tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     family = FAMILIES[family] if isinstance(family, str) else family
     m = family.markers
     specials = list(dict.fromkeys(t for t in (m.pad, m.bos, m.eos, m.end_of_turn, *m.specials, "<unk>") if t))
-    vocab = {tok: i for i, tok in enumerate([*specials, *m.added, *WORDS, "model"])}  # Gemma's assistant role
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(_corpus(family), trainer)
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in m.added])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=m.bos, eos_token=m.eos, pad_token=m.pad, unk_token="<unk>",
@@ -56,6 +63,15 @@ def build_family_tokenizer(family: Family | str) -> Any:
     )
     tokenizer.chat_template = family.chat_template()
     return tokenizer
+
+
+def _corpus(family: Family) -> list[str]:
+    """Text the BPE learns from: the digit-reversal rows and the family's template rendered around them."""
+    import re
+
+    rows = reverse_task_rows(200, seed=3)
+    template_words = re.findall(r"[A-Za-z][A-Za-z ,.:]+", family.chat_template())
+    return [f"{r['prompt']}\n{r['response']}" for r in rows] + template_words * 5 + [" ".join(WORDS)] * 5
 
 
 def family_config(family: Family | str, tokenizer: Any, vocab_size: int | None = None, **overrides: Any) -> Any:

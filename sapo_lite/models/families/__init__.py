@@ -13,7 +13,7 @@ from .qwen2 import Qwen2
 from .qwen3 import Qwen3
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (Llama(), Qwen2(), Qwen3(), Gemma3(), Phi3(), Mistral())}
-BY_MODEL_TYPE: dict[str, Family] = {f.model_type: f for f in FAMILIES.values()}
+BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES.values() for t in (f.model_type, *f.aliases)}
 
 
 def family_of(config: Any) -> Family | None:

@@ -65,6 +65,8 @@ class Family:
     markers: ClassVar[ChatMarkers]
     tiny_config: ClassVar[dict[str, Any]]  # the tiny test model's config, every quirk of the family switched on
     preset: ClassVar[str | None] = None
+    aliases: ClassVar[tuple[str, ...]] = ()  # other model_types of the family (a multimodal wrapper's)
+    fused_projections: ClassVar[bool] = False  # one qkv_proj and one gate_up_proj (the memory estimate's shapes)
     notes: ClassVar[str] = ""  # what training data and templates need to know about the family (docs)
 
     # ------------------------------------------------------------ chat

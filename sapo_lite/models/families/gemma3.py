@@ -29,6 +29,7 @@ class Gemma3(Family):
     tiny_config = {"model_type": "gemma3_text", "head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 512,
                    "layer_types": ["sliding_attention", "full_attention"], "tie_word_embeddings": True}
     preset = "gemma3-12b-qlora"
+    aliases = ("gemma3",)  # the published 4B/12B/27B checkpoints: Gemma3ForConditionalGeneration (text + vision)
     notes = ("gated on the Hub (accept Google's licence); no system role: the template folds a system message into "
              "the first user turn")
 

@@ -26,6 +26,7 @@ class Phi3(Family):
     tiny_config = {"model_type": "phi3", "partial_rotary_factor": 0.75, "tie_word_embeddings": True,
                    "rope_theta": 10000.0}
     preset = "phi4-mini-qlora"
+    fused_projections = True
     notes = "LoRA targets the fused qkv_proj and gate_up_proj (name them, or use all-linear)"
 
     def layer_modules(self, layer: nn.Module, index: int, config: Any) -> LayerModules:
