@@ -87,10 +87,11 @@ def test_each_family_trains_its_own_linear_layers(tmp_path, tmp_path_factory, ch
 
 
 def test_a_new_family_resumes_after_sigkill_with_identical_losses(tmp_path, tmp_path_factory, chosen_file):
-    args = ["train", "--preset", "tiny", *family_args(tmp_path_factory, "qwen3", chosen_file), "loss.name=dpo",
-            "loss.beta=0.1", "train.max_steps=3", "train.save_every=2"]
-    run(tmp_path, *args, "--out", "straight")
-    proc, _ = start_paused(tmp_path, "training:3", *args, "--out", "killed")
+    settings = [*family_args(tmp_path_factory, "qwen3", chosen_file), "loss.name=dpo", "loss.beta=0.1",
+                "train.max_steps=3", "train.save_every=2"]
+    (tmp_path / "straight").mkdir()
+    train(load_config("tiny", overrides=settings), tmp_path / "straight", Console(quiet=True))
+    proc, _ = start_paused(tmp_path, "training:3", "train", "--preset", "tiny", *settings, "--out", "killed")
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     resumed = run(tmp_path, "train", "--resume", "killed")
