@@ -153,11 +153,11 @@ def plan_for(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
 def build_plan(model: nn.Module) -> DecodePlan:
     """The plan of `model` with its active adapter; raises NotLeanDecodable (see the module docstring)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(lm, "config", None)
-    family = family_of(config)
-    if family is None or type(lm).__name__ != f"{family.prefix}ForCausalLM":
-        known = ", ".join(f"{f.prefix}ForCausalLM" for f in FAMILIES.values())
+    family = family_of(getattr(lm, "config", None))
+    if family is None or type(lm).__name__ not in family.causal_classes():
+        known = ", ".join(name for f in FAMILIES.values() for name in f.causal_classes())
         raise NotLeanDecodable(f"the lean decoder supports {known}, not {type(lm).__name__}")
+    inner, config = family.language_model(lm)
     if lm.training:
         raise NotLeanDecodable("the model is in train mode (dropout)")
     for rope_type in _rope_types(config):
@@ -167,7 +167,6 @@ def build_plan(model: nn.Module) -> DecodePlan:
     if reason:
         raise NotLeanDecodable(reason)
     _check_generation_config(lm)
-    inner = lm.model
     embedding_types = ("Embedding", f"{family.prefix}TextScaledWordEmbedding")
     if not isinstance(inner.embed_tokens, nn.Embedding) or type(inner.embed_tokens).__name__ not in embedding_types:
         raise NotLeanDecodable(f"the embedding is a {type(inner.embed_tokens).__name__}")

@@ -56,3 +56,24 @@ def test_greedy_tokens_equal_generate_with_rows_stopping_early(family_model):
     assert lean_generate(build_plan(model), contexts, 10, 0, NEVER, greedy) == free
     stops = sorted({free[0][2], free[-1][1]})
     assert lean_generate(build_plan(model), contexts, 10, 0, stops, greedy) == hf_tokens(model, contexts, 10, stops)
+
+
+def test_gemma3s_published_multimodal_class_is_decoded_lean_on_text():
+    """Gemma-3-4B/12B/27B-it load as Gemma3ForConditionalGeneration (a vision tower beside the text model):
+    with text in, the lean loop decodes its language model, as `generate` does."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sapo_lite.models.tiny_families import build_family_tokenizer, family_config
+
+    tokenizer = build_family_tokenizer("gemma3")
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 28, "patch_size": 14}
+    config = AutoConfig.for_model("gemma3", text_config=family_config("gemma3", tokenizer, sliding_window=6).to_dict(),
+                                  vision_config=vision, mm_tokens_per_image=4, image_token_index=len(tokenizer) - 1)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    assert type(base).__name__ == "Gemma3ForConditionalGeneration"
+    model = with_random_adapters(base, seed=4, std=0.1)
+    assert why_not_lean(model) is None
+    contexts = random_contexts(6, [4, 9, 13], low=5, high=len(tokenizer) - 2)
+    assert lean_generate(build_plan(model), contexts, 10, 0, NEVER, greedy) == hf_tokens(model, contexts, 10, NEVER)

@@ -77,6 +77,14 @@ class Family:
 
     # ------------------------------------------------------------ the lean decoder
 
+    def causal_classes(self) -> tuple[str, ...]:
+        """The transformers classes of this family that the lean loop decodes."""
+        return (f"{self.prefix}ForCausalLM",)
+
+    def language_model(self, lm: nn.Module) -> tuple[nn.Module, Any]:
+        """(the decoder stack: embed_tokens, layers, norm, rotary_emb; its config) of a loaded model."""
+        return lm.model, lm.config
+
     def not_lean(self, config: Any) -> str | None:
         """Why the lean loop cannot decode this model exactly (a family-specific switch), else None."""
         return None

@@ -33,6 +33,15 @@ class Gemma3(Family):
     notes = ("gated on the Hub (accept Google's licence); no system role: the template folds a system message into "
              "the first user turn")
 
+    def causal_classes(self) -> tuple[str, ...]:
+        # the published 4B/12B/27B checkpoints load as the multimodal class; text in, it is the text model
+        return ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+
+    def language_model(self, lm: nn.Module) -> tuple[nn.Module, Any]:
+        if hasattr(lm.model, "language_model"):  # Gemma3ForConditionalGeneration: vision tower beside it
+            return lm.model.language_model, lm.config.text_config
+        return lm.model, lm.config
+
     def not_lean(self, config: Any) -> str | None:
         for name in ("attn_logit_softcapping", "final_logit_softcapping"):
             if getattr(config, name, None) is not None:
