@@ -35,20 +35,21 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
 @torch.no_grad()
 def generate_answers(
     model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int],
-    temperature: float = 0.0, batch_size: int = 32,
+    temperature: float = 0.0, batch_size: int = 32, decoder: str = "lean",
 ) -> list[str]:
     """Decoded answers (special tokens dropped, stripped); greedy unless `temperature` > 0.
 
     Greedy answers go through the lean decode loop (decoding.py) where the model allows it: the same
     tokens as `generate` (tests/models/test_decoding.py), in about half the time, which is most of a
-    held-out evaluation or a validation pass. Sampling, and every other model, use `generate`.
+    held-out evaluation or a validation pass. Sampling, `decoder="hf"` (a run's `sapo.decoder`), and every
+    model the lean loop does not cover use `generate`.
     """
     device = next(model.parameters()).device
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        plan = plan_for(model, batch, max_new_tokens) if temperature <= 0 else None
+        plan = plan_for(model, batch, max_new_tokens) if temperature <= 0 and decoder == "lean" else None
         if plan is not None:
             tokens = lean_generate(plan, batch, max_new_tokens, tokenizer.pad_token_id, stop_ids, greedy)
             answers += tokenizer.batch_decode(tokens, skip_special_tokens=True)
@@ -65,12 +66,12 @@ def generate_answers(
 
 def evaluate_role(
     model: Any, tokenizer: Any, examples: Sequence[Example], role: str, max_new_tokens: int,
-    stop_ids: Sequence[int], batch_size: int = 32,
+    stop_ids: Sequence[int], batch_size: int = 32, decoder: str = "lean",
 ) -> RoleScore:
     """Greedy answers of `base` or an adapter to every example, scored."""
     with acting_as(model, role):
         answers = generate_answers(
             model, tokenizer, [ex.prompt_ids.tolist() for ex in examples], max_new_tokens, stop_ids,
-            batch_size=batch_size,
+            batch_size=batch_size, decoder=decoder,
         )
     return score_answers(role, answers, examples)

@@ -11,8 +11,8 @@ at its original tensor again. The originals are never written, so they come back
 however many phases a run has, also when the phase ends with an exception; merging in place and
 subtracting afterwards would leave rounding residue in the base after every step.
 
-Only float bases are merged: merging into NF4 weights would re-round them (DESIGN.md section 1),
-so a quantised layer keeps its adapter unmerged. The scratch tensors (one copy of every adapted
+Only float bases are merged: merging into NF4 weights would re-round them (the one 4-bit base serves
+every role), so a quantised layer keeps its adapter unmerged. The scratch tensors (one copy of every adapted
 weight, 425 MB for SmolLM2 fp32) are kept between phases: allocating them afresh costs more than
 the merge itself.
 """

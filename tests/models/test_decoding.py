@@ -145,3 +145,16 @@ def test_a_sequence_past_the_sliding_window_is_decoded_lean_with_generates_token
     assert generate_segments(model, past, 8, 0, NEVER, 0.7, 1, 0.95) == expected  # top_k 1: greedy
     assert len(calls) == 1
     assert lean_tokens(model, past, 8, NEVER) == expected
+
+
+def test_greedy_answers_follow_the_runs_decoder_choice(llama, tiny_tokenizer, monkeypatch):
+    """Validation and held-out answers decode as `sapo.decoder` says: `hf` never enters the lean loop."""
+    from sapo_lite.models import generation
+
+    calls = []
+    monkeypatch.setattr(generation, "lean_generate", lambda *args: calls.append(1) or lean_generate(*args))
+    prompts = random_contexts(8, [5, 7])
+    lean = generation.generate_answers(llama, tiny_tokenizer, prompts, 6, NEVER)
+    assert calls == [1]
+    assert generation.generate_answers(llama, tiny_tokenizer, prompts, 6, NEVER, decoder="hf") == lean
+    assert calls == [1]
