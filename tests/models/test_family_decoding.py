@@ -3,7 +3,7 @@
 Each family's tiny model (models/tiny_families.py: its quirks on, biases and norm weights perturbed) with
 random policy and EMA adapters: the lean loop's logits at every step equal the model's own forward over
 the same tokens, and its greedy tokens, with rows stopping early, are `generate`'s. Where a family has
-sliding-window layers (Gemma 3, Mistral), the window is set below the sequence so it masks something."""
+sliding-window layers (Gemma 3, Mistral, Phi-3), the window is set below the sequence so it masks something."""
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ from sapo_lite.models.sampling import greedy
 from sapo_lite.models.tiny_families import build_family_model, family_names
 
 NEVER = [999]
-WINDOWED = {"gemma3": {"sliding_window": 6}, "mistral-nemo": {"sliding_window": 6}}
+WINDOWED = {"gemma3": {"sliding_window": 6}, "mistral-nemo": {"sliding_window": 6}, "phi4-mini": {"sliding_window": 6}}
 
 
 @pytest.fixture(scope="module", params=family_names())
