@@ -81,6 +81,9 @@ def family_config(family: Family | str, tokenizer: Any, vocab_size: int | None =
     family = FAMILIES[family] if isinstance(family, str) else family
     settings = {**TINY_FAMILY_SHAPE, **family.tiny_config, **overrides}
     model_type = settings.pop("model_type")
+    if "layer_types" in settings:  # the family's pattern of layer kinds, repeated over the layers asked for
+        pattern = settings["layer_types"]
+        settings["layer_types"] = [pattern[i % len(pattern)] for i in range(settings["num_hidden_layers"])]
     eos = [tokenizer.convert_tokens_to_ids(t) for t in dict.fromkeys((family.markers.eos, family.markers.end_of_turn))]
     return AutoConfig.for_model(
         model_type, vocab_size=vocab_size or len(tokenizer), bos_token_id=tokenizer.bos_token_id,
