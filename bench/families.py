@@ -13,7 +13,8 @@ process, then:
   32,000, random LoRA adapters unmerged, batch 4, greedy, best of 3): tokens/s ratio;
 - merge parity: `sapo-lite merge RUN --out folder --dtype fp32`, max |logit difference| of the merged folder against
   base + policy adapter unmerged (peft), or the refusal;
-- GGUF: `sapo-lite merge RUN --out x.gguf --quant f32`; the refusal's message, or "llama.cpp not installed", or (with
+- GGUF: `sapo-lite merge RUN --out x.gguf --quant f32` (the tiny tokenizer's pre-tokenizer registered as
+  the one it is, as the GGUF tests do); the refusal's message, or "llama.cpp not installed", or (with
   `import llama_cpp`) the same token ids as transformers, the share of positions with the same top-1
   token and the smallest per-position correlation of the teacher-forced logits;
 - estimate vs measured: `sapo-lite estimate`'s total less its CUDA terms, against the training process's
@@ -60,6 +61,20 @@ try:
 except Exception as exc:
     print(json.dumps({'ok': False, 'error': f'{type(exc).__name__}: {str(exc).splitlines()[0]}'}))
 """
+# `sapo-lite merge RUN --out x.gguf`, with the tiny tokenizer's pre-tokenizer registered first as the one it
+# really is (its trained vocabulary is in no llama.cpp table, as tests/tools/gguf_export does): Qwen2's where
+# transformers loads a Qwen2 folder's tokenizer as Qwen2Tokenizer, else GPT-2's.
+MERGE_TO_GGUF = r"""
+import sys
+from transformers import AutoTokenizer
+try:
+    from sapo_lite.tools.gguf_export.tokenizer_kv import pre_tokenizer_hash, register_pre_tokenizer
+    register_pre_tokenizer(pre_tokenizer_hash(AutoTokenizer.from_pretrained(sys.argv[1])), sys.argv[2])
+except ImportError:
+    pass
+from sapo_lite.cli import app
+app(sys.argv[3:], prog_name='sapo-lite')
+"""
 DECODE_SHAPE = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8,
                 "num_key_value_heads": 4, "head_dim": 64}
 
@@ -86,7 +101,7 @@ def train_row(family: str, work: Path) -> dict:
         "ok": False, "error": proc.stderr.strip().splitlines()[-1]}
     est = estimate(load_config("tiny", overrides=args[2:]))
     result["estimate_gb"] = est.total - est.cuda_overhead
-    return {**result, "base": base, "run": work / "run"}
+    return {**result, "base": base, "run": work / "run", "family": family}
 
 
 def decode_speedup(family: str, new_tokens: int) -> tuple[str, str]:
@@ -154,7 +169,10 @@ def merge_parity(row: dict, work: Path) -> str:
 
 
 def gguf_agreement(row: dict, work: Path) -> str:
-    proc = cli("merge", str(row["run"]), "--out", str(work / "x.gguf"), "--quant", "f32")
+    pre_tokenizer = "qwen2" if row["family"] == "qwen2.5" else "gpt-2"
+    proc = subprocess.run([sys.executable, "-c", MERGE_TO_GGUF, str(row["base"]), pre_tokenizer, "merge",
+                           str(row["run"]), "--out", str(work / "x.gguf"), "--quant", "f32"],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"})
     if proc.returncode != 0:
         return f"refused: {first_error(proc)}"
     try:
