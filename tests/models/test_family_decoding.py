@@ -77,3 +77,26 @@ def test_gemma3s_published_multimodal_class_is_decoded_lean_on_text():
     assert why_not_lean(model) is None
     contexts = random_contexts(6, [4, 9, 13], low=5, high=len(tokenizer) - 2)
     assert lean_generate(build_plan(model), contexts, 10, 0, NEVER, greedy) == hf_tokens(model, contexts, 10, NEVER)
+
+
+def test_sampled_first_tokens_follow_generates_distribution(family_model):
+    """3,000 rewrites' first tokens through the lean sampler (temperature 0.7, top-k 50, top-p 0.95, as the
+    loop samples), against the distribution transformers' warpers make of the model's own logits."""
+    stats = pytest.importorskip("scipy.stats")
+    import numpy as np
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from sapo_lite.sapo.augment import generate_segments
+
+    family, model, vocab = family_model
+    context = random_contexts(9, [7], low=5, high=vocab)[0]
+    torch.manual_seed(0)
+    rows = generate_segments(model, [context] * 3000, 1, 0, NEVER, 0.7, 50, 0.95)
+    counts = np.bincount([row[0] for row in rows], minlength=vocab)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([context])).logits[:, -1].float()
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(50), TopPLogitsWarper(0.95)])
+    probs = warpers(None, logits).softmax(-1)[0].double().numpy()
+    support = probs > 0
+    assert counts[~support].sum() == 0 and support.sum() >= 2
+    assert stats.chisquare(counts[support], probs[support] / probs[support].sum() * 3000).pvalue > 1e-3
