@@ -35,14 +35,14 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
 @torch.no_grad()
 def generate_answers(
     model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int],
-    temperature: float = 0.0, batch_size: int = 32, decoder: str = "lean",
+    temperature: float = 0.0, batch_size: int = 32, decoder: str = "lean", static_cache: bool = False,
 ) -> list[str]:
     """Decoded answers (special tokens dropped, stripped); greedy unless `temperature` > 0.
 
     Greedy answers go through the lean decode loop (decoding.py) where the model allows it: the same
     tokens as `generate` (tests/models/test_decoding.py), in about half the time, which is most of a
     held-out evaluation or a validation pass. Sampling, `decoder="hf"` (a run's `sapo.decoder`), and every
-    model the lean loop does not cover use `generate`.
+    model the lean loop does not cover use `generate` (with a preallocated cache where `static_cache`).
     """
     device = next(model.parameters()).device
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
@@ -57,7 +57,8 @@ def generate_answers(
         ids, mask = left_pad(batch, tokenizer.pad_token_id)
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id, **sampling,
+            eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id,
+            cache_implementation="static" if static_cache else None, **sampling,
         )
         answers += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     return [a.strip() for a in answers]
@@ -66,12 +67,12 @@ def generate_answers(
 
 def evaluate_role(
     model: Any, tokenizer: Any, examples: Sequence[Example], role: str, max_new_tokens: int,
-    stop_ids: Sequence[int], batch_size: int = 32, decoder: str = "lean",
+    stop_ids: Sequence[int], batch_size: int = 32, decoder: str = "lean", static_cache: bool = False,
 ) -> RoleScore:
     """Greedy answers of `base` or an adapter to every example, scored."""
     with acting_as(model, role):
         answers = generate_answers(
             model, tokenizer, [ex.prompt_ids.tolist() for ex in examples], max_new_tokens, stop_ids,
-            batch_size=batch_size, decoder=decoder,
+            batch_size=batch_size, decoder=decoder, static_cache=static_cache,
         )
     return score_answers(role, answers, examples)

@@ -162,7 +162,8 @@ class Validation:
             s = self.session
             with s.generating():
                 score = evaluate_role(s.model, s.tokenizer, self.examples, POLICY, s.cfg.data.eval_max_new_tokens,
-                                      s.stop_ids, decoder=s.cfg.sapo.decoder)
+                                      s.stop_ids, decoder=s.cfg.sapo.decoder,
+                                      static_cache=s.cfg.sapo.static_cache)
             figures["val/constraints"] = score.constraints.rate
         figures["val_s"] = time.perf_counter() - started
         return figures

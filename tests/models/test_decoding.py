@@ -158,3 +158,10 @@ def test_greedy_answers_follow_the_runs_decoder_choice(llama, tiny_tokenizer, mo
     assert calls == [1]
     assert generation.generate_answers(llama, tiny_tokenizer, prompts, 6, NEVER, decoder="hf") == lean
     assert calls == [1]
+    caches = []
+    real_generate = llama.generate
+    monkeypatch.setattr(llama, "generate", lambda **kw: caches.append(kw["cache_implementation"]) or real_generate(
+        **kw))
+    static = generation.generate_answers(llama, tiny_tokenizer, prompts, 6, NEVER, decoder="hf", static_cache=True)
+    assert static == lean
+    assert caches == ["static"] and calls == [1]  # `sapo.static_cache` reaches generate
