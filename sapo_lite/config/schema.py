@@ -127,7 +127,8 @@ class SapoConfig:
     """Copy the EMA into the DPO reference every N steps (the official code's behaviour); 0 keeps the
     frozen base as the reference. Cached reference log-probs are recomputed when next drawn."""
     decoder: Literal["lean", "hf"] = "lean"
-    """How the EMA decodes its rewrites. `lean`: sapo-lite's own decode loop for Llama and Mistral (one packed
+    """How the EMA decodes its rewrites. `lean`: sapo-lite's own decode loop for the model families of
+    docs/model-families.md (Llama 3, Qwen2.5, Qwen3, Gemma 3, Phi-3/4, Mistral; one packed
     prefill, a preallocated KV cache, one forward a token without peft's dispatch, sampling on the top-k
     candidates, with transformers' sampling distribution; on a CPU with a full-precision base the EMA is merged
     into scratch copies of the weights while it generates); other models fall back to `hf`, and `train` says

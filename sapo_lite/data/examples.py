@@ -49,7 +49,15 @@ BUILTIN_TEMPLATES = {
         "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
     ),
 }
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<|endoftext|>")
+# The families' end-of-turn markers (models/families/: ChatML, Llama 3, Phi, Mistral, Gemma 3); a test holds
+# every family's marker here.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<|endoftext|>", "<end_of_turn>")
+# Passed to every template render; a template that does not read an option ignores it. `enable_thinking`
+# (Qwen3): False, so the prompt ends with Qwen3's own empty `<think>\n\n</think>\n\n` block and the response
+# is the answer alone: no think tag is scored, rewritten by the EMA, or re-rendered into a turn. SAPO rewrites
+# segments of answers; reasoning traces are another recipe (rows that carry them are skipped, see below).
+TEMPLATE_OPTIONS = {"enable_thinking": False}
+THINK_TAGS = ("<think>", "</think>")
 
 
 @dataclass
@@ -163,7 +171,7 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
 
 def render_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """Prompt ids with the generation prompt, and BOS exactly once when the model expects one."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **TEMPLATE_OPTIONS)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     if bos is not None and _adds_bos(tokenizer) and (not ids or ids[0] != bos):
@@ -178,22 +186,26 @@ def _adds_bos(tokenizer: Any) -> bool:
 def tokenize_conversation(
     tokenizer: Any, prompt_messages: list[dict[str, str]], response: str, stops: list[int]
 ) -> tuple[list[int], list[int]]:
+    if any(tag in response for tag in THINK_TAGS) and "</think>" in str(tokenizer.chat_template):
+        raise RowProblem("the answer holds a <think> block (reasoning traces are not trained: drop the block)")
     prompt_ids = render_prompt_ids(tokenizer, prompt_messages)
-    prompt_text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+    prompt_text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True,
+                                                **TEMPLATE_OPTIONS)
     full_text = tokenizer.apply_chat_template(
-        [*prompt_messages, {"role": "assistant", "content": response}], tokenize=False
+        [*prompt_messages, {"role": "assistant", "content": response}], tokenize=False, **TEMPLATE_OPTIONS
     )
     if full_text.startswith(prompt_text):
         response_text = full_text[len(prompt_text) :]
     else:  # a template that rewrites earlier turns: fall back to the raw answer
         response_text = response
     response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
-    # Keep the answer up to and including its last stop token (drops a trailing "\n").
-    last_stop = max((i for i, tok in enumerate(response_ids) if tok in stops), default=None)
-    if last_stop is None:
+    # Keep the answer up to and including its first stop token: drops a trailing "\n", and the EOS that
+    # Phi's template writes after the conversation's last `<|end|>` (the model stops at `<|end|>`).
+    first_stop = min((i for i, tok in enumerate(response_ids) if tok in stops), default=None)
+    if first_stop is None:
         response_ids = [*response_ids, stops[0]] if stops else response_ids
     else:
-        response_ids = response_ids[: last_stop + 1]
+        response_ids = response_ids[: first_stop + 1]
     return prompt_ids, response_ids
 
 

@@ -1,21 +1,23 @@
 """What the lean decode loop reads: a model's weights laid out per layer, or why it cannot be.
 
-`build_plan(model)` walks a Llama or Mistral model (plain, or a PeftModel with its active LoRA
-adapter) once per generation call and returns the tensors `decoding.py` computes with: per
-layer the norms, the q/k/v, o, gate/up and down projections grouped by the input they share,
-each with its dense base weight (or its quantised base module, called as is) and the active
-adapter's A, B and scaling, unmerged. Two things are copied: the A matrices of a group, stacked,
-and an output head no adapter touches, into oneDNN's packed layout (`matmul.packed_copy`, made once and
-kept while that weight is unchanged; a head with a LoRA, tied or not, is read as it stands, or as the merged phase's own
-weight, never the embedding's).
+`build_plan(model)` walks a model of a known family (plain, or a PeftModel with its active LoRA
+adapter) once per generation call and returns the tensors `decoding.py` computes with: per layer the
+norms, the q/k/v, o, gate/up and down projections grouped by the input they share (or the fused ones a
+family has), each with its dense base weight (or its quantised base module, called as is) and the
+active adapter's A, B and scaling, unmerged. What differs between families (q/k norms, sandwich norms,
+fused projections, RoPE tables per layer type, sliding windows) the family's file says
+(`families/`); the loop reads it from the plan, never from the family. Two things are copied: the A
+matrices of a group, stacked, and an output head no adapter touches, into oneDNN's packed layout
+(`matmul.packed_copy`, made once and kept while that weight is unchanged; a head with a LoRA, tied or
+not, is read as it stands, or as the merged phase's own weight, never the embedding's).
 
-Anything the loop does not reproduce exactly refuses the plan (`NotLeanDecodable`, with the
-reason), and generation then runs through transformers' `generate` as before: another
-architecture, a module type other than the expected ones (a DoRA or biased LoRA, an adapted
-embedding, a base that is neither a float `nn.Linear` nor bitsandbytes' 4-bit linear), several
-active adapters, train mode (dropout), a RoPE variant that rescales with the sequence length,
-or a model generation config that adds logits processors (a repetition penalty, ...). A
-sliding-window model is accepted; `fits` says whether a call stays inside its window.
+Anything the loop does not reproduce exactly refuses the plan (`NotLeanDecodable`, with the reason), and
+generation then runs through transformers' `generate` as before: a family sapo-lite does not know, a
+family switch it does not compute (`Family.not_lean`: Gemma's soft-capping), a module type other than the
+expected ones (a DoRA or biased LoRA, an adapted embedding, a base that is neither a float `nn.Linear`
+nor bitsandbytes' 4-bit linear), several active adapters, train mode (dropout), a RoPE variant that
+rescales with the sequence length, or a model generation config that adds logits processors (a
+repetition penalty, ...).
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .families import FAMILIES, Family, family_of
 from .matmul import packed_copy
 from .weight_layout import side_by_side
 
-LEAN_ARCHITECTURES = {"llama": "Llama", "mistral": "Mistral"}  # model_type -> class-name prefix
 # Generation-config fields that make `generate` add a logits processor the lean sampler does not
 # apply; each is compared with transformers' default.
 PROCESSOR_FIELDS = (
@@ -39,6 +41,7 @@ PROCESSOR_FIELDS = (
     "min_new_tokens", "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens",
     "sequence_bias", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "exponential_decay_length_penalty",
     "renormalize_logits", "guidance_scale", "watermarking_config", "diversity_penalty", "remove_invalid_values",
+    "top_h",  # transformers 5: entropy-based truncation (TopHLogitsWarper)
 )
 
 
@@ -89,24 +92,32 @@ class ProjectionGroup:
 
 @dataclass
 class LayerPlan:
+    """One layer as the loop computes it (`families.LayerModules`, with projections resolved)."""
+
     input_norm: Any
-    post_attention_norm: Any
+    q_norm: Any  # None, or a norm over each head's dimensions before RoPE (Qwen3, Gemma 3)
+    k_norm: Any
+    attention_out_norm: Any  # None, or Gemma's norm of the attention output before the residual add
+    pre_mlp_norm: Any
+    mlp_out_norm: Any  # None, or Gemma's norm of the MLP output before the residual add
     qkv: ProjectionGroup
     o: ProjectionGroup
     gate_up: ProjectionGroup
     down: ProjectionGroup
     act: Any
     attention_scale: float
+    rope: str | None  # key of its RoPE table in DecodePlan.rotaries
+    window: int | None  # sliding window: a query sees the keys of the last `window` positions, itself included
 
     @property
     def intermediate(self) -> int:
-        return self.gate_up.parts[0].out_features
+        return self.gate_up.width // 2  # gate | up, as separate projections or one fused one
 
 
 @dataclass
 class DecodePlan:
-    embed: nn.Embedding
-    rotary: nn.Module
+    embed: nn.Embedding  # called as is (Gemma's scales its output by sqrt(hidden))
+    rotaries: dict[str | None, Any]  # `fn(x, positions) -> (cos, sin)` per layer's `rope` key
     final_norm: Any
     head: ProjectionGroup
     layers: list[LayerPlan]
@@ -115,16 +126,10 @@ class DecodePlan:
     head_dim: int
     hidden: int
     dtype: torch.dtype
-    sliding_window: int | None
 
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device
-
-    def fits(self, total_tokens: int) -> bool:
-        """A sequence of `total_tokens` stays inside the sliding window, if the model has one (the loop's
-        attention sees every cached token, as a model without a window does)."""
-        return self.sliding_window is None or total_tokens <= self.sliding_window
 
 
 def why_not_lean(model: nn.Module) -> str | None:
@@ -138,36 +143,41 @@ def why_not_lean(model: nn.Module) -> str | None:
 
 def plan_for(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> DecodePlan | None:
     """The lean loop's plan of `model` for these prompts, or None where `generate` must decode them
-    (a model it does not cover, an empty prompt, or a sequence past the model's window)."""
+    (a model it does not cover, or an empty prompt)."""
+    if not all(len(p) for p in prompts):
+        return None
     try:
-        plan = build_plan(model)
+        return build_plan(model)
     except NotLeanDecodable:
         return None
-    fits = plan.fits(max(len(p) for p in prompts) + max_new_tokens) and all(len(p) for p in prompts)
-    return plan if fits else None
 
 
 def build_plan(model: nn.Module) -> DecodePlan:
     """The plan of `model` with its active adapter; raises NotLeanDecodable (see the module docstring)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(lm, "config", None)
-    prefix = LEAN_ARCHITECTURES.get(getattr(config, "model_type", None))
-    if prefix is None or type(lm).__name__ != f"{prefix}ForCausalLM":
-        raise NotLeanDecodable(f"the lean decoder supports Llama and Mistral, not {type(lm).__name__}")
+    family = family_of(getattr(lm, "config", None))
+    if family is None or type(lm).__name__ not in family.causal_classes():
+        known = ", ".join(name for f in FAMILIES.values() for name in f.causal_classes())
+        raise NotLeanDecodable(f"the lean decoder supports {known}, not {type(lm).__name__}")
+    inner, config = family.language_model(lm)
     if lm.training:
         raise NotLeanDecodable("the model is in train mode (dropout)")
-    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if "dynamic" in rope_type or rope_type == "longrope":
-        raise NotLeanDecodable(f"RoPE `{rope_type}` rescales with the sequence length")
+    for rope_type in _rope_types(config):
+        if "dynamic" in rope_type or rope_type == "longrope":
+            raise NotLeanDecodable(f"RoPE `{rope_type}` rescales with the sequence length")
+    reason = family.not_lean(config)
+    if reason:
+        raise NotLeanDecodable(reason)
     _check_generation_config(lm)
-    inner = lm.model
-    if type(inner.embed_tokens) is not nn.Embedding:
+    embedding_types = ("Embedding", f"{family.prefix}TextScaledWordEmbedding")
+    if not isinstance(inner.embed_tokens, nn.Embedding) or type(inner.embed_tokens).__name__ not in embedding_types:
         raise NotLeanDecodable(f"the embedding is a {type(inner.embed_tokens).__name__}")
-    layers = [_layer_plan(layer, prefix) for layer in inner.layers[: config.num_hidden_layers]]
+    layers = [_layer_plan(family, layer, index, config)
+              for index, layer in enumerate(inner.layers[: config.num_hidden_layers])]
     return DecodePlan(
         embed=inner.embed_tokens,
-        rotary=inner.rotary_emb,
-        final_norm=_norm(inner.norm, prefix),
+        rotaries={layer.rope: family.rotary(inner, layer.rope) for layer in layers},
+        final_norm=_norm(inner.norm, family),
         head=_head(lm.lm_head),
         layers=layers,
         n_heads=int(config.num_attention_heads),
@@ -175,8 +185,14 @@ def build_plan(model: nn.Module) -> DecodePlan:
         head_dim=int(inner.layers[0].self_attn.head_dim),
         hidden=int(config.hidden_size),
         dtype=inner.embed_tokens.weight.dtype,
-        sliding_window=getattr(config, "sliding_window", None),
     )
+
+
+def _rope_types(config: Any) -> list[str]:
+    """Every RoPE type of the model: one, or one per layer type (Gemma 3's `rope_parameters` by type)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    tables = [p for p in params.values() if isinstance(p, dict)] or [params]
+    return [table.get("rope_type", "default") for table in tables]
 
 
 def _head(module: nn.Module) -> ProjectionGroup:
@@ -198,29 +214,34 @@ def _check_generation_config(lm: nn.Module) -> None:
         raise NotLeanDecodable(f"the model's generation config sets {', '.join(extra)}")
 
 
-def _layer_plan(layer: nn.Module, prefix: str) -> LayerPlan:
+def _layer_plan(family: Family, layer: nn.Module, index: int, config: Any) -> LayerPlan:
     attention, mlp = layer.self_attn, layer.mlp
     for module, kind in ((layer, "DecoderLayer"), (attention, "Attention"), (mlp, "MLP")):
-        if type(module).__name__ != f"{prefix}{kind}":
-            raise NotLeanDecodable(f"unexpected module {type(module).__name__} (expected {prefix}{kind})")
+        if type(module).__name__ != f"{family.prefix}{kind}":
+            raise NotLeanDecodable(f"unexpected module {type(module).__name__} (expected {family.prefix}{kind})")
+    modules = family.layer_modules(layer, index, config)
+
+    def norm(module: nn.Module | None) -> Any:
+        return None if module is None else _norm(module, family)
+
     return LayerPlan(
-        input_norm=_norm(layer.input_layernorm, prefix),
-        post_attention_norm=_norm(layer.post_attention_layernorm, prefix),
-        qkv=ProjectionGroup([_projection(attention.q_proj), _projection(attention.k_proj),
-                             _projection(attention.v_proj)]),
-        o=ProjectionGroup([_projection(attention.o_proj)]),
-        gate_up=ProjectionGroup([_projection(mlp.gate_proj), _projection(mlp.up_proj)]),
-        down=ProjectionGroup([_projection(mlp.down_proj)]),
-        act=mlp.act_fn,
-        attention_scale=float(attention.scaling),
+        input_norm=norm(modules.input_norm), q_norm=norm(modules.q_norm), k_norm=norm(modules.k_norm),
+        attention_out_norm=norm(modules.attention_out_norm), pre_mlp_norm=norm(modules.pre_mlp_norm),
+        mlp_out_norm=norm(modules.mlp_out_norm),
+        qkv=ProjectionGroup([_projection(m) for m in modules.qkv]),
+        o=ProjectionGroup([_projection(modules.o)]),
+        gate_up=ProjectionGroup([_projection(m) for m in modules.gate_up]),
+        down=ProjectionGroup([_projection(modules.down)]),
+        act=modules.act, attention_scale=modules.attention_scale, rope=modules.rope, window=modules.window,
     )
 
 
-def _norm(module: nn.Module, prefix: str) -> Any:
-    """The model's RMSNorm; in fp32 as `F.rms_norm` (the same values, one kernel instead of five)."""
-    if type(module).__name__ != f"{prefix}RMSNorm":
+def _norm(module: nn.Module, family: Family) -> Any:
+    """The model's RMSNorm; a plain one (x / rms * w) in fp32 as `F.rms_norm` (the same values, one kernel
+    instead of five); any other (Gemma's x * (1 + w)) called as is."""
+    if type(module).__name__ != f"{family.prefix}RMSNorm":
         raise NotLeanDecodable(f"unexpected norm {type(module).__name__}")
-    if module.weight.dtype != torch.float32:
+    if module.weight.dtype != torch.float32 or type(module).__name__ not in family.plain_norm_types():
         return module
     weight, eps, shape = module.weight, float(module.variance_epsilon), (module.weight.shape[0],)
     return lambda x: F.rms_norm(x, shape, weight, eps) if x.dtype == torch.float32 else module(x)

@@ -12,8 +12,10 @@ rewrites SAPO asks for, this loop does only the arithmetic:
   context ends at the same slot for every row; padded slots are masked), so decode step s writes
   one slot for the whole batch;
 - one forward a token, written against the plan's tensors (`decode_plan.py`), no module calls
-  but quantised bases; q/k/v and gate/up each as one output tensor; the LoRA A matrices of a
-  group stacked into one matmul; grouped-query attention without repeating K/V;
+  but quantised bases and norms other than plain RMSNorm; q/k/v and gate/up each as one output
+  tensor; the LoRA A matrices of a group stacked into one matmul; grouped-query attention without
+  repeating K/V; what a family adds (q/k norms, sandwich norms, a RoPE table per layer type, a
+  partial rotation, sliding-window layers) where the plan has it;
 - sampling by the function the caller passes (HF-equivalent: `sampling.py`; greedy: argmax);
 - stops as soon as every row has produced a stop token.
 
@@ -51,7 +53,7 @@ def lean_generate(plan: DecodePlan, contexts: Sequence[Sequence[int]], max_new_t
         mask = torch.zeros(batch, 1, 1, slots, dtype=plan.dtype, device=device)  # additive: 0 or -inf
         padded = torch.arange(slots, device=device)[None, :] < (width - lengths)[:, None]
         mask.masked_fill_(padded.view(batch, 1, 1, slots), float("-inf"))
-        cos, sin_signed = _decode_rotary(plan, lengths, max_new_tokens)
+        rotary = _decode_rotary(plan, lengths, max_new_tokens)
         stops = torch.tensor(sorted({int(s) for s in stop_ids}), dtype=torch.long, device=device)
         out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -67,8 +69,9 @@ def lean_generate(plan: DecodePlan, contexts: Sequence[Sequence[int]], max_new_t
                 break
             seen = width + step + 1  # the mask as every layer adds it to its scores: built once a step
             bias = mask[..., :seen].expand(batch, plan.n_kv_heads, plan.n_heads // plan.n_kv_heads, seen)
-            logits = decode_step(plan, token, width + step, cos[:, step, None], sin_signed[:, step, None],
-                                 keys, values, bias.reshape(-1, bias.shape[2], seen))
+            step_rotary = {key: (cos[:, step, None], sin[:, step, None]) for key, (cos, sin) in rotary.items()}
+            logits = decode_step(plan, token, width + step, step_rotary, keys, values,
+                                 bias.reshape(-1, bias.shape[2], seen))
         return out[:, :steps].tolist()
 
 
@@ -83,15 +86,20 @@ def kv_cache(plan: DecodePlan, batch: int, slots: int) -> tuple[torch.Tensor, to
     return keys, torch.zeros(layers, batch, kv_heads, slots, dim, dtype=plan.dtype, device=plan.device)
 
 
-def _decode_rotary(plan: DecodePlan, lengths: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin [B, steps, D] of every decode step: row i's step s sits at position len_i + s.
+def _decode_rotary(plan: DecodePlan, lengths: torch.Tensor,
+                   new_tokens: int) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
+    """Per RoPE table: cos and signed sin [B, steps, R] of every decode step (R: the rotated dimensions,
+    head_dim unless the rotation is partial); row i's step s sits at position len_i + s.
 
     The sign of rotate_half is folded into sin (negation is exact), so a step's rotation is
     x * cos + swap_halves(x) * sin_signed."""
     positions = lengths[:, None] + torch.arange(max(new_tokens - 1, 1), device=lengths.device)[None, :]
-    cos, sin = plan.rotary(torch.empty(1, dtype=plan.dtype, device=lengths.device), positions)
-    half = plan.head_dim // 2
-    return cos, torch.cat((-sin[..., :half], sin[..., half:]), -1)
+    tables = {}
+    for key, rotary in plan.rotaries.items():
+        cos, sin = rotary(torch.empty(1, dtype=plan.dtype, device=lengths.device), positions)
+        half = cos.shape[-1] // 2
+        tables[key] = cos, torch.cat((-sin[..., :half], sin[..., half:]), -1)
+    return tables
 
 
 def prefill(plan: DecodePlan, contexts: Sequence[Sequence[int]], width: int, keys: torch.Tensor,
@@ -102,28 +110,41 @@ def prefill(plan: DecodePlan, contexts: Sequence[Sequence[int]], width: int, key
     ids = torch.tensor([token for c in contexts for token in c], dtype=torch.long, device=device)
     positions = torch.cat([torch.arange(n, device=device) for n in lengths])
     h = plan.embed(ids)
-    cos, sin = plan.rotary(h[None], positions[None])
-    cos, sin = cos[0, :, None], sin[0, :, None]  # [S, 1, D]: broadcast over heads
+    rotary = {}
+    for key, table in plan.rotaries.items():
+        cos, sin = table(h[None], positions[None])
+        rotary[key] = cos[0, :, None], sin[0, :, None]  # [S, 1, R]: broadcast over heads
     for index, layer in enumerate(plan.layers):
         qkv = project(layer.input_norm(h), layer.qkv)
-        attended = attend_prefill(plan, layer, qkv, cos, sin, lengths, width, keys[index], values[index])
-        h = h + project(attended, layer.o)
-        h = h + _mlp(layer, layer.post_attention_norm(h))
+        attended = attend_prefill(plan, layer, qkv, *rotary[layer.rope], lengths, width, keys[index], values[index])
+        h = _layer_end(layer, h, project(attended, layer.o))
     ends = torch.tensor(lengths, device=device).cumsum(0) - 1
     return _logits(plan, h.index_select(0, ends))
 
 
-def decode_step(plan: DecodePlan, token: torch.Tensor, slot: int, cos: torch.Tensor, sin_signed: torch.Tensor,
-                keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """One token a row, written to cache `slot`; [B, V] fp32 logits. `bias`: the additive mask of slots
-    [0, slot] as [B * KV heads, query heads a KV head, slot + 1]."""
+def decode_step(plan: DecodePlan, token: torch.Tensor, slot: int,
+                rotary: dict[str | None, tuple[torch.Tensor, torch.Tensor]], keys: torch.Tensor, values: torch.Tensor,
+                bias: torch.Tensor) -> torch.Tensor:
+    """One token a row, written to cache `slot`; [B, V] fp32 logits. `rotary`: (cos, signed sin) [B, 1, R]
+    per RoPE table; `bias`: the additive mask of slots [0, slot] as [B * KV heads, query heads a KV head,
+    slot + 1]."""
     h = plan.embed(token)
     for index, layer in enumerate(plan.layers):
         qkv = project(layer.input_norm(h), layer.qkv)
-        attended = attend_decode(plan, layer, qkv, cos, sin_signed, slot, keys[index], values[index], bias)
-        h = h + project(attended, layer.o)
-        h = h + _mlp(layer, layer.post_attention_norm(h))
+        attended = attend_decode(plan, layer, qkv, *rotary[layer.rope], slot, keys[index], values[index], bias)
+        h = _layer_end(layer, h, project(attended, layer.o))
     return _logits(plan, h)
+
+
+def _layer_end(layer: LayerPlan, h: torch.Tensor, attention_out: torch.Tensor) -> torch.Tensor:
+    """The residual adds after attention and MLP, with Gemma's sandwich norms where the layer has them."""
+    if layer.attention_out_norm is not None:
+        attention_out = layer.attention_out_norm(attention_out)
+    h = h + attention_out
+    mlp_out = _mlp(layer, layer.pre_mlp_norm(h))
+    if layer.mlp_out_norm is not None:
+        mlp_out = layer.mlp_out_norm(mlp_out)
+    return h + mlp_out
 
 
 def _mlp(layer: LayerPlan, x: torch.Tensor) -> torch.Tensor:
@@ -190,10 +211,11 @@ def project_lora(x: torch.Tensor, group: ProjectionGroup, out: torch.Tensor) -> 
 
 def attend_prefill(plan: DecodePlan, layer: LayerPlan, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    lengths: list[int], width: int, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Causal attention within each packed row; its keys and values go to cache slots [width - n, width)."""
+    """Causal attention within each packed row (and within the layer's window); its keys and values go to
+    cache slots [width - n, width)."""
     n_heads, n_kv, dim = plan.n_heads, plan.n_kv_heads, plan.head_dim
     heads = qkv.view(qkv.shape[0], n_heads + 2 * n_kv, dim)
-    qk = _rotate(heads[:, : n_heads + n_kv], cos, sin)
+    qk = _rotate(_normed_qk(layer, heads, n_heads, n_kv), cos, sin)
     v = heads[:, n_heads + n_kv :]
     out = torch.empty(qkv.shape[0], n_heads * dim, dtype=qkv.dtype, device=qkv.device)
     start = 0
@@ -201,8 +223,10 @@ def attend_prefill(plan: DecodePlan, layer: LayerPlan, qkv: torch.Tensor, cos: t
         q_row = qk[start : start + n, :n_heads].transpose(0, 1)
         k_row, v_row = qk[start : start + n, n_heads:].transpose(0, 1), v[start : start + n].transpose(0, 1)
         store_kv(keys[row, :, :, width - n : width], values[row, :, width - n : width], k_row.transpose(1, 2), v_row)
-        attended = F.scaled_dot_product_attention(q_row[None], k_row[None], v_row[None], is_causal=True,
-                                                  scale=layer.attention_scale, enable_gqa=n_heads != n_kv)
+        window = _window_mask(n, layer.window, qkv.device)
+        attended = F.scaled_dot_product_attention(q_row[None], k_row[None], v_row[None], attn_mask=window,
+                                                  is_causal=window is None, scale=layer.attention_scale,
+                                                  enable_gqa=n_heads != n_kv)
         out[start : start + n].view(n, n_heads, dim).copy_(attended[0].transpose(0, 1))
         start += n
     return out
@@ -217,12 +241,17 @@ def attend_decode(plan: DecodePlan, layer: LayerPlan, qkv: torch.Tensor, cos: to
     n_heads, n_kv, dim = plan.n_heads, plan.n_kv_heads, plan.head_dim
     group, seen = n_heads // n_kv, slot + 1
     heads = qkv.view(batch, n_heads + 2 * n_kv, dim)
-    qk = _rotate_signed(heads[:, : n_heads + n_kv], cos, sin_signed)
+    qk = _rotate_signed(_normed_qk(layer, heads, n_heads, n_kv), cos, sin_signed)
     store_kv(keys[..., slot], values[:, :, slot], qk[:, n_heads:], heads[:, n_heads + n_kv :])
     q = qk[:, :n_heads].reshape(batch * n_kv, group, dim)
-    scores = torch.baddbmm(bias, q, keys[..., :seen].reshape(batch * n_kv, dim, seen), alpha=layer.attention_scale)
+    # a sliding-window layer sees the slots of the last `window` positions: a row's positions are consecutive
+    # slots (left padding), so that is one slot range for every row
+    first = 0 if layer.window is None else max(0, seen - layer.window)
+    scores = torch.baddbmm(bias[..., first:], q, keys[..., first:seen].reshape(batch * n_kv, dim, seen - first),
+                           alpha=layer.attention_scale)
     probs = scores.softmax(-1, dtype=torch.float32).to(scores.dtype)
-    return torch.bmm(probs, values[:, :, :seen].reshape(batch * n_kv, seen, dim)).view(batch, n_heads * dim)
+    return torch.bmm(probs, values[:, :, first:seen].reshape(batch * n_kv, seen - first, dim)).view(
+        batch, n_heads * dim)
 
 
 def store_kv(key_slots: torch.Tensor, value_slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -230,13 +259,36 @@ def store_kv(key_slots: torch.Tensor, value_slots: torch.Tensor, k: torch.Tensor
     value_slots.copy_(v)
 
 
+def _normed_qk(layer: LayerPlan, heads: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
+    """The query and key heads [tokens, n_heads + n_kv, D], through the layer's per-head norms if it has them."""
+    qk = heads[:, : n_heads + n_kv]
+    if layer.q_norm is None:
+        return qk
+    return torch.cat((layer.q_norm(qk[:, :n_heads]), layer.k_norm(qk[:, n_heads:])), 1)
+
+
+def _window_mask(n: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """[n, n] True where query i sees key j: causal and i - j < window; None where plain causal is the same."""
+    if window is None or n <= window:
+        return None
+    offsets = torch.arange(n, device=device)[:, None] - torch.arange(n, device=device)[None, :]
+    return (offsets >= 0) & (offsets < window)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as transformers' apply_rotary_pos_emb computes it (rotate_half convention)."""
+    """RoPE as transformers' apply_rotary_pos_emb computes it (rotate_half convention), over the first
+    cos.shape[-1] dimensions of each head (all of them unless the rotation is partial, as Phi-4-mini's)."""
+    rotated = cos.shape[-1]
+    if rotated < x.shape[-1]:
+        return torch.cat((_rotate(x[..., :rotated], cos, sin), x[..., rotated:]), -1)
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def _rotate_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """`_rotate` with the sign already in sin: one flip instead of a negation and a concatenation."""
+    rotated = cos.shape[-1]
+    if rotated < x.shape[-1]:
+        return torch.cat((_rotate_signed(x[..., :rotated], cos, sin_signed), x[..., rotated:]), -1)
     swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
     return x * cos + swapped * sin_signed

@@ -21,6 +21,7 @@ from ..data.scoring import RoleScore, score_answers
 from .decode_plan import plan_for
 from .decoding import lean_generate
 from .roles import acting_as
+from .sampling import greedy
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,28 +54,23 @@ def generate_answers(
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     if temperature > 0:
         sampling.update({name: value for name, value in (("top_k", top_k), ("top_p", top_p)) if value is not None})
-    if static_cache:
-        sampling["cache_implementation"] = "static"
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         plan = plan_for(model, batch, max_new_tokens) if temperature <= 0 and decoder == "lean" else None
         if plan is not None:
-            tokens = lean_generate(plan, batch, max_new_tokens, tokenizer.pad_token_id, stop_ids, _argmax)
+            tokens = lean_generate(plan, batch, max_new_tokens, tokenizer.pad_token_id, stop_ids, greedy)
             answers += tokenizer.batch_decode(tokens, skip_special_tokens=True)
             continue
         ids, mask = left_pad(batch, tokenizer.pad_token_id)
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id, **sampling,
+            eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id,
+            cache_implementation="static" if static_cache else None, **sampling,
         )
         answers += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     return [a.strip() for a in answers]
 
-
-
-def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(-1)
 
 
 def evaluate_role(

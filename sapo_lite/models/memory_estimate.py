@@ -14,7 +14,8 @@ Formulas (bytes; b = compute-dtype bytes, 2 for bf16; T = tokens in one training
   (checked on CPU by bench/memory_check.py at Llama-3-8B geometry): LoRA-A inputs cast to fp32
   by peft, 4 x (6 H + I); LoRA-dropout masks, 1 byte each on CUDA, (6 H + I) when dropout > 0;
   the MLP's gate, up and activation outputs, 3 I b; RMSNorm inputs in fp32, 2 H x 4; attention
-  (q, k, v after RoPE, output), b x (2 H + 2 KV). Backward adds transient gradients of the MLP
+  (q, k, v after RoPE, output), b x (2 Q + 2 KV), Q = heads x head_dim (H for Llama, not for Qwen3,
+  Gemma 3 or Mistral-Nemo). Backward adds transient gradients of the MLP
   and of one fp32 LoRA input, 2 I b + 4 I. With gradient checkpointing only each layer's input
   (T x H x b) is kept, plus one layer recomputed in backward.
 - log-probs: sapo-lite scores `logps_chunk_tokens` positions at a time: logits, log-softmax and
@@ -43,6 +44,7 @@ from pathlib import Path
 
 from ..config.schema import Config
 from ..errors import ModelError
+from .families import BY_MODEL_TYPE
 from .gguf_base import gguf_config, is_gguf_base
 from .tiny import MODEL_SHAPE, SPECIAL_TOKENS, TINY_NAME, WORDS
 
@@ -50,6 +52,21 @@ GB = 1e9
 LLAMA3_8B = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False}
 MISTRAL_7B = {**LLAMA3_8B, "vocab_size": 32000}
+# The families' presets, from each model's config.json (a multimodal one's `text_config`), so that
+# `sapo-lite estimate --preset NAME` needs no download.
+QWEN3_8B = {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+            "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+            "tie_word_embeddings": False}
+GEMMA3_12B = {"model_type": "gemma3", "vocab_size": 262208, "hidden_size": 3840, "intermediate_size": 15360,
+              "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
+              "tie_word_embeddings": True, "vision_params": 417_000_000}  # SigLIP tower + projector
+GEMMA3_4B = {**GEMMA3_12B, "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
+             "num_attention_heads": 8, "num_key_value_heads": 4}
+PHI4_MINI = {"model_type": "phi3", "vocab_size": 200064, "hidden_size": 3072, "intermediate_size": 8192,
+             "num_hidden_layers": 32, "num_attention_heads": 24, "num_key_value_heads": 8, "tie_word_embeddings": True}
+MISTRAL_NEMO = {"model_type": "mistral", "vocab_size": 131072, "hidden_size": 5120, "intermediate_size": 14336,
+                "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                "tie_word_embeddings": False}
 KNOWN_ARCHITECTURES = {
     "meta-llama/Meta-Llama-3-8B": LLAMA3_8B,
     "meta-llama/Meta-Llama-3-8B-Instruct": LLAMA3_8B,
@@ -57,6 +74,11 @@ KNOWN_ARCHITECTURES = {
     "meta-llama/Llama-3.1-8B-Instruct": LLAMA3_8B,
     "mistralai/Mistral-7B-v0.1": MISTRAL_7B,
     "wandb/mistral-7b-zephyr-sft": MISTRAL_7B,
+    "Qwen/Qwen3-8B": QWEN3_8B,
+    "google/gemma-3-12b-it": GEMMA3_12B,
+    "google/gemma-3-4b-it": GEMMA3_4B,
+    "microsoft/Phi-4-mini-instruct": PHI4_MINI,
+    "mistralai/Mistral-Nemo-Instruct-2407": MISTRAL_NEMO,
 }
 
 
@@ -69,15 +91,25 @@ class Architecture:
     heads: int
     kv_heads: int
     tied: bool
+    head_dim: int = 0  # 0: hidden / heads
+    fused: bool = False  # one qkv_proj and one gate_up_proj (Phi-3/4)
+    extra_params: int = 0  # linear weights outside the decoder (a vision tower), quantised like the rest
+
+    @property
+    def dim(self) -> int:
+        return self.head_dim or self.hidden // self.heads
 
     @property
     def kv_dim(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
+        return self.dim * self.kv_heads
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear layer of one decoder block."""
-        h, i, kv = self.hidden, self.intermediate, self.kv_dim
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+        """(in, out) of each linear layer of one decoder block; q's width is heads x head_dim, which is not
+        hidden for Qwen3, Gemma 3 or Mistral-Nemo."""
+        h, i, kv, q = self.hidden, self.intermediate, self.kv_dim, self.dim * self.heads
+        if self.fused:
+            return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
@@ -98,19 +130,29 @@ def architecture(model_name: str) -> Architecture:
 
 
 def architecture_from_config(values: dict) -> Architecture:
-    """Shape from a model's config.json values (or `model.config.to_dict()`), for Llama-like models."""
+    """Shape from a model's config.json values (or `model.config.to_dict()`), for Llama-like models (the
+    families of models/families/); a multimodal model's language part (`text_config`, Gemma 3)."""
+    if isinstance(values.get("text_config"), dict):
+        values = {"tie_word_embeddings": values.get("tie_word_embeddings", True), **values,
+                  **values["text_config"]}
     try:
         return Architecture(
             vocab=values["vocab_size"], hidden=values["hidden_size"], intermediate=values["intermediate_size"],
             layers=values["num_hidden_layers"], heads=values["num_attention_heads"],
             kv_heads=values.get("num_key_value_heads") or values["num_attention_heads"],
-            tied=bool(values.get("tie_word_embeddings", False)),
+            tied=bool(values.get("tie_word_embeddings", False)), head_dim=int(values.get("head_dim") or 0),
+            fused=_fused(values.get("model_type")), extra_params=int(values.get("vision_params", 0)),
         )
     except KeyError as exc:
         raise ModelError(
             f"the memory estimate knows Llama-like models only; this config has no `{exc.args[0]}`",
             "the estimate is skipped; training itself does not need it",
         ) from exc
+
+
+def _fused(model_type: str | None) -> bool:
+    family = BY_MODEL_TYPE.get(model_type)
+    return family is not None and family.fused_projections
 
 
 def _cached_config(model_name: str) -> dict:
@@ -160,7 +202,7 @@ def estimate(cfg: Config, arch: Architecture | None = None) -> Estimate:
     arch = arch or architecture(cfg.model.name)
     b = 4 if cfg.model.dtype == "fp32" else 2
     shapes = arch.linear_shapes()
-    linear_params = arch.layers * sum(i * o for i, o in shapes.values())
+    linear_params = arch.layers * sum(i * o for i, o in shapes.values()) + arch.extra_params
     if cfg.model.quant == "nf4":
         constants = (1 / 64 + 4 / (64 * 256)) if cfg.model.double_quant else 4 / 64
         linear_bytes = linear_params * (0.5 + constants)
@@ -202,11 +244,11 @@ def activation_terms(cfg: Config, arch: Architecture) -> dict[str, float]:
     layer's recompute + backward and (without checkpointing) one layer's backward buffers.
     """
     b = 4 if cfg.model.dtype == "fp32" else 2
-    h, i, kv = arch.hidden, arch.intermediate, arch.kv_dim
+    h, i, kv, q = arch.hidden, arch.intermediate, arch.kv_dim, arch.dim * arch.heads
     shapes = arch.linear_shapes()
     adapted_in = sum(shapes[m][0] for m in _adapted_modules(cfg.lora.target_modules, shapes))
     tokens = 2 * cfg.train.micro_batch * cfg.data.max_len
-    saved = 4 * adapted_in + 3 * i * b + 2 * h * 4 + b * (2 * h + 2 * kv)
+    saved = 4 * adapted_in + 3 * i * b + 2 * h * 4 + b * (2 * q + 2 * kv)
     if cfg.lora.dropout > 0:
         saved += adapted_in  # 1-byte masks on CUDA
     backward_buffers = 2 * i * b + 4 * i

@@ -80,4 +80,5 @@ def sample_next(scores: torch.Tensor, temperature: float, top_k: int, top_p: flo
 
 
 def greedy(scores: torch.Tensor) -> torch.Tensor:
+    """The greedy pick (`generate(do_sample=False)`): the highest score's id a row, the first on a tie."""
     return scores.argmax(-1)

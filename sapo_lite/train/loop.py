@@ -329,7 +329,8 @@ def _held_out_score(session: TrainSession, role: str, console: Console, run_dir:
     with session.generating():
         score = evaluate_role(
             session.model, session.tokenizer, session.eval_examples, role,
-            session.cfg.data.eval_max_new_tokens, session.stop_ids,
+            session.cfg.data.eval_max_new_tokens, session.stop_ids, decoder=session.cfg.sapo.decoder,
+            static_cache=session.cfg.sapo.static_cache,
         )
     console.print(f"{score.describe()} ({session.eval_source})", highlight=False)
     record_held_out(run_dir, score)

@@ -17,7 +17,8 @@ CPU_PRESETS = ("tiny", "smollm2-135m", "smollm2-135m-sft")
 
 def test_the_presets_ship():
     assert set(preset_names()) == {
-        "llama3-8b-qlora", "llama3-8b-qlora-orpo", "mistral-7b-qlora", "mistral-7b-qlora-orpo", *CPU_PRESETS}
+        "llama3-8b-qlora", "llama3-8b-qlora-orpo", "mistral-7b-qlora", "mistral-7b-qlora-orpo", *CPU_PRESETS,
+        "qwen3-8b-qlora", "llama31-8b-qlora", "gemma3-12b-qlora", "phi4-mini-qlora", "mistral-nemo-12b-qlora"}
 
 
 @pytest.mark.parametrize("name", preset_names())

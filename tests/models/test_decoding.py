@@ -105,12 +105,13 @@ def test_nf4_base_decodes_with_its_adapter_unmerged(tiny_base_dir):
     assert lean_tokens(model, contexts, 12, stops) == hf_tokens(model, contexts, 12, stops)
 
 
-def qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def olmo():
+    """A Llama-like family sapo-lite has no file for (models/families/)."""
+    from transformers import OlmoConfig, OlmoForCausalLM
 
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=60, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    return OlmoForCausalLM(OlmoConfig(vocab_size=60, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)).eval()
 
 
 def with_repetition_penalty():
@@ -120,7 +121,7 @@ def with_repetition_penalty():
 
 
 @pytest.mark.parametrize("build, reason", [
-    (qwen2, "not Qwen2ForCausalLM"),
+    (olmo, "not OlmoForCausalLM"),
     (with_repetition_penalty, "sets repetition_penalty"),
     (lambda: tiny_mistral().train(), "train mode"),
 ])
@@ -135,15 +136,32 @@ def test_models_it_does_not_cover_are_refused_and_decoded_by_generate(build, rea
     assert runs[0] == runs[1]  # exactly today's path: same seed, same tokens
 
 
-def test_a_sequence_past_the_sliding_window_is_decoded_by_generate(monkeypatch):
-    model = tiny_mistral(seed=4, sliding_window=12)
+def test_a_sequence_past_the_sliding_window_is_decoded_lean_with_generates_tokens(monkeypatch):
+    model = tiny_mistral(seed=4, sliding_window=6)
     calls = []
     monkeypatch.setattr(augment, "lean_generate", lambda *args: calls.append(args) or lean_generate(*args))
-    generate_segments(model, random_contexts(6, [4, 6]), 6, 0, NEVER, 0.7, 50, 0.95)  # 6 + 6 tokens: inside
+    past = random_contexts(6, [4, 9, 5])  # 9 + 8 tokens: past the window in prefill and in decoding
+    expected = hf_tokens(model, past, 8, NEVER)
+    assert generate_segments(model, past, 8, 0, NEVER, 0.7, 1, 0.95) == expected  # top_k 1: greedy
     assert len(calls) == 1
-    past = random_contexts(6, [4, 9])  # 9 + 6 tokens: past the window
-    runs = []
-    for decoder in ("lean", "hf"):
-        torch.manual_seed(12)
-        runs.append(generate_segments(model, past, 6, 0, NEVER, 0.7, 50, 0.95, decoder=decoder))
-    assert len(calls) == 1 and runs[0] == runs[1]
+    assert lean_tokens(model, past, 8, NEVER) == expected
+
+
+def test_greedy_answers_follow_the_runs_decoder_choice(llama, tiny_tokenizer, monkeypatch):
+    """Validation and held-out answers decode as `sapo.decoder` says: `hf` never enters the lean loop."""
+    from sapo_lite.models import generation
+
+    calls = []
+    monkeypatch.setattr(generation, "lean_generate", lambda *args: calls.append(1) or lean_generate(*args))
+    prompts = random_contexts(8, [5, 7])
+    lean = generation.generate_answers(llama, tiny_tokenizer, prompts, 6, NEVER)
+    assert calls == [1]
+    assert generation.generate_answers(llama, tiny_tokenizer, prompts, 6, NEVER, decoder="hf") == lean
+    assert calls == [1]
+    caches = []
+    real_generate = llama.generate
+    monkeypatch.setattr(llama, "generate", lambda **kw: caches.append(kw["cache_implementation"]) or real_generate(
+        **kw))
+    static = generation.generate_answers(llama, tiny_tokenizer, prompts, 6, NEVER, decoder="hf", static_cache=True)
+    assert static == lean
+    assert caches == ["static"] and calls == [1]  # `sapo.static_cache` reaches generate

@@ -78,3 +78,18 @@ def test_the_head_and_the_recomputed_layer_do_not_add_up():
     small_chunk = estimate(load_config("llama3-8b-qlora", overrides=["train.logps_chunk_tokens=64"]))
     assert small_chunk.logits < estimate(cfg).logits
     assert small_chunk.total == pytest.approx(estimate(cfg).total)  # the recomputed layer is the larger phase
+
+
+def test_family_shapes_are_counted_by_hand():
+    """Gemma-3-12B: q is 16 x 256 = 4096 wide on a 3840 hidden, KV 8 x 256, tied 262k embedding, a vision
+    tower; Phi-4-mini: LoRA on the fused qkv_proj and gate_up_proj; the 262k-token logits chunk by chunk."""
+    gemma = estimate(load_config("gemma3-12b-qlora"))
+    linear = 48 * (3840 * 4096 * 2 + 3840 * 2048 * 2 + 3 * 3840 * 15360) + 417_000_000
+    unquantised = (262208 * 3840 + 97 * 3840) * 2  # one tied embedding, 2 norms a layer (Gemma has 4: +1.5 MB)
+    assert gemma.base_weights == pytest.approx((linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + unquantised) / 1e9)
+    tokens = 2 * 2 * 2048  # chosen + rejected, micro-batch 2, max_len 2048
+    assert gemma.logits == pytest.approx((3 * 256 * 262208 * 4 + tokens * 3840 * 2) / 1e9)
+    assert gemma.kv_cache == pytest.approx(8 * 2048 * 48 * 2 * 2048 * 2 / 1e9)
+    phi = estimate(load_config("phi4-mini-qlora"))
+    lora = 32 * 16 * ((3072 + 3072 + 2 * 1024) + (3072 + 3072) + (3072 + 2 * 8192) + (8192 + 3072))
+    assert phi.adapters == pytest.approx(2 * lora * 4 / 1e9)

@@ -69,3 +69,43 @@ def test_first_token_frequencies_match_generate():
     for counts in (hf, lean):
         expected = probs[support] / probs[support].sum() * counts.sum()
         assert stats.chisquare(counts[support], expected).pvalue > 1e-3
+
+
+def draws(scores, temperature, top_k, top_p, count):
+    """`count` tokens drawn by the production sampler from one row of scores, as counts per token id."""
+    torch.manual_seed(1)
+    ids = sample_next(scores.expand(count, -1).contiguous(), temperature, top_k, top_p)
+    return np.bincount(ids.numpy(), minlength=scores.shape[-1])
+
+
+def test_sample_next_draws_the_distribution_of_transformers_warpers():
+    stats = pytest.importorskip("scipy.stats")
+    scores = torch.randn(1, 400, generator=torch.Generator().manual_seed(3)) * 5.0
+    probs = hf_processors()(None, scores.clone()).softmax(-1)[0].double().numpy()
+    counts = draws(scores, T, K, P, 20_000)
+    support = probs > 0
+    assert 3 <= support.sum() < K and counts[~support].sum() == 0  # top-p cut inside the top-k candidates
+    assert stats.chisquare(counts[support], probs[support] / probs[support].sum() * 20_000).pvalue > 1e-3
+
+
+def test_sample_next_keeps_every_token_tied_at_the_kth_score():
+    """top_k 3 with four tokens tied for third place: transformers keeps all six, so must the sampler (its
+    candidate route would see three)."""
+    stats = pytest.importorskip("scipy.stats")
+    scores = torch.full((1, 50), -5.0)
+    scores[0, :6] = torch.tensor([3.0, 2.0, 1.0, 1.0, 1.0, 1.0])
+    processed = TopKLogitsWarper(3)(None, scores.clone())
+    probs = processed.softmax(-1)[0].double().numpy()
+    counts = draws(scores, 1.0, 3, 1.0, 20_000)
+    assert set(np.flatnonzero(counts)) == set(range(6))
+    assert stats.chisquare(counts[:6], probs[:6] / probs[:6].sum() * 20_000).pvalue > 1e-3
+
+
+def test_a_generation_config_with_top_h_is_decoded_by_generate():
+    """transformers 5's entropy-based truncation is a warper the lean sampler does not apply."""
+    from sapo_lite.models.decode_plan import why_not_lean
+
+    model = tiny_mistral(seed=7)
+    assert why_not_lean(model) is None
+    model.generation_config.top_h = 0.4
+    assert "top_h" in why_not_lean(model)

@@ -54,3 +54,22 @@ def test_works_without_gradients_for_reference_log_probs(model):
         sums, _ = response_token_logps(model, ids, attention, response, chunk_tokens=5)
         plain, _ = response_logps(model(input_ids=ids, attention_mask=attention).logits, ids, response)
     assert torch.allclose(sums, plain, atol=1e-5)
+
+
+def test_a_262k_vocabulary_goes_through_the_head_a_chunk_at_a_time():
+    """Gemma 3's vocabulary on its tiny model: 2 x 40 scored tokens would be 84 MB of fp32 logits at once;
+    the head never sees more than `chunk_tokens` rows, in the forward or in backward's recompute."""
+    from sapo_lite.models.tiny_families import build_family_model
+
+    base, _ = build_family_model("gemma3", vocab_size=262_144)
+    model = attach_adapters(base, LoraSettings(r=4, alpha=8, dropout=0.0), None, gradient_checkpointing=False)
+    rows_seen = []
+    model.get_base_model().lm_head.register_forward_hook(lambda m, i, out: rows_seen.append(out.shape))
+    generator = torch.Generator().manual_seed(0)
+    ids, attention, response = right_pad([torch.randint(5, 300, (48,), generator=generator).numpy()] * 2,
+                                         prompt_lens=[8, 8], pad_id=0)
+    sums, counts = response_token_logps(model, ids, attention, response, chunk_tokens=16)
+    sums.sum().backward()
+    assert counts.tolist() == [40, 40] and torch.isfinite(sums).all()
+    assert len(rows_seen) == 2 * 5 and {shape[0] for shape in rows_seen} == {16}  # 80 rows: 5 chunks, twice
+    assert all(shape[-1] == 262_144 for shape in rows_seen)

@@ -62,16 +62,16 @@ def test_hf_decoder_generates_with_generate_unmerged(tmp_path, monkeypatch):
 
 
 def test_a_model_the_lean_decoder_does_not_cover_is_named_with_the_reason():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import OlmoConfig, OlmoForCausalLM  # a family without a file in models/families/
 
     from sapo_lite.config.schema import LoraSettings
     from sapo_lite.models.roles import attach_adapters
 
-    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1))
+    base = OlmoForCausalLM(OlmoConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=0))
     model = attach_adapters(base, LoraSettings(r=2, alpha=4), None, gradient_checkpointing=False)
     merged, note = ema_generation(load_config("tiny"), model, torch.device("cpu"))
-    assert merged is None and "transformers' generate" in note and "Qwen2ForCausalLM" in note
+    assert merged is None and "transformers' generate" in note and "OlmoForCausalLM" in note
 
 
 def test_static_cache_asks_for_the_hf_decoder():

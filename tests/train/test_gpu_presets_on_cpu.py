@@ -17,10 +17,15 @@ import pytest
 from helpers import run, start_paused
 
 from sapo_lite.config.sources import load_config, preset_names
+from sapo_lite.models.families import FAMILIES
 
 pytestmark = pytest.mark.slow  # NF4 in bf16 on the CPU, three runs a preset
 
-GPU_PRESETS = [name for name in preset_names() if load_config(name).model.quant == "nf4"]
+# The model families' presets (models/families/) run their settings on their own tiny models, one short run
+# each, in tests/train/test_family_training.py; here the paper's models, with kill, resume and merge.
+FAMILY_PRESETS = {family.preset for family in FAMILIES.values()}
+GPU_PRESETS = [name for name in preset_names()
+               if load_config(name).model.quant == "nf4" and name not in FAMILY_PRESETS]
 SHRUNK = ["data.max_len=64", "data.max_prompt_len=40", "sapo.segment_len=8", "data.eval_path=null",
           "train.max_steps=4", "train.save_every=2", "train.warmup_steps=1", "train.num_threads=1"]
 FAMILY = {"meta-llama": "llama", "mistralai": "mistral", "wandb": "mistral"}
