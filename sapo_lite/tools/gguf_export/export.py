@@ -31,7 +31,7 @@ from gguf.gguf_writer import WriterState
 from ...errors import ExportError
 from ..merge import base_shards
 from . import tokenizer_kv
-from .arch import ModelSpec, add_hparams, extra_tensors, gguf_name, heads_of, load_spec, permute_rows
+from .arch import ModelSpec, gguf_name, load_spec, permute_rows
 from .lora import LoraAdapter
 from .quants import QUANT_TYPES, Q, resolve_quant, tensor_type
 from .safetensors_io import TensorSource
@@ -67,6 +67,7 @@ class _Planned:
     qtype: gguf.GGMLQuantizationType
     hf_name: str | None = None
     n_heads: int | None = None  # Q/K: rows are permuted head by head
+    offset: float = 0.0  # added after the merge (Gemma's norms are stored as w + 1)
     data: np.ndarray | None = None  # tensors the checkpoint does not hold (rope_freqs)
 
     @property
@@ -99,25 +100,27 @@ class _StreamingWriter(gguf.GGUFWriter):
 
 def _plan(spec: ModelSpec, source: TensorSource, weight_type: gguf.GGMLQuantizationType) -> list[_Planned]:
     name_map = gguf.get_tensor_name_map(spec.arch, spec.n_layer)
-    planned = [_Planned(name, data.shape, Q.F32, data=data) for name, data in extra_tensors(spec).items()]
+    family = spec.family
+    planned = [_Planned(name, data.shape, Q.F32, data=data) for name, data in family.extra_tensors(spec).items()]
     for hf_name, entry in source.entries.items():
         name = gguf_name(spec, name_map, hf_name)
         if name is not None:
             qtype = tensor_type(name, entry.shape, weight_type, spec.tied)
-            planned.append(_Planned(name, entry.shape, qtype, hf_name, heads_of(spec, hf_name)))
+            planned.append(_Planned(name, entry.shape, qtype, hf_name, family.permuted_heads(spec, hf_name),
+                                    family.offset(name)))
     if len({p.name for p in planned}) != len(planned):
         raise ExportError("two checkpoint tensors map to the same GGUF tensor", "check the checkpoint's tensor names")
 
     def order(p: _Planned) -> tuple[int, str]:  # token_embd, blk.0 ... blk.N (numerically), then the rest
         block = p.name.split(".")[1] if p.name.startswith("blk.") else None
-        first = p.name.startswith(("token_embd", "rope_freqs"))
+        first = p.name.startswith(("token_embd", "rope_"))
         return (int(block) + 1 if block else (0 if first else 1 << 30), p.name)
 
     return sorted(planned, key=order)
 
 
 def _chunks(p: _Planned, source: TensorSource, adapter: LoraAdapter | None) -> Iterator[np.ndarray]:
-    """The tensor's bytes in blocks of rows: read, add the LoRA delta (fp32), permute Q/K, quantise."""
+    """The tensor's bytes in blocks of rows: read, add the LoRA delta (fp32) and the offset, permute Q/K, quantise."""
     if p.data is not None:
         yield gguf.quants.quantize(p.data, p.qtype)
         return
@@ -133,6 +136,8 @@ def _chunks(p: _Planned, source: TensorSource, adapter: LoraAdapter | None) -> I
         delta = adapter.delta(p.hf_name, start, end) if adapter else None
         if delta is not None:
             block += delta
+        if p.offset:
+            block += p.offset
         array = block.numpy()
         if p.n_heads:
             array = permute_rows(array, (end - start) // rows_per_head)
@@ -221,7 +226,7 @@ class GgufExport:
         try:
             writer.add_type(gguf.GGUFType.MODEL)
             writer.add_name(str(spec.config.get("_name_or_path") or stem).rstrip("/").split("/")[-1])
-            add_hparams(writer, spec)
+            spec.family.add_hparams(writer, spec)
             writer.add_file_type(self.ftype)
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             replaced = {gguf.Keys.Tokenizer.CHAT_TEMPLATE, gguf.Keys.Tokenizer.EOT_ID}
@@ -252,17 +257,18 @@ class GgufExport:
 
 def prepare_export(base_dir: Path, quant: str, *, adapter_dir: Path | None = None, chat_template: str | None = None,
                    out_file: Path = Path("model.gguf"), export_f16: str | None = None,
-                   tokenizer_from: Literal["auto", "gguf", "hf"] = "auto") -> GgufExport:
+                   tokenizer_from: Literal["auto", "gguf", "hf"] = "auto", instead: str | None = None) -> GgufExport:
     """Check and plan the export of `base_dir` with `adapter_dir` folded in; ExportError for anything unwritable.
 
     quant: one of QUANT_TYPES (a K-quant is refused with the llama-quantize command for `out_file`, the
     F16 file made as `export_f16` says). chat_template: the template training used; the tokenizer's own
     when None. tokenizer_from: "auto" copies the tokenizer keys from the GGUF named in
-    `base_dir/GGUF_SOURCE` when that file exists, else builds them from tokenizer.json.
+    `base_dir/GGUF_SOURCE` when that file exists, else builds them from tokenizer.json. instead: the other
+    way to convert the model, named when its architecture is refused.
     """
     base_dir = Path(base_dir)
     quant = resolve_quant(quant, Path(out_file), export_f16)
-    spec = load_spec(base_dir)
+    spec = load_spec(base_dir, instead)
     source = TensorSource([base_dir / shard for shard in base_shards(base_dir)[0]])
     adapter = None
     try:
