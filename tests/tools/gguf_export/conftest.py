@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gguf_families import make_family_model, smollm2_tokenizer_dir
 from gguf_models import make_model, make_random_lora
 from typer.testing import CliRunner
 
@@ -96,3 +97,19 @@ def known_pre_tokenizer() -> Any:
     yield register
     for chkhsh in registered:
         _EXTRA_PRE_TOKENIZERS.pop(chkhsh, None)
+
+
+@pytest.fixture(scope="session")
+def family_base(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """`family_base(FAMILY)`: the tiny model of gguf_families.FAMILIES[FAMILY] with a random LoRA on every linear
+    layer (r 4, B ~ N(0, 0.05): it moves the logits by about 2), built once a session: (base, adapter)."""
+    root = tmp_path_factory.mktemp("families")
+    built: dict[str, tuple[Path, Path]] = {}
+
+    def build(family: str) -> tuple[Path, Path]:
+        if family not in built:
+            base = make_family_model(root / family, family, smollm2_tokenizer_dir(root))
+            built[family] = (base, make_random_lora(base, root / f"{family}-adapter", r=4, std=0.05))
+        return built[family]
+
+    return build
