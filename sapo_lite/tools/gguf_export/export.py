@@ -280,6 +280,8 @@ def prepare_export(base_dir: Path, quant: str, *, adapter_dir: Path | None = Non
                 adapter.retarget_tied_head(EMBED, HEAD)
             adapter.validate(source.entries)
         tok = _load_tokenizer(base_dir, source.entries[EMBED].shape[0], tokenizer_from)
+        if tok.source == "hf":  # keys copied from a GGUF are already that family's
+            spec.family.adjust_tokenizer(tok.values)
         return GgufExport(spec, source, adapter, quant, tok, chat_template)
     except BaseException:
         source.close()

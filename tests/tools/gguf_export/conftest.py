@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from gguf_families import make_family_model, smollm2_tokenizer_dir
-from gguf_models import make_model, make_random_lora
+from gguf_models import make_model, make_random_lora, make_spm_tokenizer
 from typer.testing import CliRunner
 
 from sapo_lite.cli import app
@@ -113,3 +113,12 @@ def family_base(tmp_path_factory: pytest.TempPathFactory) -> Any:
         return built[family]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def gemma_spm_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Gemma 3 with a tokenizer of Gemma's own kind: SentencePiece-style BPE with byte fallback that puts
+    no "▁" before the first word."""
+    root = tmp_path_factory.mktemp("gemma-spm")
+    make_spm_tokenizer(root / "tokenizer", prefix_space=False)
+    return make_family_model(root / "base", "gemma3", root / "tokenizer")

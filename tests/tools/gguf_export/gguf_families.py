@@ -10,7 +10,9 @@ What each family switches on (a test name's FAMILY is a key of FAMILIES):
 - llama31: Llama 3.1/3.2, `llama3` RoPE scaling (llama.cpp needs the `rope_freqs` tensor), tied embeddings (3.2 1B/3B);
 - qwen3: per-head `q_norm`/`k_norm`, head_dim 32 != 64/4, tied (0.6B-4B are);
 - gemma3: Gemma 3 text, norms x*(1+w), sandwich norms, QK-norm, 5 sliding-window layers then a global one with two
-  RoPE bases, a window shorter than the test texts, head_dim 32 != 64/4, tied, `query_pre_attn_scalar` = head_dim;
+  RoPE bases (the local one 40000, not llama.cpp's default 10000, so that the key is needed) and linear scaling
+  on the global one (Gemma 3 4B-27B), a window shorter than the test texts, head_dim 32 != 64/4, tied,
+  `query_pre_attn_scalar` = head_dim;
 - phi4: Phi-4 (Phi3ForCausalLM, as Phi-3), fused `qkv_proj` and `gate_up_proj`, GQA;
 - phi4_mini: Phi-4-mini's `longrope` scaling (long and short factors as tensors), RoPE on 3/4 of each head
   (`partial_rotary_factor` 0.75), tied. (Named "phi4": llama.cpp gives a model whose name contains "phi3"
@@ -37,13 +39,15 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3": ("qwen3", dict(head_dim=32, tie_word_embeddings=True, rope_parameters={"rope_type": "default",
                                                                                     "rope_theta": 1000000.0})),
     "gemma3": ("gemma3_text", dict(num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
-                                   num_key_value_heads=1, tie_word_embeddings=True)),
+                                   num_key_value_heads=1, tie_word_embeddings=True, rope_parameters={
+                                       "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                       "sliding_attention": {"rope_type": "default", "rope_theta": 40000.0}})),
     "phi4": ("phi3", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "phi4_mini": ("phi3", dict(num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=1024,
                                original_max_position_embeddings=256,
                                rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                                                 "partial_rotary_factor": 0.75, "original_max_position_embeddings": 256,
-                                                "short_factor": [1.0 + 0.05 * i for i in range(6)],
+                                                "short_factor": [1.0 + 0.3 * i for i in range(6)],
                                                 "long_factor": [1.0 + 0.5 * i for i in range(6)]})),
     "mistral_nemo": ("mistral", dict(head_dim=32, sliding_window=None, rope_parameters={"rope_type": "default",
                                                                                         "rope_theta": 1000000.0})),

@@ -59,3 +59,14 @@ def test_each_family_computes_the_merged_model_in_llamacpp(family_base, family, 
         print(f"{family} {quant}: same ids; top-1 {top1:.3f} of {positions} positions, min corr {corr:.5f}, "
               f"max |diff| {diff:.3f}")
         assert top1 >= min_top1 and corr >= min_corr, (family, quant, top1, corr)
+
+
+def test_gemmas_own_kind_of_tokenizer_tokenizes_as_in_transformers(gemma_spm_base, tmp_path):
+    export_gguf(gemma_spm_base, tmp_path / "m.gguf", "f32")
+    tokenizer = AutoTokenizer.from_pretrained(gemma_spm_base)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, verbose=False, n_threads=1)
+    try:
+        for text in [*TEXTS, "hello world", " two  spaces"]:
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text).input_ids, text
+    finally:
+        llm.close()

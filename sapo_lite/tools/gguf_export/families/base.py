@@ -94,6 +94,9 @@ class Family:
         """A constant the converter adds to this tensor after the merge (Gemma's norms), else 0."""
         return 0.0
 
+    def adjust_tokenizer(self, values: dict[str, gguf.GGUFValue]) -> None:
+        """Tokenizer keys the converter's `set_vocab` of this family sets beyond the common vocab code."""
+
 
 def add_rope_scaling(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
     """The RoPE scaling keys of `TextModel.set_gguf_parameters` (`llama3` and `longrope` are tensors, elsewhere)."""

@@ -9,7 +9,8 @@
   explicit `attention.sliding_window_pattern` array (the converter omits it; llama.cpp reads it);
 - llama.cpp scales attention by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 62-layer 27B) and reads no
   key for it: a `query_pre_attn_scalar` that disagrees is refused rather than computed differently;
-- `final_logit_softcapping` when set; Gemma 2's `attn_logit_softcapping` does not exist in llama.cpp's Gemma 3.
+- `final_logit_softcapping` when set; Gemma 2's `attn_logit_softcapping` does not exist in llama.cpp's Gemma 3;
+- Gemma's own tokenizer (SentencePiece-style BPE) gets `add_space_prefix` false, as the converter writes it.
 """
 
 from __future__ import annotations
@@ -59,3 +60,9 @@ class Gemma3(Family):
 
     def offset(self, gguf_name: str) -> float:
         return 1.0 if gguf_name.endswith("norm.weight") else 0.0
+
+    def adjust_tokenizer(self, values: dict[str, gguf.GGUFValue]) -> None:
+        """Gemma's SentencePiece tokenizer adds no leading space, where llama.cpp's default for one does."""
+        model = values.get(gguf.Keys.Tokenizer.MODEL)
+        if model is not None and model.value in ("llama", b"llama"):
+            values[gguf.Keys.Tokenizer.ADD_PREFIX] = gguf.GGUFValue(False, gguf.GGUFValueType.BOOL)
