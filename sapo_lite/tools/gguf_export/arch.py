@@ -34,6 +34,7 @@ def read_config(base_dir: Path) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - a model type this transformers does not know: the converter's fallback too
         config = raw
     config.setdefault("architectures", raw.get("architectures"))
+    config["_name_or_path"] = raw.get("_name_or_path")  # AutoConfig's is the folder read; the file's names the model
     return config
 
 

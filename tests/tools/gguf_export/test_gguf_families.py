@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 from gguf_families import FAMILIES
 from gguf_models import merged_model
-from record_converter import EXPECTATIONS, QUANTS, read_gguf
+from record_converter import EXPECTATIONS, QUANTS, read_f32_tensors, read_gguf, read_header
 
 from sapo_lite.errors import ExportError
 from sapo_lite.tools.gguf_export import export_gguf
@@ -47,10 +45,6 @@ def test_each_family_is_written_as_llamacpps_converter_writes_it(family_base, fa
             assert not differ
 
 
-def f32_tensors(path: Path) -> dict[str, np.ndarray]:
-    return {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}  # F32: numpy in PyTorch's order
-
-
 @pytest.fixture
 def exported(family_base, tmp_path):
     """`exported(FAMILY)`: (the f32 export's tensors, the merged reference model's weights as numpy)."""
@@ -59,7 +53,7 @@ def exported(family_base, tmp_path):
         base, adapter = family_base(family)
         export_gguf(base, tmp_path / f"{family}.gguf", "f32", adapter_dir=adapter)
         reference = {k: v.numpy() for k, v in merged_model(base, adapter).state_dict().items()}
-        return f32_tensors(tmp_path / f"{family}.gguf"), reference
+        return read_f32_tensors(tmp_path / f"{family}.gguf"), reference
 
     return export
 
@@ -127,6 +121,5 @@ def test_gemmas_own_kind_of_tokenizer_gets_no_leading_space(gemma_spm_base, tmp_
     """llama.cpp puts a space before the text for a SentencePiece-style vocabulary unless told not to; Gemma's
     tokenizer does not (without the key llama.cpp tokenizes every text differently: test_gguf_families_llamacpp)."""
     export_gguf(gemma_spm_base, tmp_path / "m.gguf", "f32")
-    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
-    assert fields["tokenizer.ggml.model"].contents() == "llama"
-    assert fields["tokenizer.ggml.add_space_prefix"].contents() is False
+    keys, _, _ = read_header(tmp_path / "m.gguf")
+    assert keys["tokenizer.ggml.model"] == "llama" and keys["tokenizer.ggml.add_space_prefix"] is False
