@@ -56,7 +56,7 @@ def test_each_family_computes_the_merged_model_in_llamacpp(family_base, family, 
             llm.close()
         top1, corr, diff = agreement(np.concatenate(got), np.concatenate(want))
         positions = sum(map(len, ids))
-        print(f"{family} {quant}: same ids; top-1 {top1:.3f} of {positions} positions, min corr {corr:.5f}, "
+        print(f"{family} {quant}: same ids; top-1 {top1:.3f} of {positions} positions, min corr {corr:.7f}, "
               f"max |diff| {diff:.3f}")
         assert top1 >= min_top1 and corr >= min_corr, (family, quant, top1, corr)
 
