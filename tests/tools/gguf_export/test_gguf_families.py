@@ -123,3 +123,18 @@ def test_gemmas_own_kind_of_tokenizer_gets_no_leading_space(gemma_spm_base, tmp_
     export_gguf(gemma_spm_base, tmp_path / "m.gguf", "f32")
     keys, _, _ = read_header(tmp_path / "m.gguf")
     assert keys["tokenizer.ggml.model"] == "llama" and keys["tokenizer.ggml.add_space_prefix"] is False
+
+
+def test_gemma_layer_types_off_llamacpps_default_pattern_are_written_out(family_base, tmp_path):
+    """llama.cpp takes every 6th Gemma layer as global unless the file lists them; the tiny Gemma's 6 layers follow
+    that default (no key, as the converter writes), another arrangement is written as the per-layer list."""
+    base = tmp_path / "base"
+    shutil.copytree(family_base("gemma3")[0], base)
+    export_gguf(base, tmp_path / "default.gguf", "f32")
+    assert "gemma3.attention.sliding_window_pattern" not in read_header(tmp_path / "default.gguf")[0]
+    config = json.loads((base / "config.json").read_text())
+    layer_types = ["full_attention", *config["layer_types"][1:]]
+    (base / "config.json").write_text(json.dumps({**config, "layer_types": layer_types}))
+    export_gguf(base, tmp_path / "other.gguf", "f32")
+    keys = read_header(tmp_path / "other.gguf")[0]
+    assert keys["gemma3.attention.sliding_window_pattern"] == [False, True, True, True, True, False]
