@@ -1,9 +1,10 @@
-"""One GGUF file from a Llama-family Hugging Face base and a LoRA adapter, written in one streaming pass.
+"""One GGUF file from a Hugging Face base of a supported family (families/) and a LoRA adapter, in one pass.
 
 Every output tensor's name, shape and GGML type is known from the safetensors headers alone, so all
 tensor infos are registered first, the header, key/values and tensor infos are written, and then
 each tensor is produced block of rows by block of rows: read (`pread`, no mmap), LoRA delta added in
-fp32, Q/K rows permuted for llama.cpp's RoPE layout, quantised with the `gguf` package, appended.
+fp32, the family's changes made (Llama's Q/K rows permuted for llama.cpp's RoPE layout, Gemma's norms
+stored as w + 1), quantised with the `gguf` package, appended.
 Peak memory is one row block plus the Python and torch baseline, whatever the model's size: the
 full-precision model is never held, merged or not (tools/merge.py, the folder output, holds a shard).
 
