@@ -3,9 +3,10 @@ with the chat template and stop tokens training used. Pure Python: nothing to co
 
 - `run_export.py`: `export_run`, what `sapo-lite merge RUN --out FILE.gguf` calls: reads the run, writes
   the GGUF and its Ollama Modelfile;
-- `export.py`: `prepare_export` / `export_gguf`, the streaming writer (any Llama-family folder + adapter);
+- `export.py`: `prepare_export` / `export_gguf`, the streaming writer (a supported model folder + adapter);
 - `quants.py`: the quant types the `gguf` package writes, per-tensor types, the K-quant refusal;
-- `arch.py`: supported architectures, hyper-parameter keys, tensor names, the Q/K permutation;
+- `arch.py`: the config as llama.cpp's converter reads it, the refusal of other architectures, tensor names;
+- `families/`: one module per family (llama, qwen, gemma, phi) with its keys, extra tensors and weight changes;
 - the adapter is read by `models/lora_file.py` (the reader the folder merge uses too);
 - `tokenizer_kv.py`: the `tokenizer.*` keys, copied from the base's GGUF or built like llama.cpp's
   converter; `pretok_hashes.py`: that converter's pre-tokenizer table (MIT, credited there);

@@ -1,9 +1,14 @@
-"""One GGUF file from a Llama-family Hugging Face base and a LoRA adapter, written in one streaming pass.
+"""One GGUF file from a Hugging Face base of a supported family (families/) and a LoRA adapter, in one pass.
 
 Every output tensor's name, shape and GGML type is known from the safetensors headers alone, so all
 tensor infos are registered first, the header, key/values and tensor infos are written, and then
 each tensor is produced block of rows by block of rows: read (`pread`, no mmap), LoRA delta added in
-fp32, Q/K rows permuted for llama.cpp's RoPE layout, quantised with the `gguf` package, appended.
+fp32, the family's changes made (Llama's Q/K rows permuted for llama.cpp's RoPE layout, Gemma's norms
+stored as w + 1), quantised with the `gguf` package, appended.
+A tied output head the adapter changes (or whose embedding it changes) is written as its own
+`output.weight` (the embedding's rows + the head's delta), and `token_embd` keeps the embedding as
+the adapter leaves it: llama.cpp reads token_embd for the input too, so folding the head's delta into
+it would change every input embedding (peft's own merge does exactly that to a tied pair).
 A tied output head the adapter changes (or whose embedding it changes) is written as its own
 `output.weight` (the embedding's rows + the head's delta), and `token_embd` keeps the embedding as
 the adapter leaves it: llama.cpp reads token_embd for the input too, so folding the head's delta into
@@ -37,7 +42,7 @@ from ...models.lora_file import TIED_HEAD, LoraAdapter
 from ...models.safetensors_io import TensorSource
 from ..merge import base_shards
 from . import tokenizer_kv
-from .arch import ModelSpec, add_hparams, extra_tensors, gguf_name, heads_of, load_spec, permute_rows
+from .arch import ModelSpec, gguf_name, load_spec, permute_rows
 from .quants import QUANT_TYPES, Q, resolve_quant, tensor_type
 
 CHUNK_ELEMENTS = 1 << 20  # rows are converted in blocks of ~1M values (4 MB in fp32; 4x that was no faster)
@@ -72,6 +77,7 @@ class _Planned:
     qtype: gguf.GGMLQuantizationType
     hf_name: str | None = None
     n_heads: int | None = None  # Q/K: rows are permuted head by head
+    offset: float = 0.0  # added after the merge (Gemma's norms are stored as w + 1)
     data: np.ndarray | None = None  # tensors the checkpoint does not hold (rope_freqs)
     adapted_as: str | None = None  # the weight whose adapter changes apply, when not hf_name (a split tied head)
 
@@ -108,12 +114,14 @@ def _plan(spec: ModelSpec, source: TensorSource, weight_type: gguf.GGMLQuantizat
     """`split_head`: the model is tied and the adapter changes the head or the embedding, so the head is written
     as its own `output.weight` (from lm_head if the checkpoint holds one, else the embedding) + the head's delta."""
     name_map = gguf.get_tensor_name_map(spec.arch, spec.n_layer)
-    planned = [_Planned(name, data.shape, Q.F32, data=data) for name, data in extra_tensors(spec).items()]
+    family = spec.family
+    planned = [_Planned(name, data.shape, Q.F32, data=data) for name, data in family.extra_tensors(spec).items()]
     for hf_name, entry in source.entries.items():
         name = gguf_name(spec, name_map, hf_name)
         if name is not None:
             qtype = tensor_type(name, entry.shape, weight_type, spec.tied)
-            planned.append(_Planned(name, entry.shape, qtype, hf_name, heads_of(spec, hf_name)))
+            planned.append(_Planned(name, entry.shape, qtype, hf_name, family.permuted_heads(spec, hf_name),
+                                    family.offset(name)))
     if split_head:
         head_source = HEAD if HEAD in source.entries else EMBED
         shape = source.entries[head_source].shape
@@ -124,14 +132,14 @@ def _plan(spec: ModelSpec, source: TensorSource, weight_type: gguf.GGMLQuantizat
 
     def order(p: _Planned) -> tuple[int, str]:  # token_embd, blk.0 ... blk.N (numerically), then the rest
         block = p.name.split(".")[1] if p.name.startswith("blk.") else None
-        first = p.name.startswith(("token_embd", "rope_freqs"))
+        first = p.name.startswith(("token_embd", "rope_"))
         return (int(block) + 1 if block else (0 if first else 1 << 30), p.name)
 
     return sorted(planned, key=order)
 
 
 def _chunks(p: _Planned, source: TensorSource, adapter: LoraAdapter | None) -> Iterator[np.ndarray]:
-    """The tensor's bytes in blocks of rows: read, add the LoRA delta (fp32), permute Q/K, quantise."""
+    """The tensor's bytes in blocks of rows: read, add the LoRA delta (fp32) and the offset, permute Q/K, quantise."""
     if p.data is not None:
         yield gguf.quants.quantize(p.data, p.qtype)
         return
@@ -148,6 +156,8 @@ def _chunks(p: _Planned, source: TensorSource, adapter: LoraAdapter | None) -> I
         delta = adapter.delta(target, start, end) if adapter else None
         if delta is not None:
             block += delta
+        if p.offset:
+            block += p.offset
         array = block.numpy()
         if p.n_heads:
             array = permute_rows(array, (end - start) // rows_per_head)
@@ -238,7 +248,7 @@ class GgufExport:
         try:
             writer.add_type(gguf.GGUFType.MODEL)
             writer.add_name(str(spec.config.get("_name_or_path") or stem).rstrip("/").split("/")[-1])
-            add_hparams(writer, spec)
+            spec.family.add_hparams(writer, spec)
             writer.add_file_type(self.ftype)
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             replaced = {gguf.Keys.Tokenizer.CHAT_TEMPLATE}
@@ -271,17 +281,18 @@ class GgufExport:
 
 def prepare_export(base_dir: Path, quant: str, *, adapter_dir: Path | None = None, chat_template: str | None = None,
                    out_file: Path = Path("model.gguf"), export_f16: str | None = None,
-                   tokenizer_from: Literal["auto", "gguf", "hf"] = "auto") -> GgufExport:
+                   tokenizer_from: Literal["auto", "gguf", "hf"] = "auto", instead: str | None = None) -> GgufExport:
     """Check and plan the export of `base_dir` with `adapter_dir` folded in; ExportError for anything unwritable.
 
     quant: one of QUANT_TYPES (a K-quant is refused with the llama-quantize command for `out_file`, the
     F16 file made as `export_f16` says). chat_template: the template training used; the tokenizer's own
     when None. tokenizer_from: "auto" copies the tokenizer keys from the GGUF named in
-    `base_dir/GGUF_SOURCE` when that file exists, else builds them from tokenizer.json.
+    `base_dir/GGUF_SOURCE` when that file exists, else builds them from tokenizer.json. instead: the other
+    way to convert the model, named when its architecture is refused.
     """
     base_dir = Path(base_dir)
     quant = resolve_quant(quant, Path(out_file), export_f16)
-    spec = load_spec(base_dir)
+    spec = load_spec(base_dir, instead)
     source = TensorSource([base_dir / shard for shard in base_shards(base_dir)[0]])
     adapter = None
     try:
@@ -293,6 +304,8 @@ def prepare_export(base_dir: Path, quant: str, *, adapter_dir: Path | None = Non
             shapes.setdefault(HEAD, shapes[EMBED])  # tied: the head reads the embedding's tensor (split off, _plan)
             adapter.check_against(shapes, "export with the base model the adapter was trained on")
         tok = _load_tokenizer(base_dir, source.entries[EMBED].shape[0], tokenizer_from)
+        if tok.source == "hf":  # keys copied from a GGUF are already that family's
+            spec.family.adjust_tokenizer(tok.values)
         return GgufExport(spec, source, adapter, quant, tok, chat_template)
     except BaseException:
         source.close()

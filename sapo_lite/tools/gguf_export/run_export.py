@@ -28,6 +28,7 @@ from ...run.layout import RunDir
 from ..merge import resolve_base_dir
 from .chat_template import TemplateShape, derive_shape, end_of_turn_token
 from .export import ExportReport, prepare_export
+from .families import convert_instead
 from .ollama import modelfile_text
 from .quants import resolve_quant
 
@@ -73,8 +74,9 @@ def export_run(run_dir: Path, out_file: Path, quant: str = "q8_0", adapter: str 
     def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
+    run_arg = f"{run_dir} --adapter {adapter}" if adapter != "policy" else str(run_dir)
     with prepare_export(base_dir, quant, adapter_dir=adapter_dir, chat_template=tokenizer.chat_template,
-                        out_file=out_file) as export:
+                        out_file=out_file, instead=convert_instead(run_arg, str(out_file), quant)) as export:
         shape: TemplateShape | None = None
         text, no_modelfile_because = None, None
         try:

@@ -21,7 +21,7 @@ from typing import Any
 import gguf
 
 from ...errors import ExportError
-from .arch import CONVERTER
+from .families import CONVERTER
 from .pretok_hashes import CHKTXT, PRE_TOKENIZER_HASHES
 
 _EXTRA_PRE_TOKENIZERS: dict[str, str] = {}

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gguf_models import make_model, make_random_lora
+from gguf_families import make_family_model, smollm2_tokenizer_dir
+from gguf_models import make_model, make_random_lora, make_spm_tokenizer
 from typer.testing import CliRunner
 
 from sapo_lite.cli import app
@@ -96,3 +97,28 @@ def known_pre_tokenizer() -> Any:
     yield register
     for chkhsh in registered:
         _EXTRA_PRE_TOKENIZERS.pop(chkhsh, None)
+
+
+@pytest.fixture(scope="session")
+def family_base(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """`family_base(FAMILY)`: the tiny model of gguf_families.FAMILIES[FAMILY] with a random LoRA on every linear
+    layer (r 4, B ~ N(0, 0.05): it moves the logits by about 2), built once a session: (base, adapter)."""
+    root = tmp_path_factory.mktemp("families")
+    built: dict[str, tuple[Path, Path]] = {}
+
+    def build(family: str) -> tuple[Path, Path]:
+        if family not in built:
+            base = make_family_model(root / family, family, smollm2_tokenizer_dir(root))
+            built[family] = (base, make_random_lora(base, root / f"{family}-adapter", r=4, std=0.05))
+        return built[family]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def gemma_spm_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Gemma 3 with a tokenizer of Gemma's own kind: SentencePiece-style BPE with byte fallback that puts
+    no "▁" before the first word."""
+    root = tmp_path_factory.mktemp("gemma-spm")
+    make_spm_tokenizer(root / "tokenizer", prefix_space=False)
+    return make_family_model(root / "base", "gemma3", root / "tokenizer")

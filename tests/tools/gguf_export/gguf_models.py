@@ -25,16 +25,17 @@ TEXTS = [
 ]
 
 
-def make_spm_tokenizer(folder: Path) -> Any:
-    """A Llama/Mistral-style tokenizer.json: BPE over "▁"-joined words with <0xNN> byte fallback; adds <s>."""
+def make_spm_tokenizer(folder: Path, prefix_space: bool = True) -> Any:
+    """A Llama/Mistral-style tokenizer.json: BPE over "▁"-joined words with <0xNN> byte fallback; adds <s>.
+    prefix_space False: Gemma's kind, which puts no "▁" before the first word."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
+    prepend = [normalizers.Prepend("▁")] if prefix_space else []
+    tok.normalizer = normalizers.Sequence([*prepend, normalizers.Replace(" ", "▁")])
+    strip = [decoders.Strip(" ", 1, 0)] if prefix_space else []
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
     specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"] + [f"<0x{i:02X}>" for i in range(256)]
     words = [f"reverse : {' '.join(str((i * 7 + j) % 10) for j in range(4 + i % 3))}" for i in range(50)]
     tok.train_from_iterator((TEXTS + words) * 20, trainers.BpeTrainer(vocab_size=600, special_tokens=specials))
