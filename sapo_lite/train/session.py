@@ -42,6 +42,7 @@ from ..sapo.buffer import StoredPair
 from ..sapo.logps import response_token_logps
 from ..sapo.losses import LOSSES, PairLogps
 from ..sapo.pair_logps import pair_logps, why_not_packable
+from ..sapo.sources import reads_rejected
 from .distributed import SINGLE, Processes, share_stream, start_processes
 from .held_out import write_held_out_rows
 from .metrics import Reporter, make_reporter
@@ -141,7 +142,7 @@ def setup_session(cfg: Config, run_dir: Path, console: Console) -> TrainSession:
     pause_point("startup")
     tokenizer = load_tokenizer(model_name, cfg.model.trust_remote_code)
     install_chat_template(tokenizer, cfg.data.chat_template)
-    data = load_examples(cfg.data.path, cfg.data.split, tokenizer, cfg.data)
+    data = load_examples(cfg.data.path, cfg.data.split, tokenizer, cfg.data, with_rejected=reads_rejected(cfg))
     console.print(data.describe(cfg.data), highlight=False, markup=False)
     train_examples, eval_examples, eval_source, eval_note = held_out_set(cfg.data, data, tokenizer, cfg.train.seed)
     train_examples, val_examples = split_validation(train_examples, cfg.data.val_size, cfg.train.seed)
@@ -218,8 +219,8 @@ def ema_generation(cfg: Config, model: Any, device: torch.device) -> tuple[Merge
     Merged only with the lean decoder, a full-precision base (merging into NF4 would re-round it) and on
     the CPU: on CUDA the scratch copies would double the adapted weights in GPU memory, what a 24 GB card
     runs out of first, and the gain there is unmeasured."""
-    if cfg.sapo.decoder != "lean" or not LOSSES[cfg.loss.name].needs_rejected:
-        return None, None
+    if cfg.sapo.decoder != "lean" or not LOSSES[cfg.loss.name].needs_rejected or cfg.sapo.pairs in ("data", "spin"):
+        return None, None  # the EMA never generates (SFT, the data's pairs) or SPIN's iterate does
     with acting_as(model, EMA):  # the plan is of the EMA as it generates (eval mode, EMA active)
         why = why_not_lean(model)
     if why is not None:

@@ -11,6 +11,8 @@ very same pairs. Every `train.eval_every` steps (and before the first) the polic
   (pi_c - ref_c) - (pi_r - ref_r) of summed response log-probs, against the run's reference (the
   base, or `model.init_adapter`): its mean, and the share of pairs where it is positive. The same
   measure for every loss, so SFT and SAPO runs are compared on one scale;
+- val/accuracy/data, val/margin/data: the same on the data's own pairs of the validation examples, when the
+  run reads them (`sapo.pairs` data or mix; stored beside the rewrites): real pairs against self-made ones;
 - val/constraints: with greedy answers (`data.eval_max_new_tokens`), the share of the
   constraints met, where the rows carry constraints.
 
@@ -41,9 +43,11 @@ from ..models.roles import EMA, POLICY, acting_as, reference
 from ..run.atomic import publish_folder, removed_on_failure, staging_folder
 from ..run.layout import RunDir
 from ..run.testhook import pause_point
-from ..sapo.augment import self_augment
+from ..sapo.augment import FROM_DATA, self_augment
 from ..sapo.buffer import ReplayBuffer, StoredPair
 from ..sapo.pair_logps import pair_logps
+from ..sapo.sources import reads_rejected
+from ..sapo.sources.from_data import data_pairs
 from .checkpoint import save_adapters
 
 HIGHER_IS_BETTER = {"val/constraints": True, "val/accuracy": True, "val/margin": True, "val/nll": False}
@@ -113,12 +117,14 @@ class Validation:
         path = RunDir(session.run_dir) / "validation.sqlite"
         if not session.processes.is_main:
             path = path.with_name(f"validation-rank{session.processes.rank}.sqlite")
-        store = ReplayBuffer(path, capacity=max(1, len(self.examples)))
+        with_data = reads_rejected(cfg)
+        count = len(self.examples) * (2 if with_data else 1)
+        store = ReplayBuffer(path, capacity=max(1, count))
         try:
-            if len(store) != len(self.examples):
+            if len(store) != count:
                 store.close()
                 path.unlink(missing_ok=True)
-                store = ReplayBuffer(path, capacity=len(self.examples))
+                store = ReplayBuffer(path, capacity=count)
                 sampling = {"temperature": cfg.sapo.temperature, "top_k": cfg.sapo.top_k, "top_p": cfg.sapo.top_p}
                 rng = random_stream(cfg.train.seed, "validation", 1)
                 with torch.random.fork_rng(devices=[]), acting_as(session.model, EMA), session.generating():
@@ -127,7 +133,8 @@ class Validation:
                         session.model, self.examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id,
                         session.stop_ids, rng, cfg.sapo.gen_batch_size, sampling, short_rewrite=cfg.sapo.short_rewrite,
                     )
-                store.add(new.pairs, 0, self._reference_logps(new.pairs))
+                pairs = new.pairs + (data_pairs(self.examples) if with_data else [])
+                store.add(pairs, 0, self._reference_logps(pairs))
             return store.all_pairs()
         finally:
             store.close()
@@ -149,15 +156,20 @@ class Validation:
         """The policy's validation figures (see the module docstring) and the seconds they took."""
         started = time.perf_counter()
         nll, margins = [], []
+        rewrites = [p for p in self.pairs if p.origin != FROM_DATA]  # the data's pairs repeat the chosen responses
+        real = [p for p in self.pairs if p.origin == FROM_DATA]
         with acting_as(self.session.model, POLICY):
-            for batch in _batches(self.pairs, self.session.cfg.train.micro_batch):
+            for batch in _batches(rewrites + real, self.session.cfg.train.micro_batch):
                 chosen, rejected, n_chosen, _ = self._logps(batch)
                 ref_c = torch.tensor([p.ref_logp_chosen for p in batch], device=chosen.device)
                 ref_r = torch.tensor([p.ref_logp_rejected for p in batch], device=chosen.device)
                 nll += (-chosen / n_chosen.clamp(min=1)).tolist()
                 margins += ((chosen - ref_c) - (rejected - ref_r)).tolist()
-        figures = {"val/nll": float(np.mean(nll)), "val/accuracy": float(np.mean(np.asarray(margins) > 0)),
-                   "val/margin": float(np.mean(margins))}
+        own, data = np.asarray(margins[: len(rewrites)]), np.asarray(margins[len(rewrites) :])
+        figures = {"val/nll": float(np.mean(nll[: len(rewrites)])), "val/accuracy": float(np.mean(own > 0)),
+                   "val/margin": float(np.mean(own))}
+        if real:
+            figures.update({"val/accuracy/data": float(np.mean(data > 0)), "val/margin/data": float(np.mean(data))})
         if self.has_constraints:
             s = self.session
             with s.generating():
