@@ -156,17 +156,25 @@ def better(a: dict, b: dict) -> bool:
     return (a["val/constraints"], -a["val/nll"]) > (b["val/constraints"], -b["val/nll"])
 
 
+def finished(run: Path) -> bool:
+    return (run / "summary.json").is_file()
+
+
 def choose(out: Path, seed: int = 0) -> dict[str, dict]:
-    """Each row's grid point by the validation split alone (see the module docstring)."""
+    """Each row's grid point by the validation split alone (see the module docstring). A grid point not trained
+    (a stopped comparison) cannot be chosen; a row with none trained is left out."""
     choice = {}
     for row in ROWS:
+        if not any(finished(run) for run in out.glob(f"{row}-lr*-s{seed}")):
+            continue
         share = None
         if row == "sapo-mix":
             shares = {s: validation(out / run_name(row, LRS[0], s, seed)) for s in MIX_SHARES}
             share = max(MIX_SHARES, key=lambda s: (shares[s]["val/constraints"], -shares[s]["val/nll"]))
         seen = {lr: validation(out / run_name(row, lr, share, seed)) for lr in LRS}
         lr = max(LRS, key=lambda r: (seen[r]["val/constraints"], -seen[r]["val/nll"]))
-        choice[row] = {"lr": lr, "share": share, "grid": seen}
+        trained = {lr: f for lr, f in seen.items() if finished(out / run_name(row, lr, share, seed))}
+        choice[row] = {"lr": lr, "share": share, "grid": trained}
     return choice
 
 
@@ -190,7 +198,8 @@ def table(out: Path, seeds: list[int]) -> str:
     lines = [f"held-out: {EVAL_DATA}, 200 prompts (285 constraints), greedy, 64 new tokens; constraint = share of "
              "constraints met, prompt = share of prompts with every constraint met"
              + ("; mean ± half-range over seeds" if len(seeds) > 1 else "; one seed"), ""]
-    choice = json.loads((out / "choice.json").read_text()) if (out / "choice.json").is_file() else {}
+    # a comparison stopped before its grid finished: the choice among the grid points trained so far
+    choice = json.loads((out / "choice.json").read_text()) if (out / "choice.json").is_file() else choose(out)
     header = ["row", "command (+ shared flags)", "lr / share (validation)", "seeds", "constraint", "prompt",
               "val constr. 0 -> end", "s/step", "gen. share", "real-pair acc. (val)", "self-made acc. (val)"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -227,7 +236,7 @@ def table(out: Path, seeds: list[int]) -> str:
                                                                    else ""))
         mix = {s: out / run_name("sapo-mix", LRS[0], s, 0) for s in MIX_SHARES}
         shown = ", ".join(f"{s}: constraints {100 * validation(r)['val/constraints']:.1f}" for s, r in mix.items()
-                          if (r / "summary.json").is_file())
+                          if finished(r)) or "none trained"
         lines.append(f"- sapo-mix share at lr {LRS[0]}: {shown}")
         heldout_all = sorted((out / "heldout").glob("*-s0.json"))
         lines += ["", "every grid run's held-out constraint rate (for the record; not used to choose): " + ", ".join(
