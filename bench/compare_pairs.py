@@ -21,13 +21,20 @@ and the DPO rows use it (adapters off) as the reference. (`bench/sapo_after_sft.
 further SFT stage of our own.)
 
 Protocol, in this order; the held-out set is read only by the last step and never chooses anything:
-1. grid, seed 0: every row at each learning rate of LRS; the mix row at MIX_SHARES too (at its preset's
-   learning rate); STEPS steps, the validation split (VAL_SIZE examples carved from the training data,
-   never trained on) scored before training and at the end;
-2. choice: per row the grid point with the best val/constraints at STEPS (ties: lower val/nll); for the
-   mix, the share first at the preset's rate, then the rate at that share;
-3. held-out: the final policy of every grid run, and the base, on bundled:instruct-eval (200 prompts,
-   greedy, 64 new tokens; constraint rate and prompt rate); the table shows each row's chosen run.
+1. grid, seed 0: every row at each learning rate of `--lrs`; the mix row at each of `--shares` too (at
+   the first rate); `--steps` steps, the validation split (`--val-size` examples carved from the
+   training data, never trained on) scored before training and at the end;
+2. choice: per row the grid point with the best val/constraints at the last step (ties: lower
+   val/nll); for the mix, the share first at the first rate, then the rate at that share;
+3. held-out: the final policy of every grid run, and the base, on bundled:instruct-eval (`--eval-size`
+   prompts, 200 by default, greedy, `--eval-tokens` new tokens; constraint rate and prompt rate); the
+   table shows each row's chosen run.
+The defaults are the full protocol (32 steps as the presets, validation 50 examples, rates 5e-4 and
+2e-4, shares 0.5/0.25/0.75, 200 held-out prompts); a smaller budget, e.g. for 2 busy cores:
+
+    python bench/compare_pairs.py --out /tmp/compare-small --jobs 4 --steps 16 --val-size 0 --lrs 5e-4 \
+        --shares 0.5 --eval-size 100 --eval-tokens 48
+
 With one seed there is no spread to show; `--seeds 0 1 2` trains the chosen settings with more seeds
 and the table gives mean ± half the range.
 
@@ -60,12 +67,17 @@ ROWS = {  # name: (preset, flags, label)
     "sapo-orpo": ("smollm2-135m", [], "SAPO-ORPO"),
     "sapo-mix": ("smollm2-135m-mix", [], "SAPO-ORPO mixing real pairs"),
 }
-LRS = ("5e-4", "2e-4")  # the first is the presets' own
-MIX_SHARES = ("0.5", "0.25", "0.75")  # the first is the preset's
-STEPS, VAL_SIZE = 24, 50  # the presets train 32 steps; 24 fit the 2-core budget of the first comparison
-COMMON = ["data.eval_path=null", f"data.val_size={VAL_SIZE}", f"train.eval_every={STEPS}",
-          "train.best_metric=val/constraints", "train.save_every=0", "train.num_threads=1"]
+# The full protocol; a smaller budget is chosen on the command line (--steps, --lrs, ...) and kept in
+# OUT/budget.json, so `--table` reads what was run.
+BUDGET = {"steps": 32, "val_size": 50, "lrs": ["5e-4", "2e-4"], "shares": ["0.5", "0.25", "0.75"],
+          "eval_size": 200, "eval_tokens": 64}  # the first rate is the presets' own, the first share the mix preset's
 EVAL_DATA = "bundled:instruct-eval"
+
+
+def common() -> list[str]:
+    validation = [f"data.val_size={BUDGET['val_size']}", f"train.eval_every={BUDGET['steps']}",
+                  "train.best_metric=val/constraints"] if BUDGET["val_size"] else []
+    return ["data.eval_path=null", *validation, "train.save_every=0", "train.num_threads=1"]
 
 
 def env() -> dict[str, str]:
@@ -83,7 +95,7 @@ def records(run: Path) -> dict[int, dict]:
 
 
 def train(out: Path, base: Path, row: str, lr: str, share: str | None, seed: int) -> Path | None:
-    """Train one run to STEPS steps (a no-op when finished), then score its policy on the held-out set.
+    """Train one run to BUDGET["steps"] steps (a no-op when finished), then score its policy on the held-out set.
     A run that fails is reported (its log says why) and left out; the others go on."""
     run = out / run_name(row, lr, share, seed)
     try:
@@ -102,7 +114,7 @@ def _train(out: Path, base: Path, run: Path, row: str, lr: str, share: str | Non
             command += ["--resume", str(run)]
         else:
             command += ["--preset", preset, "--out", str(run), "--overwrite", f"model.name={base}", f"train.lr={lr}",
-                        f"train.seed={seed}", f"train.max_steps={STEPS}", *COMMON, *flags,
+                        f"train.seed={seed}", f"train.max_steps={BUDGET['steps']}", *common(), *flags,
                         *([f"sapo.mix_share={share}"] if share else [])]
         started = time.perf_counter()
         with (out / f"{run.name}.log").open("a") as log:
@@ -117,7 +129,8 @@ def _train(out: Path, base: Path, run: Path, row: str, lr: str, share: str | Non
 def held_out(target: Path, base: Path, adapter: Path, role: str) -> None:
     if target.is_file():
         return
-    command = ["nice", "-n", "10", sys.executable, __file__, "--score", str(base), str(adapter), role, str(target)]
+    command = ["nice", "-n", "10", sys.executable, __file__, "--out", str(target.parent.parent), "--score", str(base),
+               str(adapter), role, str(target)]
     subprocess.run(command, env=env(), check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
@@ -133,7 +146,8 @@ def score(base_dir: Path, adapter_dir: Path, role: str) -> dict:
     from sapo_lite.models.roles import load_base, load_tokenizer
 
     torch.set_num_threads(1)
-    cfg = load_config("smollm2-135m")
+    cfg = load_config("smollm2-135m", overrides=[f"data.eval_size={BUDGET['eval_size']}",
+                                                 f"data.eval_max_new_tokens={BUDGET['eval_tokens']}"])
     tokenizer = load_tokenizer(str(base_dir))
     install_chat_template(tokenizer, cfg.data.chat_template)
     examples = load_examples(EVAL_DATA, None, tokenizer, cfg.data, key="eval").examples[: cfg.data.eval_size]
@@ -145,10 +159,13 @@ def score(base_dir: Path, adapter_dir: Path, role: str) -> dict:
 
 
 def validation(run: Path) -> dict:
-    """The validation figures at the run's end; a run that did not finish counts as worst."""
+    """The validation figures at the run's end; a run that did not finish counts as worst, and without a
+    validation split (a one-point grid) every run counts the same."""
     if not (run / "summary.json").is_file():
         return {"val/constraints": -1.0, "val/nll": float("inf")}
-    return {k: v for k, v in records(run)[STEPS].items() if k.startswith("val/")}
+    if not BUDGET["val_size"]:
+        return {"val/constraints": 0.0, "val/nll": 0.0}
+    return {k: v for k, v in records(run)[BUDGET["steps"]].items() if k.startswith("val/")}
 
 
 def better(a: dict, b: dict) -> bool:
@@ -169,10 +186,10 @@ def choose(out: Path, seed: int = 0) -> dict[str, dict]:
             continue
         share = None
         if row == "sapo-mix":
-            shares = {s: validation(out / run_name(row, LRS[0], s, seed)) for s in MIX_SHARES}
-            share = max(MIX_SHARES, key=lambda s: (shares[s]["val/constraints"], -shares[s]["val/nll"]))
-        seen = {lr: validation(out / run_name(row, lr, share, seed)) for lr in LRS}
-        lr = max(LRS, key=lambda r: (seen[r]["val/constraints"], -seen[r]["val/nll"]))
+            shares = {s: validation(out / run_name(row, BUDGET["lrs"][0], s, seed)) for s in BUDGET["shares"]}
+            share = max(BUDGET["shares"], key=lambda s: (shares[s]["val/constraints"], -shares[s]["val/nll"]))
+        seen = {lr: validation(out / run_name(row, lr, share, seed)) for lr in BUDGET["lrs"]}
+        lr = max(BUDGET["lrs"], key=lambda r: (seen[r]["val/constraints"], -seen[r]["val/nll"]))
         trained = {lr: f for lr, f in seen.items() if finished(out / run_name(row, lr, share, seed))}
         choice[row] = {"lr": lr, "share": share, "grid": trained}
     return choice
@@ -195,9 +212,13 @@ def median_of(logs: list[dict[int, dict]], key: str) -> float:
 
 
 def table(out: Path, seeds: list[int]) -> str:
-    lines = [f"held-out: {EVAL_DATA}, 200 prompts (285 constraints), greedy, 64 new tokens; constraint = share of "
-             "constraints met, prompt = share of prompts with every constraint met"
-             + ("; mean ± half-range over seeds" if len(seeds) > 1 else "; one seed"), ""]
+    steps = BUDGET["steps"]
+    lines = [f"{steps} steps a run; held-out: the first {BUDGET['eval_size']} prompts of {EVAL_DATA}, greedy, "
+             f"{BUDGET['eval_tokens']} new tokens; constraint = share of constraints met, prompt = share of prompts "
+             "with every constraint met" + ("; mean ± half-range over seeds" if len(seeds) > 1 else "; one seed")
+             + f"; learning rates {', '.join(BUDGET['lrs'])}, mix shares {', '.join(BUDGET['shares'])}, validation "
+             + (f"split of {BUDGET['val_size']} examples" if BUDGET["val_size"] else "split: none (nothing chosen)"),
+             ""]
     # a comparison stopped before its grid finished: the choice among the grid points trained so far
     choice = json.loads((out / "choice.json").read_text()) if (out / "choice.json").is_file() else choose(out)
     header = ["row", "command (+ shared flags)", "lr / share (validation)", "seeds", "constraint", "prompt",
@@ -214,8 +235,8 @@ def table(out: Path, seeds: list[int]) -> str:
         scores = [json.loads(p.read_text()) for p in (out / "heldout" / f"{r.name}.json" for r in runs) if p.is_file()]
         logs = [records(r) for r in runs if (r / "summary.json").is_file()]
         curve = " -> ".join(f"{100 * statistics.mean(log[s]['val/constraints'] for log in logs):.1f}"
-                            for s in (0, STEPS)) if logs else "-"
-        real = [log[STEPS].get("val/accuracy/data") for log in logs]
+                            for s in (0, steps)) if logs and BUDGET["val_size"] else "-"
+        real = [log[steps].get("val/accuracy/data") for log in logs]
         command = f"`--preset {preset}{''.join(' ' + f for f in flags)}`"
         setting = chosen["lr"] + (f" / {chosen['share']}" if chosen["share"] else "")
         lines.append("| " + " | ".join([
@@ -224,20 +245,20 @@ def table(out: Path, seeds: list[int]) -> str:
             mean_spread([s["prompts_all_satisfied"]["rate"] for s in scores]), curve,
             f"{median_of(logs, 'step_s'):.2f}", f"{median_of(logs, 'gen_share'):.0%}",
             mean_spread([v for v in real if v is not None]),
-            mean_spread([log[STEPS]["val/accuracy"] for log in logs]),
+            mean_spread([log[steps]["val/accuracy"] for log in logs if "val/accuracy" in log[steps]]),
         ]) + " |")
     if choice:
-        lines += ["", f"grid (seed 0, validation split of {VAL_SIZE} examples at step {STEPS}; the held-out set "
-                  "never read here):"]
+        lines += ["", f"grid (seed 0, validation split of {BUDGET['val_size']} examples at step {steps}; the "
+                  "held-out set never read here):"]
         for row, chosen in choice.items():
             seen = ", ".join(f"lr {lr}: constraints {100 * f['val/constraints']:.1f}, nll {f['val/nll']:.3f}"
                              for lr, f in chosen["grid"].items())
             lines.append(f"- {row}: {seen} -> {chosen['lr']}" + (f" (share {chosen['share']})" if chosen["share"]
                                                                    else ""))
-        mix = {s: out / run_name("sapo-mix", LRS[0], s, 0) for s in MIX_SHARES}
+        mix = {s: out / run_name("sapo-mix", BUDGET["lrs"][0], s, 0) for s in BUDGET["shares"]}
         shown = ", ".join(f"{s}: constraints {100 * validation(r)['val/constraints']:.1f}" for s, r in mix.items()
                           if finished(r)) or "none trained"
-        lines.append(f"- sapo-mix share at lr {LRS[0]}: {shown}")
+        lines.append(f"- sapo-mix share at lr {BUDGET['lrs'][0]}: {shown}")
         heldout_all = sorted((out / "heldout").glob("*-s0.json"))
         lines += ["", "every grid run's held-out constraint rate (for the record; not used to choose): " + ", ".join(
             f"{p.stem} {100 * json.loads(p.read_text())['constraints']['rate']:.1f}" for p in heldout_all)]
@@ -256,9 +277,9 @@ def run_all(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
         # the presets' own rate first, so a stopped comparison still has every row at one setting
-        grid = [(row, lr, None) for lr in LRS for row in ROWS]
-        grid = [(r, lr, MIX_SHARES[0] if r == "sapo-mix" else None) for r, lr, _ in grid]
-        grid[len(ROWS):len(ROWS)] = [("sapo-mix", LRS[0], s) for s in MIX_SHARES[1:]]
+        shares = BUDGET["shares"]
+        grid = [(row, lr, shares[0] if row == "sapo-mix" else None) for lr in BUDGET["lrs"] for row in ROWS]
+        grid[len(ROWS):len(ROWS)] = [("sapo-mix", BUDGET["lrs"][0], s) for s in shares[1:]]
         futures = [pool.submit(train, out, base, row, lr, share, 0) for row, lr, share in grid]
         for future in futures:
             future.result()
@@ -276,9 +297,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/compare-pairs"))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=BUDGET["steps"])
+    parser.add_argument("--val-size", type=int, default=BUDGET["val_size"], help="0: no validation split")
+    parser.add_argument("--lrs", nargs="+", default=BUDGET["lrs"], help="the learning-rate grid")
+    parser.add_argument("--shares", nargs="+", default=BUDGET["shares"], help="the mix-share grid")
+    parser.add_argument("--eval-size", type=int, default=BUDGET["eval_size"], help="held-out prompts scored")
+    parser.add_argument("--eval-tokens", type=int, default=BUDGET["eval_tokens"], help="greedy new tokens")
     parser.add_argument("--table", action="store_true", help="only print the table of what is done")
     parser.add_argument("--score", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    saved = args.out / "budget.json"
+    if saved.is_file():  # a comparison goes on with the budget it started with
+        BUDGET.update(json.loads(saved.read_text()))
+    else:
+        BUDGET.update(steps=args.steps, val_size=args.val_size, lrs=args.lrs, shares=args.shares,
+                      eval_size=args.eval_size, eval_tokens=args.eval_tokens)
+        if not args.table and not args.score:
+            args.out.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(BUDGET, indent=1))
     if args.score:
         base, adapter, role, target = args.score
         figures = score(Path(base), Path(adapter), role)
