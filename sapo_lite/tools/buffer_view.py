@@ -59,7 +59,7 @@ class BufferStats:
             f"age in steps (newest step {self.newest_step}): min {ages.min()}, median {np.median(ages):.0f}, "
             f"p90 {np.percentile(ages, 90):.0f}, max {ages.max()}",
         ]
-        if self.origins and (len(self.origins) > 1 or "ema" not in self.origins):
+        if self.origins and (len(self.origins) > 1 or set(self.origins) & {"data", "spin"}):  # EMA or SFT pairs alone
             lines.append("origin: " + ", ".join(f"{ORIGIN_NAMES.get(code, code)} {count} ({count / self.pairs:.0%})"
                                                 for code, count in self.origins.items()))
         if not self.endings:
