@@ -85,6 +85,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
     watch = ValidationWatch(session, loop_state)  # the validation split, best step and early stopping
     loss_spec = LOSSES[cfg.loss.name]
     source = pair_source(cfg)  # where the rejected responses come from (`sapo.pairs`)
+    session.split_origins = source.origins
     procs = session.processes  # one process, or this rank of N (distributed.py)
     buffer = ReplayBuffer(run_dir / procs.buffer_file, cfg.sapo.buffer_size, session.stop_ids)
     metrics = MetricsWriter(RunDir(run_dir).metrics, enabled=procs.is_main)
@@ -112,7 +113,7 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
                 new = NewPairsOfStep()  # steps between generations (`sapo.generate_every`) train from the buffer alone
                 if (step - 1) % cfg.sapo.generate_every == 0:
                     new = _add_new_pairs(session, buffer, loss_spec, source, step)
-                update = _policy_update(session, buffer, loss_spec, source.origins)
+                update = _policy_update(session, buffer, loss_spec)
                 skips.count(update.applied)
                 record = _step_record(session, buffer, step, new, update, skips.total, time.perf_counter() - step_start)
                 watch.after_step(step, record)
@@ -237,8 +238,7 @@ def _add_new_pairs(session: TrainSession, buffer: ReplayBuffer, loss_spec: LossS
     return NewPairsOfStep(pairs, figures, gen_s, ref_s)
 
 
-def _policy_update(session: TrainSession, buffer: ReplayBuffer, loss_spec: LossSpec,
-                   origins: tuple[str, ...] = ()) -> PolicyUpdate:
+def _policy_update(session: TrainSession, buffer: ReplayBuffer, loss_spec: LossSpec) -> PolicyUpdate:
     """Step 3: `grad_accum` micro-batches drawn from the buffer, then one clipped optimizer step.
 
     A non-finite loss or gradient skips the update on every rank: one bad batch must not poison the adapter.
@@ -248,7 +248,7 @@ def _policy_update(session: TrainSession, buffer: ReplayBuffer, loss_spec: LossS
     started = time.perf_counter()
     training_mode(session.model)
     session.optimizer.zero_grad(set_to_none=True)
-    totals = StepTotals(origins)  # figures per origin of the drawn pairs, for a source that mixes them
+    totals = StepTotals(session.split_origins)  # figures per origin of the drawn pairs, for a source mixing them
     for _ in range(cfg.train.grad_accum):
         batch = buffer.sample(cfg.train.micro_batch, session.sample_rng)
         if loss_spec.needs_reference:

@@ -104,6 +104,7 @@ class TrainSession:
     score: Callable[..., Any] = response_token_logps  # the training forward (through DDP with several processes)
     merged_ema: MergedAdapter | None = None  # the EMA merged for generation (`ema_generation`), else unmerged
     decode_threads: DecodeThreads | None = None  # CPU threads raised for generating, when chosen automatically
+    split_origins: tuple[str, ...] = ()  # origins whose drawn pairs the metrics report apart (`sapo.pairs=mix`)
 
     def generating(self) -> contextlib.AbstractContextManager:
         """Around every generation (rewrites, greedy answers): the idle cores' threads on the CPU."""
