@@ -221,7 +221,7 @@ def table(out: Path, seeds: list[int]) -> str:
              ""]
     # a comparison stopped before its grid finished: the choice among the grid points trained so far
     choice = json.loads((out / "choice.json").read_text()) if (out / "choice.json").is_file() else choose(out)
-    header = ["row", "command (+ shared flags)", "lr / share (validation)", "seeds", "constraint", "prompt",
+    header = ["row", "command (+ shared flags)", "lr / share", "seeds", "constraint", "prompt",
               "val constr. 0 -> end", "s/step", "gen. share", "real-pair acc. (val)", "self-made acc. (val)"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base = out / "heldout" / "base.json"
@@ -247,7 +247,14 @@ def table(out: Path, seeds: list[int]) -> str:
             mean_spread([v for v in real if v is not None]),
             mean_spread([log[steps]["val/accuracy"] for log in logs if "val/accuracy" in log[steps]]),
         ]) + " |")
-    if choice:
+    for row in ROWS:
+        if row not in choice:  # a stopped comparison: how far its runs got
+            got = [len(records(r)) for r in sorted(out.glob(f"{row}-lr*-s0")) if (r / "metrics.jsonl").is_file()]
+            cells = [ROWS[row][2], f"not finished: {max(got, default=0)} of {steps} steps"]
+            lines.append("| " + " | ".join([*cells, *[""] * (len(header) - 2)]) + " |")
+    if choice and not BUDGET["val_size"]:
+        lines += ["", "no validation split: one learning rate and one mix share, nothing chosen"]
+    elif choice:
         lines += ["", f"grid (seed 0, validation split of {BUDGET['val_size']} examples at step {steps}; the "
                   "held-out set never read here):"]
         for row, chosen in choice.items():
