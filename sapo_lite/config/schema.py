@@ -86,8 +86,9 @@ class DataConfig:
     """Examples carved out of the training data (never the held-out set) as a validation split, scored every
     `train.eval_every` steps; 0: no validation split."""
     max_bad_share: float = 0.05
-    """Rows that cannot be used (null, empty or non-text content, wrong shape) are skipped and counted;
-    above this share of the rows the data is refused."""
+    """Rows that cannot be used (null, empty or non-text content, wrong shape; in preference data also a rejected
+    answer missing, empty, identical to the chosen one, or after another prompt) are skipped and counted; above
+    this share of the rows the data is refused."""
 
 
 @dataclass
