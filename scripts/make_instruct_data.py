@@ -1,4 +1,5 @@
-"""Write the bundled verifiable instruction-following data: `instruct.jsonl` and `instruct-eval.jsonl`.
+"""Write the bundled verifiable instruction-following data: `instruct.jsonl`, `instruct-eval.jsonl` and
+`instruct-pairs.jsonl`.
 
 Run once from the repository root (the output is committed; the script is deterministic):
 
@@ -13,6 +14,10 @@ The held-out split measures generalisation, not recall: its prompts never occur 
 it draws content from items kept out of training (countries, words, objects, animals, operand
 pairs), and every constraint is phrased in wording never used in training. Responses stay
 short (a 135M chat model trains on them with ~160 tokens including the chat template).
+`instruct-pairs.jsonl` is preference data for the same 2,000 training prompts (Tulu 3's recipe for
+instruction-following pairs): `chosen` is the response above, `rejected` an answer that breaks
+exactly one of the prompt's constraints (a seeded choice, named in `broken`) and meets the others,
+asserted with the same checkers. Its held-out set is `instruct-eval.jsonl`, as for `instruct`.
 Standard library only, plus the package's own checkers.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -404,13 +410,81 @@ def kind_counts(rows: list[dict]) -> Counter:
     return Counter(c["kind"] for row in rows for c in row["constraints"])
 
 
+# ---------------------------------------------------------------- preference pairs
+# Tulu 3's recipe for verifiable instruction-following preference data: the rejected answer breaks
+# exactly one of the prompt's constraints and keeps every other. Each kind lists ways to break it,
+# tried in order until one breaks that constraint alone (the package's checkers decide).
+
+
+def styled(text: str, response: str) -> str:
+    """`text` in the letter case of `response` (so a break of one rule keeps a case rule intact)."""
+    letters = [c for c in response if c.isalpha()]
+    if letters and all(c.isupper() for c in letters):
+        return text.upper()
+    if letters and all(c.islower() for c in letters):
+        return text.lower()
+    return text
+
+
+def first_upper(text: str) -> str:
+    index = next(i for i, c in enumerate(text) if c.isalpha())
+    return text[:index] + text[index].upper() + text[index + 1 :]
+
+
+def _without_word(text: str, word: str) -> str:
+    out = re.sub(rf"(?i)\b{re.escape(word)}\b\s*", "", text, count=1).strip()
+    return out if text[0].islower() else first_upper(out)
+
+
+BREAKS = {
+    "all_lowercase": [lambda text, c: first_upper(text)],
+    "all_uppercase": [lambda text, c: text.lower().capitalize(), lambda text, c: "- " + text[2:].lower()],
+    "no_commas": [lambda text, c: text.replace('": "', '": ",', 1) if text.startswith("{") else None,
+                  lambda text, c: ", ".join(text.rsplit(" ", 1))],
+    "max_words": [lambda text, c: text.replace(" ", " " + " ".join([styled("really", text)] * c["n"]) + " ", 1)],
+    "end_with": [lambda text, c: re.sub(r"\s*\S+\s*$", "", text)],
+    "start_yes_no": [lambda text, c: first_upper(re.sub(r"^(?i:yes|no)\.\s*", "", text))
+                     if text[0].isupper() else re.sub(r"^(?i:yes|no)\.\s*", "", text)],
+    "include_word": [lambda text, c: _without_word(text, c["word"])],
+    "bullet_count": [lambda text, c: "\n".join(text.splitlines()[:-1])],
+    "sentence_count": [lambda text, c: f"{text} {styled('That is all.', text)}"],
+    "json_key": [lambda text, c: str(json.loads(text)[c["key"]])],
+}
+
+
+def rejected_answer(row: dict, broken: dict) -> str:
+    """A rejected answer to `row` that fails `broken` and meets every other constraint of the row."""
+    others = [c for c in row["constraints"] if c is not broken]
+    for make in BREAKS[broken["kind"]]:
+        text = make(row["response"], broken)
+        if text and not check(text, broken) and all(check(text, c) for c in others):
+            return text
+    raise AssertionError(f"no way to break only {broken} in {row}")
+
+
+def make_pairs(rows: list[dict], seed: int) -> list[dict]:
+    """The same prompts and chosen answers, each with a rejected answer that breaks one of its constraints
+    (a seeded choice among them); `broken` names it."""
+    rng = random.Random(seed)
+    pairs = []
+    for row in rows:
+        broken = rng.choice(row["constraints"])
+        rejected = rejected_answer(row, broken)
+        assert all(check(row["response"], c) for c in row["constraints"])  # chosen passes every one
+        assert sum(not check(rejected, c) for c in row["constraints"]) == 1  # rejected fails exactly one
+        pairs.append({"prompt": row["prompt"], "chosen": row["response"], "rejected": rejected,
+                      "constraints": row["constraints"], "answer": row["answer"], "broken": broken["kind"]})
+    return pairs
+
+
 def main() -> None:
     train = make_rows(held_out=False, count=TRAIN_ROWS, seed=SEED)
     held = make_rows(held_out=True, count=EVAL_ROWS, seed=SEED + 1)
     overlap = {r["prompt"] for r in train} & {r["prompt"] for r in held}
     assert not overlap, f"{len(overlap)} prompts in both splits"
     assets = ROOT / "sapo_lite" / "assets"
-    for name, rows in (("instruct", train), ("instruct-eval", held)):
+    pairs = make_pairs(train, SEED + 2)
+    for name, rows in (("instruct", train), ("instruct-eval", held), ("instruct-pairs", pairs)):
         with (assets / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
@@ -422,6 +496,9 @@ def main() -> None:
     print(f"{'rows':<16}{len(train):>7}{len(held):>10}")
     print(f"{'two constraints':<16}{two[0]:>7}{two[1]:>10}")
     print(f"{'constraints':<16}{sum(train_counts.values()):>7}{sum(held_counts.values()):>10}")
+    broken = Counter(row["broken"] for row in pairs)
+    print("instruct-pairs, the constraint each rejected answer breaks: "
+          + ", ".join(f"{kind} {count}" for kind, count in sorted(broken.items())))
 
 
 if __name__ == "__main__":

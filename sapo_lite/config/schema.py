@@ -89,8 +89,9 @@ class DataConfig:
     """Examples carved out of the training data (never the held-out set) as a validation split, scored every
     `train.eval_every` steps; 0: no validation split."""
     max_bad_share: float = 0.05
-    """Rows that cannot be used (null, empty or non-text content, wrong shape) are skipped and counted;
-    above this share of the rows the data is refused."""
+    """Rows that cannot be used (null, empty or non-text content, wrong shape; in preference data also a rejected
+    answer missing, empty, identical to the chosen one, or after another prompt) are skipped and counted; above
+    this share of the rows the data is refused."""
 
 
 @dataclass
@@ -133,6 +134,21 @@ class SapoConfig:
     candidates, with transformers' sampling distribution; on a CPU with a full-precision base the EMA is merged
     into scratch copies of the weights while it generates); other models fall back to `hf`, and `train` says
     so. `hf`: transformers' `generate` on the PeftModel, as before and as TRL does."""
+    pairs: Literal["self", "data", "mix", "spin"] = "self"
+    """Where the rejected responses come from. `self`: the EMA rewrites a segment of each chosen response (SAPO).
+    `data`: the data's own rejected answers (offline DPO/ORPO; needs `chosen` + `rejected` columns; nothing is
+    generated). `mix`: each step's new pairs part the data's, part the EMA's (`mix_share`). `spin`: SPIN, a whole
+    answer written from the prompt by the previous iterate, which is also the reference (`spin_iteration_steps`).
+    See docs/preference-data.md."""
+    mix_share: float = 0.5
+    """With `pairs=mix`: the share of each step's new pairs that take the data's rejected answer (the rest are
+    the EMA's rewrites); rounded at random per step, so the share holds on average."""
+    spin_iteration_steps: int = 50
+    """With `pairs=spin`: optimizer steps per SPIN iteration; at its first step the policy becomes the
+    generator and the DPO reference for the whole iteration."""
+    spin_max_new_tokens: int = 256
+    """With `pairs=spin`: the longest answer the previous iterate writes (SPIN's official `max_tokens`), also
+    bounded by the room `data.max_len` leaves after the prompt."""
     static_cache: bool = False
     """With `decoder=hf`: a preallocated KV cache; on CUDA transformers then compiles decoding with torch.compile.
     The lean decoder always preallocates its cache, so `static_cache=true` needs `decoder=hf`."""
@@ -236,6 +252,15 @@ def validate(cfg: Config) -> None:
         (s.ref_refresh_steps >= 0, "sapo.ref_refresh_steps must be >= 0"),
         (not (s.static_cache and s.decoder == "lean"), "sapo.static_cache=true applies to transformers' generate: "
          "set sapo.decoder=hf with it (the lean decoder always preallocates its cache)"),
+        (0 <= s.mix_share <= 1, f"sapo.mix_share must be in [0, 1], got {s.mix_share}"),
+        (s.spin_iteration_steps >= 1, "sapo.spin_iteration_steps must be >= 1"),
+        (s.spin_max_new_tokens >= 1, "sapo.spin_max_new_tokens must be >= 1"),
+        (not (s.pairs == "spin" and ls.name != "dpo"), f"sapo.pairs=spin trains against the previous iterate as "
+         f"the reference, which loss.name={ls.name} has none of: set loss.name=dpo"),
+        (not (s.pairs == "spin" and s.ref_refresh_steps), "sapo.pairs=spin sets the reference itself (the previous "
+         "iterate): set sapo.ref_refresh_steps=0"),
+        (not (s.pairs != "self" and ls.name == "sft"), f"loss.name=sft trains on the chosen responses alone: "
+         f"sapo.pairs={s.pairs} would make rejected ones it never reads; set sapo.pairs=self"),
         (s.temperature > 0, "sapo.temperature must be > 0"),
         (s.top_k >= 0, "sapo.top_k must be >= 0"),
         (0 < s.top_p <= 1, "sapo.top_p must be in (0, 1]"),

@@ -245,7 +245,8 @@ def hold_out_from_own_data(cfg: Config) -> None:
     """
     data = cfg.data
     own = data.eval_path.removesuffix("-eval") if data.eval_path else None
-    if data.eval_path and data.eval_path.startswith(BUNDLED_PREFIX) and own != data.path:
+    # `bundled:NAME-pairs` holds the same training prompts as `bundled:NAME`, with rejected answers: one eval set
+    if data.eval_path and data.eval_path.startswith(BUNDLED_PREFIX) and own != data.path.removesuffix("-pairs"):
         cfg.notes["data.eval_path"] = (f"{data.eval_path} belongs to {own}: held out from {data.path} instead, "
                                        "into RUN/held_out.jsonl")
         data.eval_path = HOLDOUT

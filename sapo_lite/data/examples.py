@@ -30,6 +30,7 @@ from ..config.schema import HOLDOUT, DataConfig
 from ..errors import DataError
 from .constraints import check
 from .files import Rows, load_rows
+from .pairs import PAIRS, reads_pairs, to_preference
 from .rows import RowProblem, RowReport, detect_column, shape_name, to_conversation
 from .streams import set_aside
 
@@ -70,6 +71,8 @@ class Example:
     constraints: list[dict] | None = None  # checkable instructions (data/constraints.py), when the data has them
     answer: str | None = None  # the reference answer, when the data has one
     row_index: int | None = None  # its row in the data it was read from (TokenizedData.rows), e.g. to write it out
+    rejected_ids: np.ndarray | None = None
+    """The data's rejected response (data/pairs.py), cut like the chosen one; None unless the run reads it."""
 
 
 @dataclass
@@ -85,13 +88,20 @@ class TokenizedData:
     notes: list[str] = field(default_factory=list)
     rows: Rows | None = None
     """The rows the examples came from, as read (`Example.row_index` points into them)."""
+    with_rejected: bool = False
+    """Each example carries the data's rejected response (`Example.rejected_ids`)."""
+
+    def shape(self) -> str:
+        if self.column != PAIRS:
+            return shape_name(self.column)
+        return "preference pairs" + ("" if self.with_rejected else ", the chosen answers only")
 
     def describe(self, cfg: DataConfig) -> str:
         """The `data:` line: what was read, which shape, and what happened to every row."""
         notes = "".join(f", {note}" for note in self.notes)
         return (
-            f"data: {len(self.examples)} examples from {self.source}{notes}, column {self.column} "
-            f"({shape_name(self.column)}); {self.report.summary()}; {self.dropped_long_prompt} dropped: "
+            f"data: {len(self.examples)} {'pairs' if self.with_rejected else 'examples'} from {self.source}{notes}, "
+            f"column {self.column} ({self.shape()}); {self.report.summary()}; {self.dropped_long_prompt} dropped: "
             f"prompt > {cfg.max_prompt_len} tokens; {self.truncated_response} responses cut to {cfg.max_len} tokens"
         )
 
@@ -210,13 +220,17 @@ def tokenize_conversation(
 
 
 def row_to_example(
-    row: dict[str, Any], column: str, tokenizer: Any, stops: list[int], cfg: DataConfig
+    row: dict[str, Any], column: str, tokenizer: Any, stops: list[int], cfg: DataConfig, with_rejected: bool = False
 ) -> tuple[Example | None, bool]:
     """One row as an Example (None: prompt too long) and whether its response was cut.
 
     Raises RowProblem when the row cannot be used. Columns other than the shape's are not read.
     """
-    prompt_messages, response = to_conversation(row, column)
+    rejected = None
+    if column == PAIRS:
+        prompt_messages, response, rejected = to_preference(row, with_rejected)
+    else:
+        prompt_messages, response = to_conversation(row, column)
     prompt_ids, response_ids = tokenize_conversation(tokenizer, prompt_messages, response, stops)
     if len(prompt_ids) > cfg.max_prompt_len:
         return None, False
@@ -226,12 +240,21 @@ def row_to_example(
     example = Example(
         np.asarray(prompt_ids, np.int32), np.asarray(response_ids, np.int32), response.strip(), *row_metadata(row)
     )
+    if rejected is not None:
+        rejected_ids = tokenize_conversation(tokenizer, prompt_messages, rejected, stops)[1]
+        truncated |= len(rejected_ids) > room
+        example.rejected_ids = np.asarray(rejected_ids[:room], np.int32)
     return example, truncated
 
 
-def tokenize_dataset(rows: Rows, tokenizer: Any, cfg: DataConfig) -> TokenizedData:
-    """Tokenize every row; skip unusable rows, drop long prompts, cut long responses, and count all three."""
-    column = detect_column(list(rows.columns), cfg.column, rows.rows)
+def tokenize_dataset(rows: Rows, tokenizer: Any, cfg: DataConfig, with_rejected: bool = False) -> TokenizedData:
+    """Tokenize every row; skip unusable rows, drop long prompts, cut long responses, and count all three.
+
+    `with_rejected`: the run trains on the data's rejected answers, so the data must be preference pairs and
+    each row's rejected answer is checked and tokenized too."""
+    columns = list(rows.columns)
+    pairs = reads_pairs(columns, cfg.column, with_rejected)
+    column = PAIRS if pairs else detect_column(columns, cfg.column, rows.rows)
     stops = stop_token_ids(tokenizer)
     examples: list[Example] = []
     report = RowReport()
@@ -240,7 +263,7 @@ def tokenize_dataset(rows: Rows, tokenizer: Any, cfg: DataConfig) -> TokenizedDa
     for index, row in enumerate(rows.rows):
         report.rows += 1
         try:
-            example, cut = row_to_example(row, column, tokenizer, stops, cfg)
+            example, cut = row_to_example(row, column, tokenizer, stops, cfg, with_rejected)
         except RowProblem as problem:
             report.skip(rows.place(index), str(problem))
             continue
@@ -264,21 +287,23 @@ def tokenize_dataset(rows: Rows, tokenizer: Any, cfg: DataConfig) -> TokenizedDa
             "raise `data.max_prompt_len` (and `data.max_len`) or use shorter prompts",
         )
     return TokenizedData(examples, dropped, truncated, rows.source, column, report,
-                         unknown / response_tokens if response_tokens else 0.0, rows.notes, rows)
+                         unknown / response_tokens if response_tokens else 0.0, rows.notes, rows, with_rejected)
 
 
 def prompt_text(data: TokenizedData, example: Example) -> str:
     """The prompt of an example as its row wrote it (the last turn before the answer), for people to read."""
     if data.rows is None or example.row_index is None:
         return ""
-    prompt_messages, _ = to_conversation(data.rows.rows[example.row_index], data.column)
-    return prompt_messages[-1]["content"]
+    row = data.rows.rows[example.row_index]
+    prompt_messages = (to_preference(row, False)[0] if data.column == PAIRS
+                       else to_conversation(row, data.column)[0])
+    return prompt_messages[-1]["content"] if prompt_messages else ""
 
 
 def load_examples(
-    path: str, split: str | None, tokenizer: Any, cfg: DataConfig, key: str = "data.path"
+    path: str, split: str | None, tokenizer: Any, cfg: DataConfig, key: str = "data.path", with_rejected: bool = False
 ) -> TokenizedData:
-    return tokenize_dataset(load_rows(path, split, key), tokenizer, cfg)
+    return tokenize_dataset(load_rows(path, split, key), tokenizer, cfg, with_rejected)
 
 
 def held_out_set(

@@ -67,8 +67,8 @@ def to_conversation(row: dict[str, Any], column: str) -> tuple[list[dict[str, st
     if column == TEXT_PAIR:
         if row.get("prompt") is None and row.get("response") is None:
             raise RowProblem(f"no prompt/response ({_other_shape(row, column)})")
-        prompt = _text(row.get("prompt"), "prompt")
-        return [{"role": "user", "content": prompt}], _text(row.get("response"), "response")
+        prompt = as_text(row.get("prompt"), "prompt")
+        return [{"role": "user", "content": prompt}], as_text(row.get("response"), "response")
     messages = row.get(column)
     if messages is None:
         raise RowProblem(f"`{column}` is null ({_other_shape(row, column)})")
@@ -76,7 +76,7 @@ def to_conversation(row: dict[str, Any], column: str) -> tuple[list[dict[str, st
         raise RowProblem(f"`{column}` holds text, not a message list")
     if not isinstance(messages, list) or not messages:
         raise RowProblem(f"`{column}` is {'an empty list' if messages == [] else 'not a message list'}")
-    turns = [_message(m, number) for number, m in enumerate(messages, start=1)]
+    turns = [as_message(m, number) for number, m in enumerate(messages, start=1)]
     if turns[-1]["role"] != "assistant":
         roles = ", ".join(t["role"] for t in turns)
         raise RowProblem(f"last turn is `{turns[-1]['role']}`, not the assistant's (roles: {roles})")
@@ -93,7 +93,7 @@ def _other_shape(row: dict[str, Any], column: str) -> str:
     return f"filled columns: {', '.join(filled) or 'none'}"
 
 
-def _text(value: Any, what: str) -> str:
+def as_text(value: Any, what: str) -> str:
     """The value as training text, or RowProblem: null, empty and non-text values are never stringified."""
     if value is None:
         raise RowProblem(f"{what} is null")
@@ -119,7 +119,7 @@ def _join_parts(parts: list[Any], what: str) -> str:
     return "\n".join(texts)
 
 
-def _message(message: Any, number: int) -> dict[str, str]:
+def as_message(message: Any, number: int) -> dict[str, str]:
     if not isinstance(message, dict):
         raise RowProblem(f"message {number} is not an object with role and content")
     # ShareGPT-style rows use from/value and human/gpt.
@@ -128,7 +128,7 @@ def _message(message: Any, number: int) -> dict[str, str]:
         raise RowProblem(f"message {number} has no role")
     role = {"human": "user", "gpt": "assistant"}.get(role, role)
     content = message.get("content", message.get("value"))
-    return {"role": role, "content": _text(content, f"message {number} ({role}) content")}
+    return {"role": role, "content": as_text(content, f"message {number} ({role}) content")}
 
 
 @dataclass

@@ -211,16 +211,21 @@ def ema_update(model: torch.nn.Module, decay: float) -> None:
 
 
 @torch.no_grad()
-def refresh_reference(model: Any) -> None:
-    """Copy the EMA into the `ref` adapter, created on first use: the official SAPO reference update.
+def refresh_reference(model: Any, source: str = EMA) -> None:
+    """Copy the EMA (or `source`) into the `ref` adapter, created on first use: the official SAPO reference update.
 
     Cached reference log-probs are stale afterwards; the caller must invalidate them.
     """
     if REF not in model.peft_config:
         model.add_adapter(REF, copy.deepcopy(model.peft_config[EMA]))
         model.set_adapter(POLICY)  # keeps the policy the only trainable adapter
-    ema, ref = adapter_tensors(model, EMA), adapter_tensors(model, REF)
-    torch._foreach_copy_([ref[n] for n in sorted(ema)], [ema[n] for n in sorted(ema)])
+    origin, ref = adapter_tensors(model, source), adapter_tensors(model, REF)
+    torch._foreach_copy_([ref[n] for n in sorted(origin)], [origin[n] for n in sorted(origin)])
+
+
+def copy_policy_to_reference(model: Any) -> None:
+    """SPIN's new iteration: the policy as it stands becomes the frozen `ref` adapter (generator and reference)."""
+    refresh_reference(model, POLICY)
 
 
 def training_mode(model: torch.nn.Module) -> None:

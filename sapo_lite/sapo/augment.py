@@ -60,6 +60,11 @@ from ..models.decoding import lean_generate
 from ..models.generation import left_pad
 from ..models.sampling import sample_next
 
+# Where a pair's rejected response comes from (the buffer's `origin` column): the EMA's rewrite of a segment
+# (SAPO), the data's own rejected answer, a whole answer by the previous iterate (SPIN), or none (SFT).
+EMA_REWRITE, FROM_DATA, SPIN_ANSWER, CHOSEN_ONLY = "ema", "data", "spin", "sft"
+ORIGINS = (EMA_REWRITE, FROM_DATA, SPIN_ANSWER, CHOSEN_ONLY)
+
 
 @dataclass
 class Pair:
@@ -70,6 +75,7 @@ class Pair:
     prompt_len: int
     trunc_point: int
     segment_len: int
+    origin: str = EMA_REWRITE
 
 
 TAIL_KEPT, STOPPED, CUT_OFF = "tail kept", "ended by the EMA's stop token", "cut at the length limit"
@@ -272,6 +278,6 @@ def chosen_only_pairs(examples: Sequence) -> list[Pair]:
     they go through the same buffer, so SFT sees the same examples in the same order as SAPO."""
     return [
         Pair(np.concatenate([ex.prompt_ids, ex.response_ids]).astype(np.int32), np.empty(0, np.int32),
-             len(ex.prompt_ids), 0, 0)
+             len(ex.prompt_ids), 0, 0, CHOSEN_ONLY)
         for ex in examples
     ]

@@ -6,7 +6,9 @@ how often it was drawn, the step that added it, and how its rewrite ends (`endin
 stopped by the EMA, or cut at the length limit; NULL for pairs without a rewrite). Storing the
 ending makes `pairs/cut_off` (the share of the buffer's pairs cut at the length limit) one SQL
 count a step, the same count `sapo-lite buffer --stats` makes. Adding, evicting and counting
-draws each happen in a single transaction, so a crash never leaves half a pair behind.
+draws each happen in a single transaction, so a crash never leaves half a pair behind. Each pair
+also records its `origin` (augment.py's ORIGINS: the EMA's rewrite, the data's rejected answer,
+SPIN's whole answer, or none for SFT), so a run mixing sources can be read source by source.
 
 Sampling is with replacement, weight 1 / (1 + times drawn), as in the official code's
 buffer: fresh pairs are favoured without starving old ones.
@@ -36,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RunDirError, writing
-from .augment import CUT_OFF, STOPPED, TAIL_KEPT, Pair, pair_ending
+from .augment import CHOSEN_ONLY, CUT_OFF, EMA_REWRITE, STOPPED, TAIL_KEPT, Pair, pair_ending
 
 # Two tables: the small per-pair facts that sampling, counting and eviction scan, and the
 # token blobs (8 KB a pair at 1,000 tokens) that are read only for the pairs drawn. Keeping
@@ -51,7 +53,8 @@ CREATE TABLE IF NOT EXISTS pairs (
     ref_logp_rejected REAL,
     times_drawn INTEGER NOT NULL DEFAULT 0,
     step_added INTEGER NOT NULL,
-    ending TEXT
+    ending TEXT,
+    origin TEXT
 );
 CREATE TABLE IF NOT EXISTS pair_tokens (
     id INTEGER PRIMARY KEY,
@@ -61,11 +64,14 @@ CREATE TABLE IF NOT EXISTS pair_tokens (
 """
 PAIR_COLUMNS = (
     "p.id, t.chosen_ids, t.rejected_ids, p.prompt_len, p.trunc_point, p.segment_len, p.ref_logp_chosen,"
-    " p.ref_logp_rejected, p.times_drawn, p.step_added, p.ending"
+    " p.ref_logp_rejected, p.times_drawn, p.step_added, p.ending, p.origin"
 )
 JOINED = "pairs p JOIN pair_tokens t ON t.id = p.id"
-SCHEMA_VERSION = 2  # PRAGMA user_version; bump when the layout changes (2: the `ending` column)
+SCHEMA_VERSION = 3  # PRAGMA user_version; bump when the layout changes (2: the `ending` column, 3: `origin`)
 ENDINGS_SINCE = 2  # buffers of version 1 are read with every ending unknown (NULL)
+ORIGINS_SINCE = 3
+# Before version 3 a pair's rejected response was the EMA's rewrite or, for SFT, empty: the origin is known exactly.
+OLD_ORIGIN = f"CASE WHEN segment_len > 0 THEN '{EMA_REWRITE}' ELSE '{CHOSEN_ONLY}' END"
 # How a rewrite ends, as stored in the `ending` column: short stable codes, not the labels people read.
 ENDING_CODES = {TAIL_KEPT: "tail_kept", STOPPED: "stopped", CUT_OFF: "cut_off"}
 ENDING_LABELS = {code: label for label, code in ENDING_CODES.items()}
@@ -74,7 +80,7 @@ ENDING_LABELS = {code: label for label, code in ENDING_CODES.items()}
 def check_schema(db: sqlite3.Connection, path: Path) -> int:
     """The buffer's layout version; a layout this sapo-lite does not know is refused rather than misread."""
     version = db.execute("PRAGMA user_version").fetchone()[0]
-    if version not in (1, SCHEMA_VERSION):
+    if version not in range(1, SCHEMA_VERSION + 1):
         raise RunDirError(
             f"replay buffer `{path}` has layout version {version}, this sapo-lite reads versions 1 to {SCHEMA_VERSION}",
             "finish that run with the sapo-lite version that started it, or start a new run",
@@ -87,24 +93,39 @@ def migrate(db: sqlite3.Connection, path: Path) -> None:
 
     Version 1 had no `ending` column: its pairs keep an unknown (NULL) ending, which the cut-off share
     leaves out (and says so), rather than guessing one from the tokens without the run's stop tokens.
+    Version 2 had no `origin`: every pair then was an EMA rewrite or an SFT pair, which `segment_len` tells.
     """
-    if check_schema(db, path) < ENDINGS_SINCE:
+    version = check_schema(db, path)
+    if version < SCHEMA_VERSION:
         with _Transaction(db):
-            db.execute("ALTER TABLE pairs ADD COLUMN ending TEXT")
+            if version < ENDINGS_SINCE:
+                db.execute("ALTER TABLE pairs ADD COLUMN ending TEXT")
+            db.execute("ALTER TABLE pairs ADD COLUMN origin TEXT")
+            db.execute(f"UPDATE pairs SET origin = {OLD_ORIGIN}")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def read_as_current(db: sqlite3.Connection, path: Path) -> None:
     """Let a read-only connection query an older buffer with today's columns, without writing to it:
-    a temporary view named `pairs` shadows the old table, with every ending unknown."""
-    if check_schema(db, path) < ENDINGS_SINCE:
-        db.execute("CREATE TEMP VIEW pairs AS SELECT *, NULL AS ending FROM main.pairs")
+    a temporary view named `pairs` shadows the old table, with every ending unknown where none was recorded
+    and the origin its layout implies."""
+    version = check_schema(db, path)
+    if version < SCHEMA_VERSION:
+        ending = "ending" if version >= ENDINGS_SINCE else "NULL AS ending"
+        columns = ("id, prompt_len, trunc_point, segment_len, ref_logp_chosen, ref_logp_rejected, times_drawn,"
+                   " step_added")
+        db.execute(f"CREATE TEMP VIEW pairs AS SELECT {columns}, {ending}, {OLD_ORIGIN} AS origin FROM main.pairs")
 
 
 def ending_counts(db: sqlite3.Connection) -> dict[str | None, int]:
     """Pairs in the buffer with a rewrite (SFT pairs have none) by how it ends: stored code -> count, None
     for pairs whose ending was not recorded."""
     return dict(db.execute("SELECT ending, COUNT(*) FROM pairs WHERE segment_len > 0 GROUP BY ending").fetchall())
+
+
+def origin_counts(db: sqlite3.Connection) -> dict[str, int]:
+    """Pairs in the buffer by origin (augment.py's ORIGINS)."""
+    return dict(db.execute("SELECT origin, COUNT(*) FROM pairs GROUP BY origin ORDER BY origin").fetchall())
 
 
 def cut_off_share(counts: dict[str | None, int]) -> float:
@@ -172,8 +193,8 @@ class ReplayBuffer:
             for p, (rc, rr) in zip(pairs, refs):
                 cursor = self._db.execute(
                     "INSERT INTO pairs (prompt_len, trunc_point, segment_len, ref_logp_chosen, ref_logp_rejected,"
-                    " step_added, ending) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (p.prompt_len, p.trunc_point, p.segment_len, rc, rr, step, self._ending(p)),
+                    " step_added, ending, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (p.prompt_len, p.trunc_point, p.segment_len, rc, rr, step, self._ending(p), p.origin),
                 )
                 self._db.execute(
                     "INSERT INTO pair_tokens (id, chosen_ids, rejected_ids) VALUES (?, ?, ?)",
@@ -189,10 +210,13 @@ class ReplayBuffer:
                 self._db.execute("DELETE FROM pair_tokens WHERE id <= ?", cutoff)
 
     def _ending(self, pair: Pair) -> str | None:
-        if self.stop_ids is None or pair.segment_len == 0:  # no stop tokens given, or no rewrite (SFT)
+        if self.stop_ids is None or pair.segment_len == 0:  # no stop tokens given, or no rewrite (SFT, the data's)
             return None
         ending = pair_ending(pair.rejected_ids, pair.prompt_len, pair.trunc_point, pair.segment_len, self.stop_ids)
         return ENDING_CODES[ending]
+
+    def origin_counts(self) -> dict[str, int]:
+        return origin_counts(self._db)
 
     def cut_off_share(self) -> float:
         """The share of the buffer's pairs whose rewrite was cut at the length limit (`pairs/cut_off`)."""
@@ -292,13 +316,14 @@ class _Transaction:
 
 def row_to_pair(row: tuple) -> StoredPair:
     """A row of `SELECT {PAIR_COLUMNS} FROM {JOINED}` as a StoredPair (the buffer view reads rows this way too)."""
-    (pair_id, chosen, rejected, prompt_len, t, g, ref_c, ref_r, drawn, step, ending) = row
+    (pair_id, chosen, rejected, prompt_len, t, g, ref_c, ref_r, drawn, step, ending, origin) = row
     return StoredPair(
         chosen_ids=np.frombuffer(chosen, dtype=np.int32),
         rejected_ids=np.frombuffer(rejected, dtype=np.int32),
         prompt_len=prompt_len,
         trunc_point=t,
         segment_len=g,
+        origin=origin,
         pair_id=pair_id,
         ref_logp_chosen=ref_c,
         ref_logp_rejected=ref_r,

@@ -13,7 +13,7 @@ from rich.text import Text
 
 from ..errors import ConfigError, RunDirError
 from ..run.layout import RunDir
-from ..sapo.augment import CUT_OFF, TAIL_KEPT, is_identical, pair_ending
+from ..sapo.augment import CUT_OFF, FROM_DATA, SPIN_ANSWER, TAIL_KEPT, is_identical, pair_ending
 from ..sapo.buffer import (
     ENDING_CODES,
     ENDING_LABELS,
@@ -22,9 +22,14 @@ from ..sapo.buffer import (
     StoredPair,
     cut_off_share,
     ending_counts,
+    origin_counts,
     read_as_current,
     row_to_pair,
 )
+
+# How `buffer --show/--stats` names where a pair's rejected response comes from.
+ORIGIN_NAMES = {"ema": "EMA rewrites", "data": "the data's rejected", "spin": "SPIN answers (previous iterate)",
+                "sft": "chosen only (SFT)"}
 
 
 @dataclass
@@ -37,6 +42,8 @@ class BufferStats:
     endings: dict[str | None, int]
     """How the rewrites end, as recorded when each pair entered the buffer: code -> pairs (None: not recorded)."""
     identical: int
+    origins: dict[str, int] | None = None
+    """Pairs by where their rejected response comes from (the buffer's `origin` column)."""
 
     @property
     def cut_off(self) -> float:
@@ -52,6 +59,9 @@ class BufferStats:
             f"age in steps (newest step {self.newest_step}): min {ages.min()}, median {np.median(ages):.0f}, "
             f"p90 {np.percentile(ages, 90):.0f}, max {ages.max()}",
         ]
+        if self.origins and (len(self.origins) > 1 or set(self.origins) & {"data", "spin"}):  # EMA or SFT pairs alone
+            lines.append("origin: " + ", ".join(f"{ORIGIN_NAMES.get(code, code)} {count} ({count / self.pairs:.0%})"
+                                                for code, count in self.origins.items()))
         if not self.endings:
             return [*lines, "rewrites: none (the pairs hold the chosen responses alone)"]
         known = sum(count for code, count in self.endings.items() if code is not None)
@@ -110,7 +120,8 @@ def buffer_stats(db: sqlite3.Connection, capacity: int) -> BufferStats:
     added = np.array([p.step_added for p in pairs], dtype=np.int64)
     identical = sum(is_identical(p) for p in pairs)
     newest = int(added.max())
-    return BufferStats(len(pairs), capacity, newest, drawn, newest - added, ending_counts(db), identical)
+    return BufferStats(len(pairs), capacity, newest, drawn, newest - added, ending_counts(db), identical,
+                       origin_counts(db))
 
 
 def newest_pairs(db: sqlite3.Connection, count: int, first_step: int = 0,
@@ -159,7 +170,10 @@ def pair_text(pair: StoredPair, decode, stop_ids: list[int]) -> PairText:
 
 
 def render_pair(pair: StoredPair, decode, stop_ids: list[int]) -> Panel:
-    """Prompt, shared prefix, then the chosen segment (green) against the EMA's rewrite (red)."""
+    """Prompt, shared prefix, then the chosen segment (green) against the EMA's rewrite (red); a pair whose
+    rejected response is a whole answer (the data's, SPIN's) shows both answers whole."""
+    if pair.origin in (FROM_DATA, SPIN_ANSWER):
+        return _render_whole(pair, decode)
     text = pair_text(pair, decode, stop_ids)
     t, g = pair.trunc_point, pair.segment_len
     chosen_text = Text.assemble((text.prefix, "dim"), (text.chosen_segment, "bold green"), (text.tail, "dim"))
@@ -185,3 +199,15 @@ def pair_origins(db: sqlite3.Connection, pair_ids: list[int]) -> dict[int, str] 
     marks = ",".join("?" * len(pair_ids))
     rows = db.execute(f"SELECT id, origin FROM pairs WHERE id IN ({marks})", pair_ids) if pair_ids else []
     return {int(pair_id): str(origin) for pair_id, origin in rows}
+
+
+def _render_whole(pair: StoredPair, decode) -> Panel:
+    p = pair.prompt_len
+    body = Group(
+        Text.assemble(("prompt: ", "bold"), decode(pair.chosen_ids[:p])),
+        Text.assemble(("chosen:   ", "bold green"), (decode(pair.chosen_ids[p:]), "bold green")),
+        Text.assemble(("rejected: ", "bold red"), (decode(pair.rejected_ids[p:]), "bold red")),
+    )
+    title = (f"pair {pair.pair_id}, step {pair.step_added}, drawn {pair.times_drawn}x, "
+             f"rejected: {ORIGIN_NAMES[pair.origin]}")
+    return Panel(body, title=title, title_align="left")

@@ -56,6 +56,13 @@ def series(records: list[dict], key: str, buffer_capacity: int) -> np.ndarray:
     return np.array([np.nan if r.get(key) is None else r[key] for r in records], dtype=float)
 
 
+def panel_keys(keys: list[str], records: list[dict]) -> list[str]:
+    """A panel's keys, each followed by its per-origin split where the run logged one (`rewards/accuracies/data`
+    beside `rewards/accuracies` in a `sapo.pairs=mix` run)."""
+    logged = dict.fromkeys(k for r in records for k in r)
+    return [k for key in keys for k in [key, *(name for name in logged if name.startswith(key + "/"))]]
+
+
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
     """Trailing mean over `window` steps (NaN-aware), so the curve stays aligned with its steps."""
     out = np.empty_like(values)
@@ -106,10 +113,12 @@ def plot_run(run_dir: Path, out: Path, buffer_capacity: int) -> PlotReport:
     rows = 3 if validation else 2
     fig, axes = plt.subplots(rows, 4, figsize=(18, 3.75 * rows), constrained_layout=True, squeeze=False)
     for ax, (title, keys, ylabel) in zip(axes.flat, PANELS):
+        keys = panel_keys(keys, records)
         for key in keys:
             values = series(records, key, buffer_capacity)
-            label = LEGENDS.get(key, key.split("/")[-1]) if len(keys) > 1 else None
-            if key in NOISY:
+            label = LEGENDS.get(key, key.split("/")[-1] if key.count("/") < 2 else f"{key.split('/')[-1]} pairs")
+            label = label if len(keys) > 1 else None
+            if key in NOISY or key.rpartition("/")[0] in NOISY:
                 line = ax.plot(steps, values, alpha=0.25, linewidth=0.8)[0]
                 ax.plot(steps, smooth(values, window), color=line.get_color(), linewidth=1.8, label=label)
             else:

@@ -3,7 +3,8 @@
 One optimizer step:
     every `ema_every` steps: ema <- lerp(ema, policy)
     every `generate_every` steps (default every step):
-        take `gen_per_step` new examples; the EMA rewrites a segment of each good response
+        take `gen_per_step` new examples; the pair source (`sapo.pairs`, sapo/sources/) makes their
+        rejected responses: by default the EMA rewrites a segment of each good response
         reference log-probs of the new pairs (only for losses that need them), stored with them
         push the pairs into the on-disk FIFO buffer
     `grad_accum` micro-batches sampled from the buffer: policy forward + loss + backward
@@ -27,7 +28,6 @@ Departures from the official code:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -40,13 +40,13 @@ from ..config.schema import Config
 from ..data.scoring import held_out_metric
 from ..errors import TrainingDiverged
 from ..models.generation import evaluate_role
-from ..models.roles import EMA, acting_as, ema_update, reference, refresh_reference, training_mode
+from ..models.roles import ema_update, reference, refresh_reference, training_mode
 from ..run.layout import RunDir
 from ..run.testhook import pause_point
-from ..sapo.augment import chosen_only_pairs, self_augment
 from ..sapo.buffer import ReplayBuffer
 from ..sapo.losses import LOSSES, LossSpec
 from ..sapo.pair_logps import pair_logps
+from ..sapo.sources import PairSource, SourceContext, pair_source
 from .checkpoint import rng_state, save_checkpoint
 from .distributed import resume_command
 from .finish import save_final_adapters, write_summary
@@ -85,6 +85,8 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
     earlier_s = loop_state.get("wall_s", 0.0)  # the time of the parts before a resume
     watch = ValidationWatch(session, loop_state, console)  # the validation split, best step, early stopping
     loss_spec = LOSSES[cfg.loss.name]
+    source = pair_source(cfg)  # where the rejected responses come from (`sapo.pairs`)
+    session.split_origins = source.origins
     procs = session.processes  # one process, or this rank of N (distributed.py)
     buffer = ReplayBuffer(run_dir / procs.buffer_file, cfg.sapo.buffer_size, session.stop_ids)
     metrics = MetricsWriter(RunDir(run_dir).metrics, enabled=procs.is_main)
@@ -109,9 +111,10 @@ def train(cfg: Config, run_dir: Path, console: Console, resume: bool = False) ->
             for step in range(start_step + 1, last_step + 1):
                 step_start = time.perf_counter()
                 _update_generator_and_reference(session, buffer, loss_spec, step)
+                source.at_step_start(session.model, buffer, step)
                 new = NewPairsOfStep()  # steps between generations (`sapo.generate_every`) train from the buffer alone
                 if (step - 1) % cfg.sapo.generate_every == 0:
-                    new = _add_new_pairs(session, buffer, loss_spec, step)
+                    new = _add_new_pairs(session, buffer, loss_spec, source, step)
                 update = _policy_update(session, buffer, loss_spec)
                 skips.count(update.applied)
                 record = _step_record(session, buffer, step, new, update, skips.total, time.perf_counter() - step_start)
@@ -204,27 +207,22 @@ def _update_generator_and_reference(session: TrainSession, buffer: ReplayBuffer,
         buffer.invalidate_reference()
 
 
-def _add_new_pairs(session: TrainSession, buffer: ReplayBuffer, loss_spec: LossSpec, step: int) -> NewPairsOfStep:
-    """Steps 1 and 2: new pairs, their reference log-probs, into the buffer."""
+def _add_new_pairs(session: TrainSession, buffer: ReplayBuffer, loss_spec: LossSpec, source: PairSource,
+                   step: int) -> NewPairsOfStep:
+    """Steps 1 and 2: new pairs from the run's pair source, their reference log-probs, into the buffer."""
     cfg, model = session.cfg, session.model
     pause_point("generation")
     started = time.perf_counter()
     examples = session.stream.take(cfg.sapo.gen_per_step)
-    if not loss_spec.needs_rejected:  # SFT: the chosen responses alone, nothing generated
-        pairs = chosen_only_pairs(examples)
-        figures = {"pairs/identical": math.nan, "pairs/cut_off": math.nan, "pairs/added": float(len(pairs))}
-    else:  # the EMA rewrites a segment of each new good response
-        sampling = {"temperature": cfg.sapo.temperature, "top_k": cfg.sapo.top_k, "top_p": cfg.sapo.top_p}
-        # merged for the whole round (resampled rewrites too), the base weights back exactly after it; the
-        # idle cores' threads from the merge on
-        with acting_as(model, EMA), session.generating(), session.merged_ema or contextlib.nullcontext():
-            new = self_augment(
-                model, examples, cfg.sapo.segment_len, cfg.data.max_len, session.pad_id, session.stop_ids,
-                session.data_rng, cfg.sapo.gen_batch_size, sampling, cfg.sapo.static_cache, cfg.sapo.decoder,
-                short_rewrite=cfg.sapo.short_rewrite, identical=cfg.sapo.identical, buffer_empty=len(buffer) == 0,
-            )
-        pairs = new.pairs
-        figures = _pair_figures(new, len(examples))
+    context = SourceContext(model, cfg, session.pad_id, session.stop_ids, session.data_rng, session.generating,
+                            session.merged_ema, buffer_empty=len(buffer) == 0)
+    made = source.make(context, examples)
+    pairs = made.pairs
+    # pairs/identical: share of the step's first rewrites equal to the chosen response (the EMA has learned it);
+    # pairs/added: pairs written to the buffer (fewer than examples when identical ones drop). pairs/cut_off,
+    # the share of the buffer's pairs whose rewrite was cut at the length limit, is counted once they are in it.
+    figures = {"pairs/identical": math.nan, "pairs/cut_off": math.nan, **made.figures,
+               "pairs/added": float(len(pairs))}
     gen_s = time.perf_counter() - started
 
     pause_point("reference")  # reference log-probs once per pair, stored with it in the buffer
@@ -252,7 +250,7 @@ def _policy_update(session: TrainSession, buffer: ReplayBuffer, loss_spec: LossS
     started = time.perf_counter()
     training_mode(session.model)
     session.optimizer.zero_grad(set_to_none=True)
-    totals = StepTotals()
+    totals = StepTotals(session.split_origins)  # figures per origin of the drawn pairs, for a source mixing them
     for _ in range(cfg.train.grad_accum):
         batch = buffer.sample(cfg.train.micro_batch, session.sample_rng)
         if loss_spec.needs_reference:
@@ -295,17 +293,6 @@ def _step_record(session: TrainSession, buffer: ReplayBuffer, step: int, new: Ne
     }
     session.processes.log_rank_debug(session.model, session.run_dir, record)
     return session.processes.mean_over_ranks(record)
-
-
-def _pair_figures(new, examples: int) -> dict[str, float]:
-    """pairs/identical: share of the step's first rewrites equal to the chosen response (the EMA has learned it);
-    pairs/added: pairs written to the buffer (fewer than examples when identical ones drop). pairs/cut_off,
-    the share of the buffer's pairs whose rewrite was cut at the length limit, is counted once they are in it."""
-    return {
-        "pairs/identical": new.identical / examples,
-        "pairs/cut_off": math.nan,
-        "pairs/added": float(len(new.pairs)),
-    }
 
 
 def _fill_missing_reference(session: TrainSession, buffer: ReplayBuffer, batch) -> None:

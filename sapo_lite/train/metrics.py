@@ -50,12 +50,16 @@ class StepTotals:
     KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
             "logps/chosen", "logps/rejected")
 
-    def __init__(self) -> None:
+    def __init__(self, origins: tuple[str, ...] = ()) -> None:
         self.sums: torch.Tensor | None = None
         self.keys = self.KEYS
         self.count = 0
         self.tokens = 0
         self._means: dict[str, float] | None = None
+        # A run mixing sources (`sapo.pairs=mix`) also reports margin and accuracy per origin of the drawn pairs:
+        # origin -> [margin sum, accuracy sum, pairs] (a step that drew none of an origin reports NaN for it).
+        self.origins = origins
+        self._by_origin: dict[str, list[torch.Tensor | float]] = {o: [0.0, 0.0, 0] for o in origins}
 
     def add(self, out: Any, logps: Any, batch: Any) -> None:
         if out.chosen_rewards is None:  # a loss without rejected responses (SFT): loss and chosen log-prob only
@@ -72,12 +76,22 @@ class StepTotals:
                 logps.policy_rejected.detach().float().sum(),
             ])
         self.sums = values if self.sums is None else self.sums + values
+        if self.origins and out.chosen_rewards is not None:
+            margins = (out.chosen_rewards - out.rejected_rewards).float()
+            for origin, sums in self._by_origin.items():
+                mask = torch.tensor([p.origin == origin for p in batch], device=margins.device)
+                sums[0] = sums[0] + margins[mask].sum()
+                sums[1] = sums[1] + (margins[mask] > 0).float().sum()
+                sums[2] += int(mask.sum())
         self.count += len(batch)
         self.tokens += sum(len(p.chosen_ids) + len(p.rejected_ids) for p in batch)
 
     def means(self) -> dict[str, float]:
         if self._means is None:
             self._means = dict(zip(self.keys, (self.sums / self.count).tolist()))
+            for origin, (margin, accuracy, pairs) in self._by_origin.items():
+                self._means[f"rewards/margins/{origin}"] = float(margin / pairs) if pairs else math.nan
+                self._means[f"rewards/accuracies/{origin}"] = float(accuracy / pairs) if pairs else math.nan
         return self._means
 
 

@@ -42,6 +42,7 @@ from ..sapo.buffer import StoredPair
 from ..sapo.logps import response_token_logps
 from ..sapo.losses import LOSSES, PairLogps
 from ..sapo.pair_logps import pair_logps, why_not_packable
+from ..sapo.sources import reads_rejected
 from .data_split import keep_split, split_data
 from .distributed import SINGLE, Processes, share_stream, start_processes
 from .held_out import write_held_out_rows
@@ -104,6 +105,7 @@ class TrainSession:
     score: Callable[..., Any] = response_token_logps  # the training forward (through DDP with several processes)
     merged_ema: MergedAdapter | None = None  # the EMA merged for generation (`ema_generation`), else unmerged
     decode_threads: DecodeThreads | None = None  # CPU threads raised for generating, when chosen automatically
+    split_origins: tuple[str, ...] = ()  # origins whose drawn pairs the metrics report apart (`sapo.pairs=mix`)
 
     def generating(self) -> contextlib.AbstractContextManager:
         """Around every generation (rewrites, greedy answers): the idle cores' threads on the CPU."""
@@ -143,7 +145,7 @@ def setup_session(cfg: Config, run_dir: Path, console: Console, resume: bool = F
     pause_point("startup")
     tokenizer = load_tokenizer(model_name, cfg.model.trust_remote_code)
     install_chat_template(tokenizer, cfg.data.chat_template)
-    data = load_examples(cfg.data.path, cfg.data.split, tokenizer, cfg.data)
+    data = load_examples(cfg.data.path, cfg.data.split, tokenizer, cfg.data, with_rejected=reads_rejected(cfg))
     split = split_data(cfg, data, tokenizer)
     keep_split(run_dir, cfg, split, resume, processes.is_main)  # the split a resume must not change
     scaled = f" ({cfg.notes['data.val_size']})" if "data.val_size" in cfg.notes else ""
@@ -224,8 +226,8 @@ def ema_generation(cfg: Config, model: Any, device: torch.device) -> tuple[Merge
     Merged only with the lean decoder, a full-precision base (merging into NF4 would re-round it) and on
     the CPU: on CUDA the scratch copies would double the adapted weights in GPU memory, what a 24 GB card
     runs out of first, and the gain there is unmeasured."""
-    if cfg.sapo.decoder != "lean" or not LOSSES[cfg.loss.name].needs_rejected:
-        return None, None
+    if cfg.sapo.decoder != "lean" or not LOSSES[cfg.loss.name].needs_rejected or cfg.sapo.pairs in ("data", "spin"):
+        return None, None  # the EMA never generates (SFT, the data's pairs) or SPIN's iterate does
     with acting_as(model, EMA):  # the plan is of the EMA as it generates (eval mode, EMA active)
         why = why_not_lean(model)
     if why is not None:

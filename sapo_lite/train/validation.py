@@ -15,6 +15,8 @@ steps and at the last step (`train.max_steps`):
   (pi_c - ref_c) - (pi_r - ref_r) of summed response log-probs, against the run's reference (the
   base, or `model.init_adapter`): its mean, and the share of pairs where it is positive. The same
   measure for every loss, so SFT and SAPO runs are compared on one scale;
+- val/accuracy/data, val/margin/data: the same on the data's own pairs of the validation examples, when the
+  run reads them (`sapo.pairs` data or mix; stored beside the rewrites): real pairs against self-made ones;
 - val/constraints: with greedy answers (`data.eval_max_new_tokens`, decoded as `sapo.decoder` and
   `sapo.static_cache` say), the share of the constraints met, where the rows carry constraints.
 
@@ -50,9 +52,11 @@ from ..models.roles import EMA, POLICY, acting_as, reference
 from ..run.atomic import publish_folder, removed_on_failure, staging_folder
 from ..run.layout import RunDir
 from ..run.testhook import pause_point
-from ..sapo.augment import self_augment
+from ..sapo.augment import FROM_DATA, self_augment
 from ..sapo.buffer import ReplayBuffer, StoredPair
 from ..sapo.pair_logps import pair_logps
+from ..sapo.sources import reads_rejected
+from ..sapo.sources.from_data import data_pairs
 from .checkpoint import save_adapters
 
 HIGHER_IS_BETTER = {"val/constraints": True, "val/accuracy": True, "val/margin": True, "val/nll": False}
@@ -117,21 +121,24 @@ class Validation:
         self.has_constraints = any(ex.constraints for ex in examples)
 
     def _pairs(self) -> list[StoredPair]:
-        """The validation pairs: made before the first step by the starting EMA and stored; read back on
-        resume, unless they are not the pairs of these examples (then made again by the EMA as it is now)."""
+        """The validation pairs: made before the first step by the starting EMA (with the data's own pairs of
+        the same rows when the run reads them) and stored; read back on resume, unless they are not the pairs
+        of these examples (then made again by the EMA as it is now)."""
         path = RunDir(self.session.run_dir).validation_pairs
-        store = ReplayBuffer(path, capacity=max(1, len(self.examples)))
+        with_data = reads_rejected(self.session.cfg)
+        count = len(self.examples) * (2 if with_data else 1)
+        store = ReplayBuffer(path, capacity=max(1, count))
         try:
             stored = store.all_pairs()
-            if _pairs_of(stored, self.examples):
+            if _pairs_of(stored, self.examples, with_data):
                 return stored
             store.close()
             if stored and self.console is not None:
                 self.console.print(f"warning: {path.name} does not hold the pairs of these {len(self.examples)} "
                                    "validation rows: making them again with the EMA as it is now", highlight=False)
             path.unlink(missing_ok=True)
-            store = ReplayBuffer(path, capacity=len(self.examples))
-            new = self._make_pairs()
+            store = ReplayBuffer(path, capacity=count)
+            new = self._make_pairs() + (data_pairs(self.examples) if with_data else [])
             store.add(new, 0, self._reference_logps(new))
             return store.all_pairs()
         finally:
@@ -168,15 +175,20 @@ class Validation:
         started = time.perf_counter()
         s = self.session
         nll, margins = [], []
+        rewrites = [p for p in self.pairs if p.origin != FROM_DATA]  # the data's pairs repeat the chosen responses
+        real = [p for p in self.pairs if p.origin == FROM_DATA]
         with isolated_rng(s.cfg.train.seed), acting_as(s.model, POLICY):
-            for batch in _batches(self.pairs, s.cfg.train.micro_batch):
+            for batch in _batches(rewrites + real, s.cfg.train.micro_batch):
                 chosen, rejected, n_chosen, _ = self._logps(batch)
                 ref_c = torch.tensor([p.ref_logp_chosen for p in batch], device=chosen.device)
                 ref_r = torch.tensor([p.ref_logp_rejected for p in batch], device=chosen.device)
                 nll += (-chosen / n_chosen.clamp(min=1)).tolist()
                 margins += ((chosen - ref_c) - (rejected - ref_r)).tolist()
-        figures = {"val/nll": float(np.mean(nll)), "val/accuracy": float(np.mean(np.asarray(margins) > 0)),
-                   "val/margin": float(np.mean(margins))}
+        own, data = np.asarray(margins[: len(rewrites)]), np.asarray(margins[len(rewrites) :])
+        figures = {"val/nll": float(np.mean(nll[: len(rewrites)])), "val/accuracy": float(np.mean(own > 0)),
+                   "val/margin": float(np.mean(own))}
+        if real:
+            figures.update({"val/accuracy/data": float(np.mean(data > 0)), "val/margin/data": float(np.mean(data))})
         if self.has_constraints:
             with isolated_rng(s.cfg.train.seed), s.generating():
                 score = evaluate_role(s.model, s.tokenizer, self.examples, POLICY, s.cfg.data.eval_max_new_tokens,
@@ -199,8 +211,15 @@ def isolated_rng(seed: int) -> Iterator[None]:
         yield
 
 
-def _pairs_of(pairs: Sequence[StoredPair], examples: Sequence[Example]) -> bool:
-    """Whether `pairs` are those of `examples`, one each, in order: the same rows, not only as many."""
+def _pairs_of(pairs: Sequence[StoredPair], examples: Sequence[Example], with_data: bool) -> bool:
+    """Whether `pairs` are those of `examples`: one rewrite each, in order (and, `with_data`, one pair of the
+    data each, in order): the same rows, not only as many."""
+    rewrites = [p for p in pairs if p.origin != FROM_DATA]
+    real = [p for p in pairs if p.origin == FROM_DATA]
+    return _chosen_are(rewrites, examples) and (_chosen_are(real, examples) if with_data else not real)
+
+
+def _chosen_are(pairs: Sequence[StoredPair], examples: Sequence[Example]) -> bool:
     return len(pairs) == len(examples) and all(
         np.array_equal(p.chosen_ids, np.concatenate([ex.prompt_ids, ex.response_ids]))
         for p, ex in zip(pairs, examples))

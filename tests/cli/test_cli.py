@@ -89,7 +89,7 @@ def test_presets_lists_one_line_each_and_shows_one():
     listing = runner.invoke(app, ["presets"])
     assert listing.exit_code == 0
     lines = [line for line in listing.output.splitlines() if line.strip()]
-    assert len(lines) == len(preset_names()) == 12 and lines[-1].startswith("tiny")
+    assert len(lines) == len(preset_names()) == 16 and lines[-1].startswith("tiny")
     shown = runner.invoke(app, ["presets", "mistral-7b-qlora-orpo"])
     assert shown.exit_code == 0 and "mistralai/Mistral-7B-v0.1" in shown.output
 

@@ -12,12 +12,14 @@ REQUIRED_KEYS = [
 ]
 
 
-CPU_PRESETS = ("tiny", "smollm2-135m", "smollm2-135m-sft")
+CPU_PRESETS = ("tiny", "smollm2-135m", "smollm2-135m-sft", "smollm2-135m-pairs", "smollm2-135m-mix",
+               "smollm2-135m-spin")
 
 
 def test_the_presets_ship():
     assert set(preset_names()) == {
-        "llama3-8b-qlora", "llama3-8b-qlora-orpo", "mistral-7b-qlora", "mistral-7b-qlora-orpo", *CPU_PRESETS,
+        "llama3-8b-qlora", "llama3-8b-qlora-orpo", "llama3-8b-qlora-pairs", "mistral-7b-qlora", "mistral-7b-qlora-orpo",
+        *CPU_PRESETS,
         "qwen3-8b-qlora", "llama31-8b-qlora", "gemma3-12b-qlora", "phi4-mini-qlora", "mistral-nemo-12b-qlora"}
 
 

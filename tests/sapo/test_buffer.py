@@ -7,7 +7,7 @@ import pytest
 
 from sapo_lite.errors import RunDirError
 from sapo_lite.sapo.augment import Pair
-from sapo_lite.sapo.buffer import ReplayBuffer
+from sapo_lite.sapo.buffer import SCHEMA_VERSION, ReplayBuffer
 
 
 def make_pair(tag: int) -> Pair:
@@ -117,7 +117,42 @@ def test_an_older_buffer_is_migrated_in_place_and_its_unknown_endings_left_out(t
     old.executescript(V1_SCHEMA)
     old.close()
     buffer = ReplayBuffer(path, capacity=10, stop_ids=[STOP])  # as a resumed run opens it
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert [p.ending for p in buffer.all_pairs()] == [None, None] and np.isnan(buffer.cut_off_share())
     buffer.add([CUT, STOPPED], step=2)
     assert buffer.cut_off_share() == 0.5  # the two old pairs count for neither side
+
+
+# A buffer as sapo-lite wrote it before origins were recorded (layout version 2): an EMA rewrite and an SFT pair.
+V2_SCHEMA = """
+CREATE TABLE pairs (id INTEGER PRIMARY KEY AUTOINCREMENT, prompt_len INTEGER NOT NULL, trunc_point INTEGER NOT NULL,
+    segment_len INTEGER NOT NULL, ref_logp_chosen REAL, ref_logp_rejected REAL,
+    times_drawn INTEGER NOT NULL DEFAULT 0, step_added INTEGER NOT NULL, ending TEXT);
+CREATE TABLE pair_tokens (id INTEGER PRIMARY KEY, chosen_ids BLOB NOT NULL, rejected_ids BLOB NOT NULL);
+INSERT INTO pairs (prompt_len, trunc_point, segment_len, step_added, ending) VALUES (1, 0, 2, 1, 'cut_off'),
+    (1, 0, 0, 1, NULL);
+INSERT INTO pair_tokens VALUES (1, x'', x''), (2, x'', x'');
+PRAGMA user_version = 2;
+"""
+
+
+def test_a_buffer_without_origins_migrates_with_the_origin_its_pairs_had_and_keeps_new_ones(tmp_path):
+    """Before `origin`, a pair with a segment was the EMA's rewrite and one without an SFT pair: the migration
+    says so, read-only readers see the same without writing, and pairs added after it keep their own origin."""
+    from sapo_lite.tools.buffer_view import buffer_stats, open_buffer_readonly
+
+    path = tmp_path / "buffer.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(V2_SCHEMA)
+    old.close()
+    reader = open_buffer_readonly(tmp_path)
+    assert buffer_stats(reader, 10).origins == {"ema": 1, "sft": 1}
+    reader.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2  # a reader never migrates
+    buffer = ReplayBuffer(path, capacity=10, stop_ids=[STOP])  # as a resumed run opens it
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    data_pair = Pair(np.array([1, 5, STOP], np.int32), np.array([1, 7, STOP], np.int32), 1, 0, 0, "data")
+    buffer.add([data_pair], step=2)
+    assert [p.origin for p in buffer.all_pairs()] == ["ema", "sft", "data"]
+    assert [p.ending for p in buffer.all_pairs()] == ["cut at the length limit", None, None]
+    assert buffer.origin_counts() == {"data": 1, "ema": 1, "sft": 1}

@@ -5,6 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import sapo_lite.sapo.sources.self_made
 import sapo_lite.train.loop
 from sapo_lite.cli import app
 from sapo_lite.config.sources import load_config
@@ -20,8 +21,8 @@ def train_watching_generation(tmp_path, monkeypatch, *overrides):
     """Train the tiny model; return its session, its base weights at setup and, per generation round,
     whether the EMA was merged and which decoder ran."""
     seen: dict = {"rounds": [], "hf_calls": 0, "threads": []}
-    real_setup, real_augment, real_hf = (sapo_lite.train.loop.setup_session, sapo_lite.train.loop.self_augment,
-                                         augment._hf_generate)
+    real_setup, real_hf = sapo_lite.train.loop.setup_session, augment._hf_generate
+    real_augment = sapo_lite.sapo.sources.self_made.self_augment
 
     def setup(*args, **kwargs):
         session = seen["session"] = real_setup(*args, **kwargs)
@@ -38,7 +39,7 @@ def train_watching_generation(tmp_path, monkeypatch, *overrides):
         return real_hf(*args, **kwargs)
 
     monkeypatch.setattr(sapo_lite.train.loop, "setup_session", setup)
-    monkeypatch.setattr(sapo_lite.train.loop, "self_augment", watched_augment)
+    monkeypatch.setattr(sapo_lite.sapo.sources.self_made, "self_augment", watched_augment)
     monkeypatch.setattr(augment, "_hf_generate", watched_hf)
     result = CliRunner().invoke(app, ["train", *TINY, "--out", str(tmp_path / "run"), *overrides])
     assert result.exit_code == 0, result.output

@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-import sapo_lite.train.loop
+import sapo_lite.sapo.sources.self_made
 from sapo_lite.cli import app
 from sapo_lite.errors import ConfigError
 from sapo_lite.sapo.buffer import ReplayBuffer
@@ -18,13 +18,13 @@ TINY = ["--preset", "tiny", "data.eval_path=null", "train.max_steps=10", "sapo.g
 def train_counting_generations(tmp_path, monkeypatch, *overrides):
     """Train the tiny model; return the metrics records and how many examples each generation call got."""
     calls = []
-    real = sapo_lite.train.loop.self_augment
+    real = sapo_lite.sapo.sources.self_made.self_augment
 
     def counting(model, examples, *args, **kwargs):
         calls.append(len(examples))
         return real(model, examples, *args, **kwargs)
 
-    monkeypatch.setattr(sapo_lite.train.loop, "self_augment", counting)
+    monkeypatch.setattr(sapo_lite.sapo.sources.self_made, "self_augment", counting)
     out = tmp_path / "run"
     result = runner.invoke(app, ["train", *TINY, "--out", str(out), *overrides])
     assert result.exit_code == 0, result.output

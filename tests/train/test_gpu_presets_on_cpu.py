@@ -23,9 +23,12 @@ pytestmark = pytest.mark.slow  # NF4 in bf16 on the CPU, three runs a preset
 
 # The model families' presets (models/families/) run their settings on their own tiny models, one short run
 # each, in tests/train/test_family_training.py; here the paper's models, with kill, resume and merge.
+# The pairs preset (`sapo.pairs=data`) shares its model settings with llama3-8b-qlora; its pair source is run by
+# tests/train/test_pair_sources_resume.py on the tiny model.
 FAMILY_PRESETS = {family.preset for family in FAMILIES.values()}
 GPU_PRESETS = [name for name in preset_names()
-               if load_config(name).model.quant == "nf4" and name not in FAMILY_PRESETS]
+               if load_config(name).model.quant == "nf4" and name not in FAMILY_PRESETS
+               and load_config(name).sapo.pairs == "self"]
 SHRUNK = ["data.max_len=64", "data.max_prompt_len=40", "sapo.segment_len=8", "data.eval_path=null",
           "train.max_steps=4", "train.save_every=2", "train.warmup_steps=1", "train.num_threads=1"]
 FAMILY = {"meta-llama": "llama", "mistralai": "mistral", "wandb": "mistral"}

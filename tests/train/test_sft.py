@@ -10,13 +10,14 @@ from sapo_lite.config.sources import load_config
 
 @pytest.mark.slow
 def test_sft_learns_the_held_out_task_without_generating(tmp_path, monkeypatch):
+    from sapo_lite.sapo.sources import self_made
     from sapo_lite.tools.plot import plot_run
     from sapo_lite.train import loop as trainer
 
     def no_generation(*args, **kwargs):
         pytest.fail("SFT asked the EMA to generate")
 
-    monkeypatch.setattr(trainer, "self_augment", no_generation)
+    monkeypatch.setattr(self_made, "self_augment", no_generation)  # where the EMA's rewrites are made
     cfg = load_config("tiny", overrides=["loss.name=sft", "train.max_steps=250", "train.save_every=0",
                                          "data.eval_size=50"])
     result = trainer.train(cfg, tmp_path, Console(quiet=True))
