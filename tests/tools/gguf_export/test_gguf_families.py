@@ -183,3 +183,21 @@ def test_gemma3_multimodal_run_merges_to_a_folder_that_computes_the_merged_model
         base_logits = merged_model(base)(ids).logits
     assert (want - base_logits).abs().max() > 0.1  # the adapter matters
     torch.testing.assert_close(ours, want, atol=1e-5, rtol=0)
+
+
+def test_gemma_embedding_rows_beyond_the_sentencepiece_vocabulary_are_pad_tokens(gemma_spm_base, tmp_path):
+    """Gemma 3 4B-27B have 262,208 embedding rows for a tokenizer of 262,145 tokens: the converter pads the
+    vocabulary with unused `[PADn]` tokens (llama.cpp wants one token per row) rather than refusing."""
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(gemma_spm_base, base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    n_tokens = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(n_tokens + 8, mean_resizing=False)
+    model.save_pretrained(base)
+    export_gguf(base, tmp_path / "m.gguf", "f32")
+    keys, tensors, _ = read_header(tmp_path / "m.gguf")
+    tokens, types = keys["tokenizer.ggml.tokens"], keys["tokenizer.ggml.token_type"]
+    assert len(tokens) == tensors["token_embd.weight"][0][1] == n_tokens + 8
+    assert tokens[n_tokens:] == [f"[PAD{i}]" for i in range(1, 9)] and set(types[n_tokens:]) == {5}  # UNUSED
