@@ -15,6 +15,11 @@ own, because a run may start from any adapter (`model.init_adapter`):
 What cannot be folded into plain weights (DoRA, a LoRA bias, GPT-2 style fan_in_fan_out) is refused in one
 line. A tied output head is the caller's to place (`TIED_HEAD`): the adapter names `lm_head.weight`, the
 checkpoint may hold only the embedding it shares.
+
+The adapter names modules as transformers builds the model; a multimodal checkpoint (Gemma 3 4B-27B) is saved
+in another layout (`language_model.model.layers.N` for the module `model.language_model.layers.N`,
+`vision_tower` for `model.vision_tower`): `align_to` names the targets as the checkpoint does, `rename` as a
+writer wants them.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +44,14 @@ _LINEAR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weigh
 # embeddings store bare parameters: `...embed_tokens.lora_embedding_A` (optionally `.default`)
 _EMBED_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
 _NOT_FOLDABLE = ("use_dora", "fan_in_fan_out", "lora_bias")
+_SUBMODELS = ("model.vision_tower.", "model.multi_modal_projector.")  # saved without the leading `model.`
+
+
+def layout_free(name: str) -> str:
+    """A weight's name with transformers' two layouts of a multimodal model made one: `model.language_model.X`
+    (the module) and `language_model.model.X` (the saved checkpoint) both become `model.X`."""
+    name = name.replace("language_model.", "")
+    return name.removeprefix("model.") if name.startswith(_SUBMODELS) else name
 
 
 @dataclass
@@ -125,6 +138,19 @@ class LoraAdapter:
     def changes_tied_pair(self) -> bool:
         """Whether the adapter touches the embedding or the output head: tied, the two must then be split."""
         return any(name in self.targets for name in TIED_HEAD)
+
+    def rename(self, new_name: Callable[[str], str | None]) -> None:
+        """Name every target `new_name(name)`; a target it maps to None is dropped (not written)."""
+        self.pairs = {new: pair for name, pair in self.pairs.items() if (new := new_name(name)) is not None}
+        self.replacements = {new: key for name, key in self.replacements.items()
+                             if (new := new_name(name)) is not None}
+        self._cache = None
+
+    def align_to(self, checkpoint_names: Collection[str]) -> None:
+        """Name targets the checkpoint lacks as the checkpoint's weight of the same module in the other layout
+        (`layout_free`); the rest stay as they are, for `check_against` to report."""
+        saved = {layout_free(name): name for name in checkpoint_names}
+        self.rename(lambda name: name if name in checkpoint_names else saved.get(layout_free(name), name))
 
     def check_against(self, shapes: Mapping[str, Sequence[int]], fix: str) -> None:
         """Every target exists in the base with the shape the adapter was made for; `fix` is the hint."""

@@ -134,6 +134,7 @@ def merge_adapter(
     config = json.loads((base_dir / "config.json").read_text())
     embed, head = TIED_HEAD
     with LoraAdapter(adapter_dir) as adapter:
+        adapter.align_to(shapes)  # a multimodal checkpoint (Gemma 3 12B) names its weights in another layout
         # Tied (the config says so, or the checkpoint has no head of its own) and changed: the head is split off.
         untie = adapter.changes_tied_pair() and (head not in shapes or bool(config.get("tie_word_embeddings")))
         new_head = untie and head not in shapes  # written from the embedding's base values, in the embedding's shard

@@ -60,6 +60,7 @@ def load_spec(base_dir: Path, instead: str | None = None) -> ModelSpec:
     if family is None:
         raise ExportError(f"GGUF export does not support the architecture {hf_arch}; supported: {', '.join(FAMILIES)}",
                           instead or convert_instead())
+    config = family.text_config(config)
     n_head, hidden = config["num_attention_heads"], config["hidden_size"]
     spec = ModelSpec(
         hf_arch=hf_arch,

@@ -296,7 +296,12 @@ def prepare_export(base_dir: Path, quant: str, *, adapter_dir: Path | None = Non
     source = TensorSource([base_dir / shard for shard in base_shards(base_dir)[0]])
     adapter = None
     try:
+        # the text model's tensors under the text model's names (a multimodal class's vision tower is dropped)
+        text_tensor = spec.family.text_tensor
+        source.entries = {new: entry for name, entry in source.entries.items() if (new := text_tensor(name))}
         adapter = LoraAdapter(Path(adapter_dir)) if adapter_dir is not None else None
+        if adapter is not None:
+            adapter.rename(text_tensor)
         if EMBED not in source.entries:
             raise ExportError(f"the base `{base_dir}` has no {EMBED}", "is it a complete causal language model?")
         if adapter is not None:

@@ -150,7 +150,7 @@ def from_hf(base_dir: Path, vocab_size: int) -> TokenizerKV:
     tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
     collector = gguf.GGUFWriter(None, "llama")  # only its KV dictionary is used
     if kind.get("byte_fallback"):
-        tokens = _add_llama_spm_vocab(collector, base_dir, tokenizer)
+        tokens = _add_llama_spm_vocab(collector, base_dir, tokenizer, vocab_size)
     else:
         tokens = _add_gpt2_vocab(collector, base_dir, tokenizer, vocab_size)
     # Whether BOS/EOS are added is set from what the HF tokenizer actually does, since llama.cpp's defaults
@@ -200,7 +200,7 @@ def _add_gpt2_vocab(writer: gguf.GGUFWriter, base_dir: Path, tokenizer: Any, voc
     return tokens
 
 
-def _add_llama_spm_vocab(writer: gguf.GGUFWriter, base_dir: Path, tokenizer: Any) -> list[str]:
+def _add_llama_spm_vocab(writer: gguf.GGUFWriter, base_dir: Path, tokenizer: Any, vocab_size: int) -> list[str]:
     """Llama/Mistral-style (SentencePiece-derived, byte fallback) BPE: `_set_vocab_llama_hf` of the converter.
 
     Departs from it in two places, both so that llama.cpp tokenizes as the Hugging Face tokenizer did
@@ -213,6 +213,8 @@ def _add_llama_spm_vocab(writer: gguf.GGUFWriter, base_dir: Path, tokenizer: Any
     - types: an added token (`<|im_start|>` for a ChatML template) is CONTROL when special and
       USER_DEFINED otherwise, as in the converter's byte-level path; left NORMAL, llama.cpp reads a
       chat marker as text.
+    An embedding with more rows than the tokenizer has tokens (Gemma 3 4B-27B: 262,208) gets the rest as
+    `[PAD1]`, `[PAD2]`... of type UNUSED, as the converter's `_create_vocab_sentencepiece` pads it.
     """
     vocab = gguf.LlamaHfVocab(base_dir)
     merges = json.loads((base_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"].get("merges", [])
@@ -229,6 +231,10 @@ def _add_llama_spm_vocab(writer: gguf.GGUFWriter, base_dir: Path, tokenizer: Any
         if toktype == gguf.TokenType.NORMAL and token_id in added:
             toktype = gguf.TokenType.CONTROL if added[token_id].special else gguf.TokenType.USER_DEFINED
         types.append(toktype)
+    for pad in range(1, vocab_size - len(tokens) + 1):
+        tokens.append(f"[PAD{pad}]")
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gguf_families import make_family_model, smollm2_tokenizer_dir
+from gguf_families import make_family_model, make_gemma3_mm_model, smollm2_tokenizer_dir
 from gguf_models import make_model, make_random_lora, make_spm_tokenizer
 from typer.testing import CliRunner
 
@@ -122,3 +122,12 @@ def gemma_spm_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("gemma-spm")
     make_spm_tokenizer(root / "tokenizer", prefix_space=False)
     return make_family_model(root / "base", "gemma3", root / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def gemma_mm(family_base: Any) -> tuple[Path, Path]:
+    """The tiny Gemma 3 text model (gemma3's config) inside a Gemma3ForConditionalGeneration with a vision tower, and
+    a random LoRA on every linear layer, the vision tower's included (peft's all-linear takes them): (base, adapter)."""
+    root = family_base("gemma3")[0].parent  # its tokenizer folder is built there
+    base = make_gemma3_mm_model(root / "gemma3_mm", smollm2_tokenizer_dir(root))
+    return base, make_random_lora(base, root / "gemma3_mm-adapter", r=4, std=0.05)

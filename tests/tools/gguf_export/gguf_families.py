@@ -18,6 +18,9 @@ What each family switches on (a test name's FAMILY is a key of FAMILIES):
   (`partial_rotary_factor` 0.75), tied. (Named "phi4": llama.cpp gives a model whose name contains "phi3"
   Phi-3's special-token handling, which looks up Phi-3's own `<s>`/`</s>` and fails on a stand-in tokenizer.)
 - mistral_nemo: head_dim 32 != 64/4 (Nemo: 128 != 5120/32), no sliding window.
+
+`make_gemma3_mm_model` wraps gemma3's text model in Gemma3ForConditionalGeneration (the class of the published
+Gemma 3 4B-27B checkpoints) beside a one-layer SigLIP vision tower and its projector.
 """
 
 from __future__ import annotations
@@ -85,6 +88,30 @@ def make_family_model(folder: Path, family: str, tokenizer_dir: Path, seed: int 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(torch.float32)
     with torch.no_grad():  # norms start at one (Gemma's at zero) and biases at zero: perturb them so they count
+        for name, param in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+def make_gemma3_mm_model(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """gemma3's tiny text model (the same config) inside a Gemma3ForConditionalGeneration with a tiny vision tower,
+    saved as transformers saves that class: `language_model.model.layers.N...`, `vision_tower...`,
+    `multi_modal_projector...`."""
+    from transformers import AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration
+
+    shutil.copytree(tokenizer_dir, folder, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(folder)
+    special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text = {**COMMON, **FAMILIES["gemma3"][1], "vocab_size": len(tok), **special}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=0,
+                          initializer_range=COMMON["initializer_range"], **special)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).to(torch.float32)
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name or "bias" in name:
                 param.add_(torch.randn_like(param) * 0.1)

@@ -116,6 +116,16 @@ def merged_model(base_dir: Path, adapter_dir: Path | None = None) -> Any:
     return model.eval()
 
 
+def merged_folder(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Any:
+    """The base with the adapter merged by sapo-lite's folder merge (tools/merge.py, fp32), loaded by transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from sapo_lite.tools.merge import merge_adapter
+
+    merge_adapter(base_dir, adapter_dir, out_dir, dtype="fp32")
+    return AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+
+
 def gguf_model(gguf_file: Path) -> Any:
     """A GGUF file loaded back by transformers (it dequantises and undoes the Q/K permutation)."""
     from transformers import AutoModelForCausalLM

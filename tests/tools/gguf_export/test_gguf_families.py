@@ -13,8 +13,9 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from gguf_families import FAMILIES
-from gguf_models import merged_model
+from gguf_models import merged_folder, merged_model
 from record_converter import EXPECTATIONS, QUANTS, read_f32_tensors, read_gguf, read_header
 
 from sapo_lite.errors import ExportError
@@ -98,10 +99,10 @@ def test_an_unsupported_architecture_names_the_supported_ones_and_llamacpps_comm
     base = tmp_path / "base"
     shutil.copytree(family_base("qwen3")[0], base)
     config = json.loads((base / "config.json").read_text())
-    (base / "config.json").write_text(json.dumps({**config, "architectures": ["Gemma3ForConditionalGeneration"]}))
+    (base / "config.json").write_text(json.dumps({**config, "architectures": ["Gemma2ForCausalLM"]}))
     with pytest.raises(ExportError) as info:
         export_gguf(base, tmp_path / "m.gguf", "q8_0")
-    for name in ("Gemma3ForConditionalGeneration", "Qwen3ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"):
+    for name in ("Gemma2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"):
         assert name in info.value.message
     assert "convert_hf_to_gguf.py" in info.value.hint and "--outtype" in info.value.hint
     assert not (tmp_path / "m.gguf").exists()
@@ -138,3 +139,65 @@ def test_gemma_layer_types_off_llamacpps_default_pattern_are_written_out(family_
     export_gguf(base, tmp_path / "other.gguf", "f32")
     keys = read_header(tmp_path / "other.gguf")[0]
     assert keys["gemma3.attention.sliding_window_pattern"] == [False, True, True, True, True, False]
+
+
+def test_gemma3_multimodal_checkpoint_is_written_as_its_text_model(gemma_mm, tmp_path):
+    """Gemma 3 4B-27B are Gemma3ForConditionalGeneration: the file is the converter's for that class, which is its
+    gemma3 record (the text model): the same keys, tensors and types, no vision tower or projector."""
+    base, adapter = gemma_mm
+    expected = CONVERTER["gemma3"]
+    for quant in ("f32", "q8_0"):
+        out = tmp_path / f"mm.{quant}.gguf"
+        export_gguf(base, out, quant, adapter_dir=adapter)
+        keys, tensors = read_gguf(out)
+        assert not [name for name in tensors if name.startswith(("v.", "mm."))]
+        assert {name: shape for name, (shape, _) in tensors.items()} == expected["shapes"], quant
+        assert {name: qtype for name, (_, qtype) in tensors.items()} == expected[quant], quant
+        if quant == "f32":
+            assert keys == expected["keys"]
+
+
+def test_gemma3_multimodal_adapter_is_merged_into_the_text_weights(gemma_mm, tmp_path):
+    """The adapter names `model.language_model.layers.N`, the checkpoint `language_model.model.layers.N`: the
+    LoRA lands on the text weights (its vision-tower part is not exported)."""
+    base, adapter = gemma_mm
+    export_gguf(base, tmp_path / "mm.gguf", "f32", adapter_dir=adapter)
+    ours = read_f32_tensors(tmp_path / "mm.gguf")
+    ref = {k: v.numpy() for k, v in merged_model(base, adapter).state_dict().items()}
+    text = "model.language_model"
+    for gguf_name, hf_name in [("blk.0.attn_q", "self_attn.q_proj"), ("blk.5.attn_v", "self_attn.v_proj"),
+                               ("blk.3.ffn_down", "mlp.down_proj"), ("blk.5.ffn_gate", "mlp.gate_proj")]:
+        np.testing.assert_allclose(ours[f"{gguf_name}.weight"], ref[f"{text}.layers.{gguf_name[4]}.{hf_name}.weight"],
+                                   atol=1e-6)
+    np.testing.assert_allclose(ours["blk.5.post_ffw_norm.weight"],
+                               ref[f"{text}.layers.5.post_feedforward_layernorm.weight"] + 1, atol=1e-6)
+    np.testing.assert_allclose(ours["token_embd.weight"], ref[f"{text}.embed_tokens.weight"])
+
+
+def test_gemma3_multimodal_run_merges_to_a_folder_that_computes_the_merged_model(gemma_mm, tmp_path):
+    base, adapter = gemma_mm
+    folder = merged_folder(base, adapter, tmp_path / "merged")
+    ids = torch.tensor([list(range(2, 40, 3))])
+    with torch.no_grad():
+        ours, want = folder(ids).logits, merged_model(base, adapter)(ids).logits
+        base_logits = merged_model(base)(ids).logits
+    assert (want - base_logits).abs().max() > 0.1  # the adapter matters
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=0)
+
+
+def test_gemma_embedding_rows_beyond_the_sentencepiece_vocabulary_are_pad_tokens(gemma_spm_base, tmp_path):
+    """Gemma 3 4B-27B have 262,208 embedding rows for a tokenizer of 262,145 tokens: the converter pads the
+    vocabulary with unused `[PADn]` tokens (llama.cpp wants one token per row) rather than refusing."""
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(gemma_spm_base, base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    n_tokens = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(n_tokens + 8, mean_resizing=False)
+    model.save_pretrained(base)
+    export_gguf(base, tmp_path / "m.gguf", "f32")
+    keys, tensors, _ = read_header(tmp_path / "m.gguf")
+    tokens, types = keys["tokenizer.ggml.tokens"], keys["tokenizer.ggml.token_type"]
+    assert len(tokens) == tensors["token_embd.weight"][0][1] == n_tokens + 8
+    assert tokens[n_tokens:] == [f"[PAD{i}]" for i in range(1, 9)] and set(types[n_tokens:]) == {5}  # UNUSED

@@ -8,11 +8,14 @@ with a context below Phi's original 256 positions, where both it and transformer
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 from gguf_families import FAMILIES
-from gguf_models import TEXTS, merged_model
+from gguf_models import TEXTS, merged_folder, merged_model
 from transformers import AutoTokenizer
 
 from sapo_lite.tools.gguf_export import export_gguf
@@ -35,12 +38,26 @@ def agreement(got: np.ndarray, want: np.ndarray) -> tuple[float, float, float]:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_computes_the_merged_model_in_llamacpp(family_base, family, tmp_path):
     base, adapter = family_base(family)
+    check_in_llamacpp(family, base, adapter, merged_model(base, adapter), FLOORS, tmp_path)
+
+
+@pytest.mark.slow
+def test_gemma3_multimodal_text_model_computes_the_merged_folder_in_llamacpp(gemma_mm, tmp_path):
+    """Gemma3ForConditionalGeneration's export against transformers on `sapo-lite merge`'s folder of the same run."""
+    base, adapter = gemma_mm
+    reference = merged_folder(base, adapter, tmp_path / "merged")
+    check_in_llamacpp("gemma3_mm", base, adapter, reference, {"f32": FLOORS["f32"]}, tmp_path)
+
+
+def check_in_llamacpp(family: str, base: Path, adapter: Path, reference: Any,
+                      floors: dict[str, tuple[float, float]], tmp_path: Path) -> None:
+    """Export base + adapter at each quant type of `floors`; llama.cpp's tokens and teacher-forced logits on TEXTS
+    must match `reference`'s (transformers) to those floors."""
     tokenizer = AutoTokenizer.from_pretrained(base)
-    reference = merged_model(base, adapter)
     ids = [tokenizer(text).input_ids for text in TEXTS]
     with torch.no_grad():
         want = [reference(torch.tensor([x])).logits[0].numpy() for x in ids]
-    for quant, (min_top1, min_corr) in FLOORS.items():
+    for quant, (min_top1, min_corr) in floors.items():
         out = tmp_path / f"{family}.{quant}.gguf"
         export_gguf(base, out, quant, adapter_dir=adapter)
         llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, n_batch=128, logits_all=True, verbose=False,

@@ -56,6 +56,14 @@ class Family:
     hf_archs: tuple[str, ...] = ()
     rope_types: tuple[str, ...] = ("default", "linear", "yarn")  # what `add_hparams` expresses as keys
 
+    def text_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The config the text model's keys are read from (a multimodal class's `text_config`)."""
+        return config
+
+    def text_tensor(self, name: str) -> str | None:
+        """The name the converter gives a checkpoint tensor before mapping it, None for one it drops."""
+        return name
+
     def check(self, spec: ModelSpec) -> None:
         """Refuse a config llama.cpp would load but compute differently from transformers."""
         if spec.rope_type not in self.rope_types:

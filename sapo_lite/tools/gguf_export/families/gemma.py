@@ -10,10 +10,16 @@
 - llama.cpp scales attention by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 62-layer 27B) and reads no
   key for it: a `query_pre_attn_scalar` that disagrees is refused rather than computed differently;
 - `final_logit_softcapping` when set; Gemma 2's `attn_logit_softcapping` does not exist in llama.cpp's Gemma 3;
-- Gemma's own tokenizer (SentencePiece-style BPE) gets `add_space_prefix` false, as the converter writes it.
+- Gemma's own tokenizer (SentencePiece-style BPE) gets `add_space_prefix` false, as the converter writes it;
+- Gemma3ForConditionalGeneration (the published 4B-27B checkpoints) is written as its text model, as the converter
+  registers that class on `Gemma3Model` too: the keys from `text_config`, the tensors with `language_model.`
+  dropped from their names, the vision tower and projector (and any LoRA on them) left out. The converter writes
+  those into a separate mmproj file (`--mmproj`), which image input in llama.cpp needs beside this one.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import gguf
 
@@ -21,12 +27,28 @@ from ....errors import ExportError
 from .base import Family, ModelSpec, convert_instead
 
 LLAMACPP_SWA_PERIOD = 6  # llama_model_gemma3::load_arch_hparams: load_swa_pattern(ml, 6)
+# the multimodal class's parts that go to the mmproj file, in the saved layout and in transformers' module layout
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
 class Gemma3(Family):
     arch = gguf.MODEL_ARCH.GEMMA3
-    hf_archs = ("Gemma3ForCausalLM",)
+    hf_archs = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
     rope_types = ("default", "linear")
+
+    def text_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        text = config.get("text_config")
+        if not isinstance(text, dict):
+            return config
+        # the file's own architecture and name stay: they name the checkpoint, not its text part
+        return {**config, **text, "architectures": config.get("architectures"),
+                "_name_or_path": config.get("_name_or_path")}
+
+    def text_tensor(self, name: str) -> str | None:
+        if name.startswith(VISION_PREFIXES):
+            return None
+        # `language_model.model.layers.N` (saved) and `model.language_model.layers.N` (an adapter's) -> `model.layers.N`
+        return name.replace("language_model.", "")
 
     def check(self, spec: ModelSpec) -> None:
         super().check(spec)
