@@ -94,7 +94,11 @@ def train_row(family: str, work: Path) -> dict:
     from sapo_lite.models.memory_estimate import estimate
     from sapo_lite.models.tiny_families import build_family_base
 
-    base = build_family_base(family, work / "base", vocab_size=262_144 if family == "gemma3" else None)
+    # Gemma: its real 262k vocabulary (the estimate's largest term), and query_pre_attn_scalar = head_dim as in
+    # the published Gemma 3 1B, 4B and 12B (the tiny family's own differs, to test the decoder; llama.cpp reads no
+    # key for it, so the GGUF export refuses a model where it differs from head_dim).
+    quirks = {"vocab_size": 262_144, "query_pre_attn_scalar": 32} if family == "gemma3" else {}
+    base = build_family_base(family, work / "base", **quirks)
     args = [*TRAIN, f"model.name={base}"]
     proc = subprocess.run([sys.executable, "-c", CHILD, str(work / "run"), *args], capture_output=True, text=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {

@@ -9,10 +9,6 @@ A tied output head the adapter changes (or whose embedding it changes) is writte
 `output.weight` (the embedding's rows + the head's delta), and `token_embd` keeps the embedding as
 the adapter leaves it: llama.cpp reads token_embd for the input too, so folding the head's delta into
 it would change every input embedding (peft's own merge does exactly that to a tied pair).
-A tied output head the adapter changes (or whose embedding it changes) is written as its own
-`output.weight` (the embedding's rows + the head's delta), and `token_embd` keeps the embedding as
-the adapter leaves it: llama.cpp reads token_embd for the input too, so folding the head's delta into
-it would change every input embedding (peft's own merge does exactly that to a tied pair).
 Peak memory is one row block plus the Python and torch baseline, whatever the model's size: the
 full-precision model is never held, merged or not (tools/merge.py, the folder output, holds a shard).
 
