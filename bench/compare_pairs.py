@@ -54,6 +54,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from sapo_after_sft import mean_spread  # the same table cells as the SAPO-after-SFT bench
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,14 +198,6 @@ def choose(out: Path, seed: int = 0) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------- table
-
-
-def mean_spread(values: list[float], scale: float = 100) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{scale * values[0]:.1f}"
-    return f"{scale * statistics.mean(values):.1f} ± {scale * (max(values) - min(values)) / 2:.1f}"
 
 
 def median_of(logs: list[dict[int, dict]], key: str) -> float:
