@@ -24,6 +24,8 @@ two-step tiny run) and `chats.jsonl` (a few chat rows), with the CLI in this pro
    On a run the docs do not make cheaply (`RUN`, `runs/smollm2-135m`, a run of your own data): parsed
    only (rule 1), since training it first is what the docs describe as minutes or hours.
 6. Any other command: parsed only (rule 1), until a rule here says how to run it cheaply.
+7. A `$ sapo-lite ...` line of a console block answered by an `error:` line is an example of a refusal: it
+   must still be refused (by the rules above, or when run), never run through.
 
 Lines that do not start with `sapo-lite` (pip, pytest, python bench/..., llama-cli, ollama) are not run.
 The command synopses in plain ``` blocks (docs/cli.md) are checked too: every option they name exists.
@@ -66,6 +68,7 @@ class DocCommand:
     where: str  # `docs/gpu.md:59`
     args: list[str]  # what follows `sapo-lite`
     shell: bool  # from a shell block (run it), or a synopsis in a plain block (check its options)
+    refused: bool = False  # a `$ sapo-lite ...` line the page shows answered by an `error:` line: it must fail
 
     def __str__(self) -> str:
         return f"{self.where}: sapo-lite {shlex.join(self.args)}"
@@ -90,7 +93,9 @@ def doc_commands(page: Path, text: str | None = None) -> list[DocCommand]:
         if language in SHELL_LANGUAGES:
             args = sapo_lite_args(line.removeprefix("$ "))
             if args is not None:
-                commands.append(DocCommand(f"{page.relative_to(ROOT)}:{number}", args, shell=True))
+                answer = lines[number].strip() if number < len(lines) else ""
+                refused = line.startswith("$ ") and answer.startswith("error:")
+                commands.append(DocCommand(f"{page.relative_to(ROOT)}:{number}", args, shell=True, refused=refused))
         elif line.startswith("sapo-lite "):
             commands.append(DocCommand(f"{page.relative_to(ROOT)}:{number}", line.split()[1:], shell=False))
     return commands
@@ -198,10 +203,12 @@ def failure(command: DocCommand, scratch: Path) -> str | None:
     try:
         args = what_to_run(command, params, scratch)
     except (NotInTheCli, SapoError) as exc:
-        return f"{command}\n  {exc}"
+        return None if command.refused else f"{command}\n  {exc}"
     if args is None:
         return None
     result = runner.invoke(app, args)
+    if command.refused:  # shown as an example of a refusal: it must still be refused
+        return f"{command}\n  shown refused, but ran: sapo-lite {shlex.join(args)}" if result.exit_code == 0 else None
     if result.exit_code != 0:
         tail = "\n  ".join((result.output or repr(result.exception)).strip().splitlines()[-6:])
         return f"{command}\n  ran as: sapo-lite {shlex.join(args)}\n  exit {result.exit_code}:\n  {tail}"

@@ -47,7 +47,9 @@ def evaluate_run(
     """Greedy answers of each role to held-out prompts, scored per constraint kind and overall.
 
     By default the run's own held-out set: its data.eval_path, or the rows it held out of its training data
-    (RUN/held_out.jsonl). Data whose rows carry `constraints` is scored by the checkers in
+    (RUN/held_out.jsonl).
+
+    Data whose rows carry `constraints` is scored by the checkers in
     sapo_lite/data/constraints.py (plus answer correctness where rows carry `answer`); other data by exact match
     with the reference response and, where rows carry neither constraints nor answers, the reference responses'
     NLL per token (what free-form answers can be scored by).

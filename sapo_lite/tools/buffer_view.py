@@ -190,17 +190,6 @@ def render_pair(pair: StoredPair, decode, stop_ids: list[int]) -> Panel:
     return Panel(body, title=title, title_align="left")
 
 
-def pair_origins(db: sqlite3.Connection, pair_ids: list[int]) -> dict[int, str] | None:
-    """Where each pair came from (`origin`: the EMA's rewrite or a pair read from data), for buffers that record
-    it; None for buffers without that column."""
-    columns = {row[1] for row in db.execute("PRAGMA table_info(pairs)")}
-    if "origin" not in columns:
-        return None
-    marks = ",".join("?" * len(pair_ids))
-    rows = db.execute(f"SELECT id, origin FROM pairs WHERE id IN ({marks})", pair_ids) if pair_ids else []
-    return {int(pair_id): str(origin) for pair_id, origin in rows}
-
-
 def _render_whole(pair: StoredPair, decode) -> Panel:
     p = pair.prompt_len
     body = Group(

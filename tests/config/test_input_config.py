@@ -151,7 +151,7 @@ def test_commands_are_listed_in_the_order_a_user_needs_them():
     output = runner.invoke(app, ["--help"]).output
     panel = output.split("Commands")[1].splitlines()[1:]
     listed = [line.split()[1] for line in panel if line.startswith("│ ") and line[2] != " "]
-    assert listed == ["train", "estimate", "presets", "eval", "generate", "merge", "plot", "buffer", "env"]
+    assert listed == ["train", "estimate", "presets", "eval", "generate", "merge", "plot", "buffer", "ui", "env"]
 
 
 # ---------------------------------------------------------------- estimate

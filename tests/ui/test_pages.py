@@ -117,8 +117,8 @@ def test_chat_answers_as_each_role_the_way_generate_does(browser, dashboard, run
 
 
 def test_pairs_filters_by_identical_cut_off_and_origin(dashboard, runs_dir):
-    """Each filter keeps exactly the pairs it names; an `origin` column (pairs read from data beside the EMA's
-    rewrites) adds its filter, and a buffer without one offers none."""
+    """Each filter keeps exactly the pairs it names; pairs of two origins (pairs read from data beside the EMA's
+    rewrites) add the origin filter, and a buffer of one origin offers none."""
     import shutil
     import sqlite3
 
@@ -145,7 +145,6 @@ def test_pairs_filters_by_identical_cut_off_and_origin(dashboard, runs_dir):
     # the validation split's pairs are stored like the buffer's: a copy of it stands in for them
     shutil.copy(runs_dir / "done" / "buffer.sqlite", runs_dir / "with-origin" / "validation.sqlite")
     db = sqlite3.connect(runs_dir / "with-origin" / "buffer.sqlite")
-    db.execute("ALTER TABLE pairs ADD COLUMN origin TEXT")
     db.execute("UPDATE pairs SET origin = CASE WHEN id % 3 = 0 THEN 'data' ELSE 'ema' END")
     db.commit()
     db.close()

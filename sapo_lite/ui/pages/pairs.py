@@ -4,7 +4,7 @@ Each pair: the prompt, the chosen and the rejected response with the rewritten s
 point, the step it was made, its ending (tail kept / stopped / cut off) and whether the rewrite is identical to
 the chosen text; or the validation split's pairs (RUN/validation.sqlite, what the policy is scored on every
 `train.eval_every` steps). The texts are `buffer --show`'s (tools/buffer_view.py `pair_text`), from the same read-only
-connection; filters: identical, cut off, step range, and origin for buffers that record one.
+connection; filters: identical, cut off, step range, and origin for buffers that hold pairs of more than one origin.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from starlette.routing import Route
 from ...errors import SapoError
 from ...run.layout import RunDir
 from ...sapo.augment import CUT_OFF, is_identical
-from ...tools.buffer_view import newest_pairs, open_buffer_readonly, open_pairs_readonly, pair_origins, pair_text
+from ...tools.buffer_view import newest_pairs, open_buffer_readonly, open_pairs_readonly, pair_text
 from ..run_state import run_folder
 from ..safety import Refused
 from ..shell import page
@@ -79,14 +79,13 @@ def read_pairs(run_dir: Path, query: dict[str, str]) -> dict[str, Any]:
         db = open_buffer_readonly(run_dir)  # mode=ro: never writes into a run, even one training now
     try:
         candidates = newest_pairs(db, SCAN, first or 0, last)
-        origins = pair_origins(db, [p.pair_id for p in candidates])
     finally:
         db.close()
     rows = []
     for pair in candidates:
         text = pair_text(pair, decode, stop_ids)
         identical = is_identical(pair)
-        origin = origins.get(pair.pair_id) if origins is not None else None
+        origin = pair.origin
         if (not _passes(query.get("identical"), identical) or not _passes(query.get("cut_off"), text.ending == CUT_OFF)
                 or (query.get("origin") and origin != query["origin"])):
             continue
@@ -95,8 +94,9 @@ def read_pairs(run_dir: Path, query: dict[str, str]) -> dict[str, Any]:
                      "origin": origin, **vars(text)})
         if len(rows) == SHOWN:
             break
+    origins = sorted({pair.origin for pair in candidates})  # the origin filter only where there is a choice
     return {"pairs": rows, "scanned": len(candidates), "shown_at_most": SHOWN,
-            "origins": sorted(set(origins.values())) if origins is not None else None}
+            "origins": origins if len(origins) > 1 else None}
 
 
 def _passes(choice: str | None, flag: bool) -> bool:
