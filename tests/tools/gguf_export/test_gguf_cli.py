@@ -143,7 +143,8 @@ def test_an_unsupported_architecture_is_named_with_the_supported_ones(finished_t
     config.write_text(config.read_text().replace('"LlamaForCausalLM"', '"GPT2LMHeadModel"'))
     fails(["merge", run, "--out", tmp_path / "m.gguf", "--quant", "f16"], "GPT2LMHeadModel",
           "supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, "
-          "Phi3ForCausalLM", f"sapo-lite merge {run} --out {tmp_path / 'm'}-hf/ && python convert_hf_to_gguf.py "
+          "Gemma3ForConditionalGeneration, Phi3ForCausalLM",
+          f"sapo-lite merge {run} --out {tmp_path / 'm'}-hf/ && python convert_hf_to_gguf.py "
           f"{tmp_path / 'm'}-hf/ --outfile {tmp_path / 'm.gguf'} --outtype f16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
