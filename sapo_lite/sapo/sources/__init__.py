@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,7 @@ class MadePairs:
     figures: dict[str, float] = field(default_factory=dict)
 
 
-class PairSource:
+class PairSource(ABC):
     """A mode of `sapo.pairs`. `generates`: it runs a generator (so it has a generation share);
     `reads_rejected`: the data must hold preference pairs; `at_step_start` runs before the step's pairs."""
 
@@ -63,11 +64,13 @@ class PairSource:
     origins: tuple[str, ...] = ()
     """The origins a run of this source mixes in its buffer, reported apart in metrics.jsonl; () for one."""
 
+    @abstractmethod
     def make(self, ctx: SourceContext, examples: Sequence[Any]) -> MadePairs:
-        raise NotImplementedError
+        """This step's new pairs for `examples` (each mode's own module says how it makes them)."""
 
     def at_step_start(self, model: Any, buffer: Any, step: int) -> None:
         """Before the step's pairs (after the EMA update): a source whose reference changes acts here."""
+        return None  # most sources: nothing to do
 
 
 class ChosenOnly(PairSource):
