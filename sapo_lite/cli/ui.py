@@ -48,5 +48,8 @@ def ui(
         raise SapoError(f"the dashboard needs {missing}, which is not installed",
                         'pip install "sapo-lite[ui]" (from a checkout: pip install ".[ui]")') from None
     quiet_libraries()
+    if not runs_dir.exists():  # a first run can be launched from the page; a mistyped folder should not pass unseen
+        console.print(f"`{runs_dir}` did not exist: made it, empty (runs launched from the page go there; to watch "
+                      "existing runs, pass the folder that holds them)", highlight=False, markup=False)
     runs_dir.mkdir(parents=True, exist_ok=True)
     serve(runs_dir, host, port, token, read_only, lambda line: console.print(line, highlight=False, markup=False))
