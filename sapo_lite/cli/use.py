@@ -27,7 +27,8 @@ def merge(
                                  "ending in .gguf means gguf")
     ] = None,
     quant: Annotated[
-        str | None, typer.Option(help="GGUF weights: f16, bf16, q8_0 (default), q5_1, q5_0, q4_1, q4_0 or f32")
+        str | None, typer.Option(help="GGUF weights: f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 or f32 (default: "
+                                 "the one the file name says, e.g. model.q4_0.gguf, else q8_0)")
     ] = None,
     adapter: Annotated[
         str | None, typer.Option(help="Adapter to merge: policy (default), ema, or best (the best validation step's); "
@@ -122,9 +123,10 @@ def _export_gguf(run: Path, out: Path, quant: str | None, adapter: str, dtype: s
                           "merge to a folder with --nf4-roundtrip, or export the original weights (no flag)")
     quiet_libraries()
     from ..tools.gguf_export import export_run  # a missing `gguf` package is one line from here
+    from ..tools.gguf_export.quants import quant_for
 
     with console.status("writing GGUF tensors") as status:
-        result = export_run(run, out, quant or "q8_0", adapter, overwrite=overwrite,
+        result = export_run(run, out, quant_for(quant, out), adapter, overwrite=overwrite,
                             on_tensor=lambda name: status.update(f"wrote {name}"))
     report = result.report
     types = ", ".join(f"{count} {name}" for name, count in sorted(report.tensor_types.items()))

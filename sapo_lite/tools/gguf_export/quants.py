@@ -39,6 +39,26 @@ def f16_name(out_file: Path, quant: str) -> Path:
     return out_file.with_name(f"{stem}.f16.gguf")
 
 
+def quant_in_name(out_file: Path) -> str | None:
+    """The quantisation a file name announces (`model.q4_0.gguf`, `Model-Q4_K_M.gguf`), else None."""
+    last = re.split(r"[.-]", out_file.stem)[-1].lower()
+    return last if last in QUANT_TYPES or LLAMA_QUANTIZE_ONLY.match(last) else None
+
+
+def quant_for(quant: str | None, out_file: Path) -> str:
+    """--quant as given, else the one the file name announces, else q8_0. A name that announces another
+    quantisation than --quant is refused: the file would say one thing and hold another."""
+    named = quant_in_name(out_file)
+    if quant is None:
+        return named or "q8_0"
+    if named and named != quant.lower():
+        stem = out_file.stem[: -len(named) - 1]
+        raise ExportError(f"--out `{out_file.name}` names {named}, but --quant {quant} writes {quant.lower()}",
+                          f"name the file for what it holds (e.g. {stem}.{quant.lower()}.gguf), or drop --quant "
+                          f"to write {named}")
+    return quant
+
+
 def resolve_quant(quant: str, out_file: Path, export_f16: str | None = None) -> str:
     """The name of a writable `quant`, or the one-line refusal; `export_f16` (with `{f16}`) makes the F16 file."""
     key = quant.lower()

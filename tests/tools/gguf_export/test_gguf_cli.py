@@ -120,6 +120,8 @@ def test_overwrite_replaces_an_earlier_export_only(spm_run, tmp_path):
      ["llama-quantize", "--quant f16 --out {d}/m.f16.gguf", "llama-quantize {d}/m.f16.gguf {d}/m.q4_k_m.gguf Q4_K_M"]),
     (["--out", "{d}/m.gguf", "--quant", "iq2_xs"], ["llama-quantize", "IQ2_XS"]),
     (["--out", "{d}/m.gguf", "--quant", "q3"], ["unknown --quant q3", "q8_0"]),
+    (["--out", "{d}/m.q4_0.gguf", "--quant", "f16"], ["`m.q4_0.gguf` names q4_0, but --quant f16", "m.f16.gguf"]),
+    (["--out", "{d}/m-Q4_K_M.gguf"], ["--quant q4_k_m can only be written by llama.cpp's llama-quantize"]),
     (["--out", "{d}/m.gguf", "--dtype", "fp16"], ["--dtype is for model folders"]),
     (["--out", "{d}/m.gguf", "--nf4-roundtrip"], ["--nf4-roundtrip is not available for GGUF"]),
     (["--out", "{d}/m", "--quant", "q8_0"], ["--quant is for GGUF files"]),
@@ -127,6 +129,14 @@ def test_overwrite_replaces_an_earlier_export_only(spm_run, tmp_path):
 def test_bad_options_are_one_line_and_write_nothing(spm_run, tmp_path, args, expected):
     fails(["merge", spm_run, *(a.format(d=tmp_path) for a in args)], *(e.format(d=tmp_path) for e in expected))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("name", "file_type"), [("m.q4_0.gguf", gguf.LlamaFileType.MOSTLY_Q4_0),
+                                               ("m-F16.gguf", gguf.LlamaFileType.MOSTLY_F16),
+                                               ("m.gguf", gguf.LlamaFileType.MOSTLY_Q8_0)])
+def test_without_quant_the_file_name_decides_the_type_else_q8_0(spm_run, tmp_path, name, file_type):
+    merge(spm_run, "--out", tmp_path / name)
+    assert read_fields(tmp_path / name)["general.file_type"] == file_type
 
 
 def test_a_run_without_adapters_is_one_line(spm_run, tmp_path):
