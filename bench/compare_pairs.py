@@ -15,28 +15,29 @@ pairs data holds the same 2,000 prompts and chosen answers as `bundled:instruct`
     sapo-orpo     --preset smollm2-135m                             (the preset)
     sapo-mix      --preset smollm2-135m-mix sapo.mix_share=S        (ORPO; half the new pairs real at S=0.5)
 
-Where the paper starts each: ORPO rows from the base and DPO rows from the SFT model with it as the
-reference. Here the base is SmolLM2-135M-*Instruct*, already an SFT model, so every row starts from it
-and the DPO rows use it (adapters off) as the reference. (`bench/sapo_after_sft.py` covers SAPO after a
-further SFT stage of our own.)
+Where the paper starts each: ORPO rows (and SFT) from the base, DPO rows (offline DPO, SPIN, SAPO-DPO)
+from the SFT model with it as the reference. Here that is the best adapter of an SFT stage,
+`--preset smollm2-135m-sft` (`OUT/sft-stage`, trained first, `--sft-steps` steps at most; or an existing
+run's with `--sft RUN`), given to the DPO rows as `model.init_adapter` (which is also their reference).
 
 Protocol, in this order; the held-out set is read only by the last step and never chooses anything:
-1. grid, seed 0: every row at each learning rate of `--lrs`; the mix row at each of `--shares` too (at
-   the first rate); `--steps` steps, the validation split (`--val-size` examples carved from the
+1. grid, seed 0: every row at each learning rate of `--lrs`, the mix row at each of `--shares` at the
+   first rate and at the other rates with the share chosen there (2.); `--steps` steps, the validation split (`--val-size` examples carved from the
    training data, never trained on) scored before training and at the end;
 2. choice: per row the grid point with the best val/constraints at the last step (ties: lower
    val/nll); for the mix, the share first at the first rate, then the rate at that share;
-3. held-out: the final policy of every grid run, and the base, on bundled:instruct-eval (`--eval-size`
-   prompts, 200 by default, greedy, `--eval-tokens` new tokens; constraint rate and prompt rate); the
-   table shows each row's chosen run.
+3. seeds: the chosen settings again with each further seed of `--seeds`;
+4. held-out: the final policy of each row's chosen runs, the SFT stage's best adapter and the base, on
+   bundled:instruct-eval (`--eval-size` prompts, 200 by default, greedy, `--eval-tokens` new tokens;
+   constraint rate and prompt rate). Grid points not chosen are never scored on it.
 The defaults are the full protocol (32 steps as the presets, validation 50 examples, rates 5e-4 and
 2e-4, shares 0.5/0.25/0.75, 200 held-out prompts); a smaller budget, e.g. for 2 busy cores:
 
     python bench/compare_pairs.py --out /tmp/compare-small --jobs 4 --steps 16 --val-size 0 --lrs 5e-4 \
         --shares 0.5 --eval-size 100 --eval-tokens 48
 
-With one seed there is no spread to show; `--seeds 0 1 2` trains the chosen settings with more seeds
-and the table gives mean ± half the range.
+With one seed there is no spread to show; `--seeds 0 1 2` (the full protocol) trains the chosen settings
+with more seeds and the table gives mean ± half the range.
 
 Runs already done in --out are reused, so the script can be stopped and started again. Each run uses
 one thread (train.num_threads=1) under `nice`; `--jobs` runs that many at once.
@@ -69,9 +70,10 @@ ROWS = {  # name: (preset, flags, label)
     "sapo-orpo": ("smollm2-135m", [], "SAPO-ORPO"),
     "sapo-mix": ("smollm2-135m-mix", [], "SAPO-ORPO mixing real pairs"),
 }
+FROM_SFT = ("dpo-offline", "spin", "sapo-dpo")  # the DPO rows: from the SFT stage's best adapter, it the reference
 # The full protocol; a smaller budget is chosen on the command line (--steps, --lrs, ...) and kept in
 # OUT/budget.json, so `--table` reads what was run.
-BUDGET = {"steps": 32, "val_size": 50, "lrs": ["5e-4", "2e-4"], "shares": ["0.5", "0.25", "0.75"],
+BUDGET = {"steps": 32, "sft_steps": 300, "val_size": 50, "lrs": ["5e-4", "2e-4"], "shares": ["0.5", "0.25", "0.75"],
           "eval_size": 200, "eval_tokens": 64}  # the first rate is the presets' own, the first share the mix preset's
 EVAL_DATA = "bundled:instruct-eval"
 
@@ -96,36 +98,46 @@ def records(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(run / "metrics.jsonl")}
 
 
-def train(out: Path, base: Path, row: str, lr: str, share: str | None, seed: int) -> Path | None:
-    """Train one run to BUDGET["steps"] steps (a no-op when finished), then score its policy on the held-out set.
-    A run that fails is reported (its log says why) and left out; the others go on."""
+def train(out: Path, base: Path, row: str, lr: str, share: str | None, seed: int, sft=None) -> Path | None:
+    """Train one run to BUDGET["steps"] steps (a no-op when finished); `sft`, a future of the SFT stage's best
+    adapter, for the rows that start from it. A run that fails is reported (its log says why) and left out."""
     run = out / run_name(row, lr, share, seed)
+    start = [f"model.init_adapter={sft.result()}"] if row in FROM_SFT else []
+    preset, flags, _ = ROWS[row]
+    settings = [f"model.name={base}", f"train.lr={lr}", f"train.seed={seed}", f"train.max_steps={BUDGET['steps']}",
+                *common(), *flags, *start, *([f"sapo.mix_share={share}"] if share else [])]
     try:
-        _train(out, base, run, row, lr, share, seed)
+        _train(out, run, preset, settings)
     except subprocess.CalledProcessError:
         print(f"{run.name} failed: see {out / (run.name + '.log')}", flush=True)
         return None
     return run
 
 
-def _train(out: Path, base: Path, run: Path, row: str, lr: str, share: str | None, seed: int) -> None:
-    if not (run / "summary.json").is_file():
-        preset, flags, _ = ROWS[row]
-        command = [sys.executable, "-m", "sapo_lite.cli", "train"]
-        if (run / "checkpoints").is_dir():
-            command += ["--resume", str(run)]
-        else:
-            command += ["--preset", preset, "--out", str(run), "--overwrite", f"model.name={base}", f"train.lr={lr}",
-                        f"train.seed={seed}", f"train.max_steps={BUDGET['steps']}", *common(), *flags,
-                        *([f"sapo.mix_share={share}"] if share else [])]
-        started = time.perf_counter()
-        with (out / f"{run.name}.log").open("a") as log:
-            subprocess.run(["nice", "-n", "10", *command], env=env(), stdout=log, stderr=subprocess.STDOUT,
-                           check=True, cwd=ROOT)
-        (run / "wall.json").write_text(json.dumps({"train_s": time.perf_counter() - started}))
-    held_out(out / "heldout" / f"{run.name}.json", base, run / "adapters" / "policy", "policy")
-    if not (out / "heldout" / "base.json").is_file():  # the base, once: the same model with its adapter off
-        held_out(out / "heldout" / "base.json", base, run / "adapters" / "policy", "base")
+def train_sft_stage(out: Path, base: Path, given: Path | None) -> Path:
+    """The SFT stage's best adapter: `--sft RUN`'s, or OUT/sft-stage trained here (the preset, with early
+    stopping on its own validation split, BUDGET["sft_steps"] steps at most, nothing held out)."""
+    if given:
+        return given / "adapters" / "best"
+    run = out / "sft-stage"
+    _train(out, run, "smollm2-135m-sft", [f"model.name={base}", "data.eval_path=null", "train.num_threads=1",
+                                          f"train.max_steps={BUDGET['sft_steps']}"])
+    return run / "adapters" / "best"
+
+
+def _train(out: Path, run: Path, preset: str, settings: list[str]) -> None:
+    if (run / "summary.json").is_file():
+        return
+    command = [sys.executable, "-m", "sapo_lite.cli", "train"]
+    if (run / "checkpoints").is_dir():
+        command += ["--resume", str(run)]
+    else:
+        command += ["--preset", preset, "--out", str(run), "--overwrite", *settings]
+    started = time.perf_counter()
+    with (out / f"{run.name}.log").open("a") as log:
+        subprocess.run(["nice", "-n", "10", *command], env=env(), stdout=log, stderr=subprocess.STDOUT,
+                       check=True, cwd=ROOT)
+    (run / "wall.json").write_text(json.dumps({"train_s": time.perf_counter() - started}))
 
 
 def held_out(target: Path, base: Path, adapter: Path, role: str) -> None:
@@ -179,6 +191,12 @@ def finished(run: Path) -> bool:
     return (run / "summary.json").is_file()
 
 
+def mix_share(out: Path, seed: int = 0) -> str:
+    """The mix share with the best validation figures at the first learning rate."""
+    shares = {s: validation(out / run_name("sapo-mix", BUDGET["lrs"][0], s, seed)) for s in BUDGET["shares"]}
+    return max(BUDGET["shares"], key=lambda s: (shares[s]["val/constraints"], -shares[s]["val/nll"]))
+
+
 def choose(out: Path, seed: int = 0) -> dict[str, dict]:
     """Each row's grid point by the validation split alone (see the module docstring). A grid point not trained
     (a stopped comparison) cannot be chosen; a row with none trained is left out."""
@@ -186,10 +204,7 @@ def choose(out: Path, seed: int = 0) -> dict[str, dict]:
     for row in ROWS:
         if not any(finished(run) for run in out.glob(f"{row}-lr*-s{seed}")):
             continue
-        share = None
-        if row == "sapo-mix":
-            shares = {s: validation(out / run_name(row, BUDGET["lrs"][0], s, seed)) for s in BUDGET["shares"]}
-            share = max(BUDGET["shares"], key=lambda s: (shares[s]["val/constraints"], -shares[s]["val/nll"]))
+        share = mix_share(out, seed) if row == "sapo-mix" else None
         seen = {lr: validation(out / run_name(row, lr, share, seed)) for lr in BUDGET["lrs"]}
         lr = max(BUDGET["lrs"], key=lambda r: (seen[r]["val/constraints"], -seen[r]["val/nll"]))
         trained = {lr: f for lr, f in seen.items() if finished(out / run_name(row, lr, share, seed))}
@@ -223,6 +238,12 @@ def table(out: Path, seeds: list[int]) -> str:
         figures = json.loads(base.read_text())
         rates = [mean_spread([figures[k]["rate"]]) for k in ("constraints", "prompts_all_satisfied")]
         lines.append("| " + " | ".join(["base (adapters off)", "", "", "", *rates, *[""] * 5]) + " |")
+    stage = out / "heldout" / "sft-stage.json"
+    if stage.is_file():
+        figures = json.loads(stage.read_text())
+        rates = [mean_spread([figures[k]["rate"]]) for k in ("constraints", "prompts_all_satisfied")]
+        lines.append("| " + " | ".join(["SFT stage's best adapter (where the DPO rows start)",
+                                         "`--preset smollm2-135m-sft`", "", "", *rates, *[""] * 5]) + " |")
     for row, chosen in choice.items():
         preset, flags, label = ROWS[row]
         runs = [out / run_name(row, chosen["lr"], chosen["share"], seed) for seed in seeds]
@@ -231,7 +252,8 @@ def table(out: Path, seeds: list[int]) -> str:
         curve = " -> ".join(f"{100 * statistics.mean(log[s]['val/constraints'] for log in logs):.1f}"
                             for s in (0, steps)) if logs and BUDGET["val_size"] else "-"
         real = [log[steps].get("val/accuracy/data") for log in logs]
-        command = f"`--preset {preset}{''.join(' ' + f for f in flags)}`"
+        start = [" model.init_adapter=SFT"] if row in FROM_SFT else []
+        command = f"`--preset {preset}{''.join(' ' + f for f in flags)}{''.join(start)}`"
         setting = chosen["lr"] + (f" / {chosen['share']}" if chosen["share"] else "")
         lines.append("| " + " | ".join([
             label, command, setting, str(len(scores)),
@@ -260,9 +282,8 @@ def table(out: Path, seeds: list[int]) -> str:
         shown = ", ".join(f"{s}: constraints {100 * validation(r)['val/constraints']:.1f}" for s, r in mix.items()
                           if finished(r)) or "none trained"
         lines.append(f"- sapo-mix share at lr {BUDGET['lrs'][0]}: {shown}")
-        heldout_all = sorted((out / "heldout").glob("*-s0.json"))
-        lines += ["", "every grid run's held-out constraint rate (for the record; not used to choose): " + ", ".join(
-            f"{p.stem} {100 * json.loads(p.read_text())['constraints']['rate']:.1f}" for p in heldout_all)]
+        lines += ["", "SFT = OUT/sft-stage/adapters/best, the SFT stage's best adapter by its own validation split "
+                  "(also the DPO rows' reference); grid points not chosen are not scored on the held-out set"]
     return "\n".join(lines)
 
 
@@ -277,18 +298,30 @@ def run_all(args: argparse.Namespace) -> None:
     base = gguf_base("smollm2-135m-instruct", out / "base_model")
     started = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
-        # the presets' own rate first, so a stopped comparison still has every row at one setting
-        shares = BUDGET["shares"]
-        grid = [(row, lr, shares[0] if row == "sapo-mix" else None) for lr in BUDGET["lrs"] for row in ROWS]
-        grid[len(ROWS):len(ROWS)] = [("sapo-mix", BUDGET["lrs"][0], s) for s in shares[1:]]
-        futures = [pool.submit(train, out, base, row, lr, share, 0) for row, lr, share in grid]
+        sft = pool.submit(train_sft_stage, out, base, args.sft)
+        # the presets' own rate first, so a stopped comparison still has every row at one setting; the rows
+        # that wait for the SFT stage last, so the others train meanwhile
+        first, *others = BUDGET["lrs"]
+        grid = [(row, lr, None) for lr in BUDGET["lrs"] for row in ROWS if row != "sapo-mix"]
+        grid[len(ROWS) - 1:len(ROWS) - 1] = [("sapo-mix", first, s) for s in BUDGET["shares"]]
+        grid.sort(key=lambda point: point[0] in FROM_SFT)
+        futures = [pool.submit(train, out, base, row, lr, share, 0, sft) for row, lr, share in grid]
+        for (row, _, _), future in zip(grid, futures):
+            if row == "sapo-mix":
+                future.result()
+        share = mix_share(out)  # the mix's other rates at the share its validation chose
+        futures += [pool.submit(train, out, base, "sapo-mix", lr, share, 0, sft) for lr in others]
         for future in futures:
             future.result()
         choice = choose(out)
         (out / "choice.json").write_text(json.dumps(choice, indent=1))
-        extra = [pool.submit(train, out, base, row, c["lr"], c["share"], seed)
-                 for seed in args.seeds if seed != 0 for row, c in choice.items()]
-        for future in extra:
+        runs = [pool.submit(train, out, base, row, c["lr"], c["share"], seed, sft)
+                for seed in args.seeds for row, c in choice.items()]
+        scored = [pool.submit(held_out, out / "heldout" / "base.json", base, sft.result(), "base"),
+                  pool.submit(held_out, out / "heldout" / "sft-stage.json", base, sft.result(), "policy")]
+        scored += [pool.submit(held_out, out / "heldout" / f"{run.name}.json", base, run / "adapters" / "policy",
+                               "policy") for run in (f.result() for f in runs) if run]
+        for future in scored:
             future.result()
     (out / "wall.json").write_text(json.dumps({"wall_s": time.perf_counter() - started}))
 
@@ -299,6 +332,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=BUDGET["steps"])
+    parser.add_argument("--sft", type=Path, help="an SFT stage run to start the DPO rows from (default: trained)")
+    parser.add_argument("--sft-steps", type=int, default=BUDGET["sft_steps"], help="the SFT stage's most steps")
     parser.add_argument("--val-size", type=int, default=BUDGET["val_size"], help="0: no validation split")
     parser.add_argument("--lrs", nargs="+", default=BUDGET["lrs"], help="the learning-rate grid")
     parser.add_argument("--shares", nargs="+", default=BUDGET["shares"], help="the mix-share grid")
@@ -311,8 +346,8 @@ def main() -> None:
     if saved.is_file():  # a comparison goes on with the budget it started with
         BUDGET.update(json.loads(saved.read_text()))
     else:
-        BUDGET.update(steps=args.steps, val_size=args.val_size, lrs=args.lrs, shares=args.shares,
-                      eval_size=args.eval_size, eval_tokens=args.eval_tokens)
+        BUDGET.update(steps=args.steps, sft_steps=args.sft_steps, val_size=args.val_size, lrs=args.lrs,
+                      shares=args.shares, eval_size=args.eval_size, eval_tokens=args.eval_tokens)
         if not args.table and not args.score:
             args.out.mkdir(parents=True, exist_ok=True)
             saved.write_text(json.dumps(BUDGET, indent=1))
