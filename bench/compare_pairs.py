@@ -22,8 +22,9 @@ run's with `--sft RUN`), given to the DPO rows as `model.init_adapter` (which is
 
 Protocol, in this order; the held-out set is read only by the last step and never chooses anything:
 1. grid, seed 0: every row at each learning rate of `--lrs`, the mix row at each of `--shares` at the
-   first rate and at the other rates with the share chosen there (2.); `--steps` steps, the validation split (`--val-size` examples carved from the
-   training data, never trained on) scored before training and at the end;
+   first rate and at the other rates with the share chosen there (2.); `--steps` steps, the validation
+   split (`--val-size` examples carved from the training data, never trained on) scored before
+   training and at the end;
 2. choice: per row the grid point with the best val/constraints at the last step (ties: lower
    val/nll); for the mix, the share first at the first rate, then the rate at that share;
 3. seeds: the chosen settings again with each further seed of `--seeds`;
