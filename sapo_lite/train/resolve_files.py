@@ -4,6 +4,8 @@ as `config:` lines and writes into RUN/config.yaml.
 - A second stage (`model.init_adapter` = an adapter of an earlier run, e.g. RUN/adapters/best) trains on that
   run's data and renders with its chat template unless the user names others: the adapter learnt that data in that
   template, and the preset's own data (bundled:instruct) is rarely what a user continuing their own run means.
+  Except where the second stage trains on the data's rejected answers (`sapo.pairs=data|mix`, e.g. offline DPO
+  from an SFT stage) and the first stage's data has none: then its own preference data stays.
 - A preset's `data.val_size` (100 in smollm2-135m-sft) larger than a user's small file allows is scaled down to a
   tenth of the rows left for training; one the user set themselves is refused instead (train/preflight.py), with
   the largest that fits: a value a user typed is never changed behind their back.
@@ -56,7 +58,7 @@ def resolve_with_files(cfg: Config, user_keys: set[str]) -> None:
 
 def _inherit_stage_one(cfg: Config, run: Path, user_keys: set[str]) -> None:
     earlier = RunDir(run).read_config()
-    keys = [*STAGE_ONE_DATA] if "data.path" not in user_keys else []
+    keys = [*STAGE_ONE_DATA] if "data.path" not in user_keys and _can_feed(earlier, cfg, run) else []
     keys.append(STAGE_ONE_TEMPLATE)
     for key in keys:
         section, name = key.split(".")
@@ -66,6 +68,25 @@ def _inherit_stage_one(cfg: Config, run: Path, user_keys: set[str]) -> None:
         setattr(getattr(cfg, section), name, theirs)
         cfg.notes[key] = (f"from {run}, whose adapter model.init_adapter continues; set {key} to change it")
     hold_out_from_own_data(cfg)  # a bundled eval set belongs to bundled data, not to the inherited data
+
+
+def _can_feed(earlier: Config, cfg: Config, run: Path) -> bool:
+    """Whether stage one's data can be this run's: a run on the data's rejected answers needs pairs, and data
+    read without them (a local or bundled file with no `chosen` + `rejected` columns) has none. Hub data is
+    read only when the run starts, so it is taken as it is and judged then."""
+    if cfg.sapo.pairs not in ("data", "mix") or earlier.data.path == cfg.data.path:
+        return True
+    from ..data.pairs import reads_pairs
+    from ..sapo.sources import reads_rejected  # the loss decides too (SFT reads no rejected answers)
+
+    if not reads_rejected(cfg):
+        return True
+    rows = training_rows(earlier)
+    if rows is None or reads_pairs(rows.columns, earlier.data.column, with_rejected=False):
+        return True
+    cfg.notes["data.path"] = (f"kept: sapo.pairs={cfg.sapo.pairs} trains on rejected answers, which {run}'s data "
+                              f"({earlier.data.path}) has none of; set data.path to choose")
+    return False
 
 
 def training_rows(cfg: Config) -> Rows | None:

@@ -103,6 +103,23 @@ def test_stage_two_trains_on_stage_ones_data_unless_told_otherwise(stage_one, tm
     assert "config: data.path" not in result.output and "from bundled:tiny-reverse" in result.output
 
 
+def test_offline_dpo_from_an_sft_stage_keeps_its_own_pairs_data(stage_one, tmp_path):
+    """Stage one's chat file has no rejected answers: a second stage on the data's pairs (the paper's offline DPO
+    from its SFT model, a pairs preset's data.path) keeps its pairs data and says why; SAPO from the same stage,
+    which reads the chosen answers only, takes stage one's file as before."""
+    from sapo_lite.train.resolve_files import resolve_with_files
+
+    out, data, _ = stage_one
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"reverse : {i} 2", "chosen": f"2 {i}", "rejected": "2"}
+                                                   for i in range(40)])
+    for mode, expected in (("data", pairs), ("mix", pairs), ("self", data)):
+        cfg = load_config("tiny", None, [f"model.init_adapter={out}/adapters/best", f"sapo.pairs={mode}"])
+        cfg.data.path = str(pairs)  # as a preset of pairs data sets it: not a key the user typed
+        resolve_with_files(cfg, {"model.init_adapter", "sapo.pairs"})
+        assert cfg.data.path == str(expected), mode
+        assert ("has none of" in cfg.notes.get("data.path", "")) == (mode != "self")
+
+
 def test_mistakes_the_files_show_are_refused_before_any_model_loads(stage_one, tmp_path):
     """--dry-run loads no model: each of these was refused only after loading it (38-66 s on SmolLM2)."""
     out, data, _ = stage_one
