@@ -14,9 +14,11 @@ pairs data holds the same 2,000 prompts and chosen answers as `bundled:instruct`
     sapo-dpo      --preset smollm2-135m loss.name=dpo loss.beta=0.1
     sapo-orpo     --preset smollm2-135m                             (the preset)
     sapo-mix      --preset smollm2-135m-mix sapo.mix_share=S        (ORPO; half the new pairs real at S=0.5)
+    sft-more      --preset smollm2-135m loss.name=sft               (from the SFT stage: what more SFT alone adds)
 
 Where the paper starts each: ORPO rows (and SFT) from the base, DPO rows (offline DPO, SPIN, SAPO-DPO)
-from the SFT model with it as the reference. Here that is the best adapter of an SFT stage,
+from the SFT model with it as the reference (and, to tell what the DPO rows add from what more training on
+the same answers adds, continued SFT from there). Here that is the best adapter of an SFT stage,
 `--preset smollm2-135m-sft` (`OUT/sft-stage`, trained first, `--sft-steps` steps at most; or an existing
 run's with `--sft RUN`), given to the DPO rows as `model.init_adapter` (which is also their reference).
 
@@ -70,8 +72,10 @@ ROWS = {  # name: (preset, flags, label)
     "sapo-dpo": ("smollm2-135m", ["loss.name=dpo", "loss.beta=0.1"], "SAPO-DPO"),
     "sapo-orpo": ("smollm2-135m", [], "SAPO-ORPO"),
     "sapo-mix": ("smollm2-135m-mix", [], "SAPO-ORPO mixing real pairs"),
+    "sft-more": ("smollm2-135m", ["loss.name=sft"], "SFT continued from the SFT stage"),
 }
-FROM_SFT = ("dpo-offline", "spin", "sapo-dpo")  # the DPO rows: from the SFT stage's best adapter, it the reference
+# the DPO rows, and continued SFT: from the SFT stage's best adapter, which is also the DPO rows' reference
+FROM_SFT = ("dpo-offline", "spin", "sapo-dpo", "sft-more")
 # The full protocol; a smaller budget is chosen on the command line (--steps, --lrs, ...) and kept in
 # OUT/budget.json, so `--table` reads what was run.
 BUDGET = {"steps": 32, "sft_steps": 300, "val_size": 50, "lrs": ["5e-4", "2e-4"], "shares": ["0.5", "0.25", "0.75"],
