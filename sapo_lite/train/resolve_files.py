@@ -74,6 +74,7 @@ def _can_feed(earlier: Config, cfg: Config, run: Path) -> bool:
     """Whether stage one's data can be this run's: a run on the data's rejected answers needs pairs, and data
     read without them (a local or bundled file with no `chosen` + `rejected` columns) has none. Hub data is
     read only when the run starts, so it is taken as it is and judged then."""
+    # sapo.pairs first: sapo.sources imports torch, which `--dry-run` otherwise never loads
     if cfg.sapo.pairs not in ("data", "mix") or earlier.data.path == cfg.data.path:
         return True
     from ..data.pairs import reads_pairs
